@@ -1,0 +1,240 @@
+"""config.toml: parsed with tomllib, validated by msgspec into immutable typed objects.
+
+Every key has a built-in default (the same values the documented `config.toml` shows), so cardq runs with no
+file at all. A bad file is refused with one line naming the key, the value and what is expected — the caller
+turns `ConfigError` into exit code 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tomllib
+import zoneinfo
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from cardq.errors import ConfigError
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
+
+CONFIG_ENV = "CARDQ_CONFIG"
+DEFAULT_CONFIG_NAME = "config.toml"
+HANDLER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+PLAN_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class StoreConfig(_Section):
+    path: str = "./cardq.db"
+    synchronous: str = "normal"
+    busy_timeout_ms: Annotated[int, Meta(ge=0, le=600_000)] = 5000
+    busy_retries: Annotated[int, Meta(ge=1, le=100)] = 6
+
+
+class WorkersConfig(_Section):
+    count: Annotated[int, Meta(ge=0, le=256)] = 3
+    handler: str = "cardq.cards:make_card"
+    job_timeout_s: PositiveFloat = 300.0
+    lease_s: PositiveFloat = 30.0
+    max_attempts: Annotated[int, Meta(ge=1, le=1000)] = 5
+    backoff_base_s: Annotated[float, Meta(ge=0)] = 2.0
+    backoff_max_s: Annotated[float, Meta(ge=0)] = 300.0
+
+
+def _default_daily() -> dict[str, int]:
+    return {"free": 5, "basic": 20, "professional": 100, "enterprise": 1000}
+
+
+class LimitsConfig(_Section):
+    batch_max_items_per_request: PositiveInt = 200
+    batch_max_queued_per_user: PositiveInt = 300
+    job_processing_timeout_seconds: PositiveInt = 1800
+    max_payload_bytes: Annotated[int, Meta(ge=2, le=64 * 1024 * 1024)] = 65536
+    timezone: str = "UTC"
+    daily: dict[str, int] = msgspec.field(default_factory=_default_daily)
+
+
+class Config(_Section):
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    workers: WorkersConfig = msgspec.field(default_factory=WorkersConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A validated config plus where it came from, so an operator can always tell which config is in effect."""
+
+    config: Config
+    path: Path | None  # None: built-in defaults, no file
+    digest: str  # short sha256 of the file's bytes ("builtin" without a file)
+    explicit: frozenset[str] = frozenset()  # dotted keys the file sets (the rest are built-in defaults)
+
+    @property
+    def db_path(self) -> Path:
+        """The database path; a relative path is taken relative to the config file's folder (else the cwd)."""
+        p = Path(self.config.store.path).expanduser()
+        if p.is_absolute():
+            return p
+        base = self.path.parent if self.path is not None else Path.cwd()
+        return (base / p).resolve()
+
+    @property
+    def source(self) -> str:
+        return str(self.path) if self.path is not None else "built-in defaults"
+
+    def limit_values(self) -> dict[str, tuple[int, str]]:
+        """Each limit key → (value, "config" if the file sets it else "default"), for store.limits."""
+        lim = self.config.limits
+        values = {key: getattr(lim, key) for key in LIMIT_SCALAR_KEYS}
+        values.update({f"daily.{plan}": n for plan, n in lim.daily.items()})
+        return {
+            key: (value, "config" if f"limits.{key}" in self.explicit else "default")
+            for key, value in values.items()
+        }
+
+
+LIMIT_SCALAR_KEYS = (
+    "batch_max_items_per_request",
+    "batch_max_queued_per_user",
+    "job_processing_timeout_seconds",
+    "max_payload_bytes",
+)
+
+
+def resolve_config_path(explicit: str | os.PathLike | None) -> Path | None:
+    """--config (or CARDQ_CONFIG, which click folds into it) wins; else ./config.toml if present; else None."""
+    if explicit:
+        return Path(explicit)
+    local = Path.cwd() / DEFAULT_CONFIG_NAME
+    return local if local.is_file() else None
+
+
+def load_config(path: str | os.PathLike | None) -> LoadedConfig:
+    """Read and validate `path` (None → built-in defaults). Raises ConfigError with a one-line reason."""
+    if path is None:
+        return LoadedConfig(Config(), None, "builtin")
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found; pass an existing --config or run `cardq init`") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config file: {e.strerror}") from None
+    cfg, raw = _parse(data, str(p))
+    return LoadedConfig(cfg, p, hashlib.sha256(data).hexdigest()[:12], frozenset(_dotted_keys(raw)))
+
+
+def parse_config(data: bytes, name: str = "config.toml") -> Config:
+    return _parse(data, name)[0]
+
+
+def _dotted_keys(raw: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in raw.items():
+        keys.append(prefix + k)
+        if isinstance(v, dict):
+            keys.extend(_dotted_keys(v, prefix + k + "."))
+    return keys
+
+
+def _parse(data: bytes, name: str) -> tuple[Config, dict[str, Any]]:
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{name}: not UTF-8 text (byte {e.start}); expected a TOML file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{name}: invalid TOML: {e}") from None
+    try:
+        cfg = msgspec.convert(raw, Config, strict=True)
+    except msgspec.ValidationError as e:
+        raise ConfigError(_explain(name, raw, str(e))) from None
+    _check_semantics(name, cfg)
+    return cfg, raw
+
+
+def _explain(name: str, raw: dict[str, Any], msg: str) -> str:
+    """Turn msgspec's 'Expected `int`, got `str` - at `$.workers.count`' into 'key = value: expected …'."""
+    reason, _, where = msg.partition(" - at `$")
+    keys = [k for k in where.rstrip("`").split(".") if k] if where else []
+    unknown = re.match(r"Object contains unknown field `([^`]+)`", reason)
+    if unknown:
+        section = _lookup_struct(keys)
+        dotted = ".".join([*keys, unknown.group(1)])
+        allowed = ", ".join(section.__struct_fields__) if section else "?"
+        return f"{name}: unknown key {dotted}; expected one of: {allowed}"
+    value = _lookup(raw, keys)
+    for msgspec_name, toml_name in _TOML_TYPES.items():
+        reason = reason.replace(msgspec_name, toml_name)
+    return f"{name}: {'.'.join(keys)} = {_toml_repr(value)}: {reason[0].lower()}{reason[1:]}"
+
+
+# msgspec speaks JSON; the user wrote TOML.
+_TOML_TYPES = {"`object`": "a table", "`array`": "an array", "`str`": "a string", "`int`": "an integer",
+               "`float`": "a number", "`bool`": "a boolean"}
+
+
+def _lookup_struct(keys: list[str]) -> type[msgspec.Struct] | None:
+    typ: Any = Config
+    for k in keys:
+        hints = {f.name: f.type for f in msgspec.structs.fields(typ)} if isinstance(typ, type) else {}
+        typ = hints.get(k)
+        if typ is None:
+            return None
+    return typ if isinstance(typ, type) and issubclass(typ, msgspec.Struct) else None
+
+
+def _lookup(raw: Any, keys: list[str]) -> Any:
+    for k in keys:
+        if isinstance(raw, dict) and k in raw:
+            raw = raw[k]
+        else:
+            return None
+    return raw
+
+
+def _toml_repr(value: Any) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace('"', '\\"') + '"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def _check_semantics(name: str, cfg: Config) -> None:
+    """Rules msgspec's per-field constraints cannot express."""
+    w, lim = cfg.workers, cfg.limits
+    if cfg.store.synchronous not in ("normal", "full"):
+        raise ConfigError(f'{name}: store.synchronous = "{cfg.store.synchronous}": expected "normal" or "full"')
+    if not HANDLER_RE.match(w.handler):
+        raise ConfigError(f'{name}: workers.handler = "{w.handler}": expected "module:function"')
+    if w.backoff_max_s < w.backoff_base_s:
+        raise ConfigError(
+            f"{name}: workers.backoff_max_s = {w.backoff_max_s}: expected >= workers.backoff_base_s "
+            f"({w.backoff_base_s})"
+        )
+    try:
+        zoneinfo.ZoneInfo(lim.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            f'{name}: limits.timezone = "{lim.timezone}": expected an IANA time zone such as "UTC" or '
+            '"Europe/Moscow"'
+        ) from None
+    if not lim.daily:
+        raise ConfigError(f"{name}: limits.daily is empty: expected at least one plan, e.g. free = 5")
+    for plan in lim.daily:
+        if not PLAN_RE.match(plan):
+            raise ConfigError(
+                f'{name}: limits.daily."{plan}": expected a plan name of lowercase letters, digits and _'
+            )
+        if lim.daily[plan] < 0:
+            raise ConfigError(f"{name}: limits.daily.{plan} = {lim.daily[plan]}: expected an integer >= 0")

@@ -1,0 +1,119 @@
+"""Reading a batch of items for `cardq submit`: JSONL, a JSON array, or CSV with a header.
+
+Every item must be a JSON object (CSV rows become objects of strings; empty cells are left out). The first bad
+line stops the parse with an InputError naming the source, the line and what is expected, so nothing of a bad
+batch is ever submitted.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import orjson
+
+from cardq.errors import InputError
+
+FORMATS = ("auto", "jsonl", "json", "csv")
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    payload: bytes  # compact JSON of the object, as stored
+    idempotency_key: str | None
+    where: str  # "items.jsonl line 7"
+
+
+def detect_format(name: str, text: str) -> str:
+    """By extension, else by the first non-blank character: '[' JSON array, '{' JSONL, anything else CSV."""
+    lower = name.lower()
+    for ext, fmt in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "json"), (".csv", "csv")):
+        if lower.endswith(ext):
+            return fmt
+    head = text.lstrip()[:1]
+    return {"[": "json", "{": "jsonl"}.get(head, "csv")
+
+
+def parse_items(text: str, name: str, fmt: str = "auto", key_field: str | None = None) -> list[Item]:
+    """Parse a whole file's text into items; raises InputError at the first bad line."""
+    if fmt == "auto":
+        fmt = detect_format(name, text)
+    objects = {"jsonl": _jsonl, "json": _json_array, "csv": _csv}[fmt](text, name)
+    items = []
+    for where, obj in objects:
+        key = None
+        if key_field is not None:
+            if key_field not in obj or obj[key_field] in (None, ""):
+                raise InputError(f"{where}: no {key_field!r} field, which --idempotency-key-field names")
+            value = obj[key_field]
+            if not isinstance(value, str | int):
+                raise InputError(f"{where}: {key_field!r} is {type(value).__name__}; expected a string or number")
+            key = str(value)
+        items.append(Item(orjson.dumps(obj), key, where))
+    if not items:
+        raise InputError(f"{name}: no items; expected at least one {_WHAT[fmt]}")
+    return items
+
+
+_WHAT = {"jsonl": "JSON object per line", "json": "object in the JSON array", "csv": "row under the CSV header"}
+
+
+def _jsonl(text: str, name: str) -> Iterator[tuple[str, dict]]:
+    for lineno, line in enumerate(io.StringIO(text), 1):
+        if not line.strip():
+            continue
+        where = f"{name} line {lineno}"
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError as e:
+            raise InputError(f"{where}: invalid JSON ({_reason(e)}); expected one JSON object per line") from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{where}: a JSON {_kind(obj)}; expected one JSON object per line")
+        yield where, obj
+
+
+def _json_array(text: str, name: str) -> Iterator[tuple[str, dict]]:
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError as e:
+        raise InputError(f"{name} line {e.lineno}: invalid JSON ({_reason(e)}); expected a JSON array of "
+                         "objects") from None
+    if not isinstance(data, list):
+        raise InputError(f"{name}: a JSON {_kind(data)}; expected a JSON array of objects (or JSONL)")
+    for n, obj in enumerate(data, 1):
+        if not isinstance(obj, dict):
+            raise InputError(f"{name} item {n}: a JSON {_kind(obj)}; expected a JSON object")
+        yield f"{name} item {n}", obj
+
+
+def _csv(text: str, name: str) -> Iterator[tuple[str, dict]]:
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader, None)
+        if header is None or not any(h.strip() for h in header):
+            raise InputError(f"{name} line 1: no CSV header; expected column names such as title,category")
+        header = [h.strip() for h in header]
+        dupes = sorted({h for h in header if header.count(h) > 1 and h})
+        if dupes or "" in header:
+            problem = f"duplicate column {dupes[0]!r}" if dupes else "an empty column name"
+            raise InputError(f"{name} line 1: CSV header has {problem}; expected unique column names")
+        for row in reader:
+            lineno = reader.line_num
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                raise InputError(
+                    f"{name} line {lineno}: {len(row)} fields; expected {len(header)} as in the header")
+            yield f"{name} line {lineno}", {h: v for h, v in zip(header, row, strict=True) if v != ""}
+    except csv.Error as e:
+        raise InputError(f"{name} line {reader.line_num}: invalid CSV ({e})") from None
+
+
+def _reason(e: orjson.JSONDecodeError) -> str:
+    return f"{e.msg} at column {e.colno}"
+
+
+def _kind(obj: object) -> str:
+    return {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(obj), "null")

@@ -1,0 +1,68 @@
+"""Plain-text tables for the terminal. JSON output does not come through here: it is the data as is."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from store.limits import Limit
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.1f}s"
+
+
+def status(data: dict[str, Any]) -> str:
+    jobs, today = data["jobs"], data["today"]
+    out = [
+        f"database  {data['database']}",
+        f"config    {data['config']['file']} ({data['config']['digest']})",
+        "",
+        table(["status", "jobs"], jobs.items()),
+        "",
+        f"oldest queued job: {age(data['oldest_queued_age_s'])}    expired leases: {data['expired_leases']}",
+        f"today ({today['day']} {today['timezone']}): done {today['done']}, failed attempts "
+        f"{today['failed_attempts']}, dead {today['dead']}",
+    ]
+    if data["users"]:
+        out += ["", "busiest users:", table(["user", "queued", "processing"],
+                                            ([u["user_id"], u["queued"], u["processing"]] for u in data["users"]))]
+    out += ["", "limits in effect:", table(
+        ["limit", "value", "source"], ([k, v["value"], v["source"]] for k, v in data["limits"].items()))]
+    return "\n".join(out)
+
+
+def job_table(rows: list[dict[str, Any]]) -> str:
+    now = time.time()
+    return table(
+        ["id", "user", "plan", "kind", "status", "attempts", "age", "last_error"],
+        ([r["id"], r["user_id"], r["plan"], r["kind"], r["status"], f"{r['attempts']}/{r['max_attempts']}",
+          age(now - r["created_at"]), (r["last_error"] or "")[:60]] for r in rows),
+    )
+
+
+def limits_table(limits: Iterable[Limit], config_source: str) -> str:
+    rows = [[lim.key, lim.value, lim.source, lim.configured] for lim in limits]
+    return table(["limit", "value", "source", "config value"], rows) + f"\n(config: {config_source})"

@@ -1,0 +1,315 @@
+"""The `cardq` command: thin click commands over cardq/ and store/.
+
+Exit codes: 0 success; 2 usage, config or input error; 3 rejected by a limit; 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+import orjson
+
+from cardq import app, render
+from cardq.errors import EXIT_FAILURE, EXIT_USAGE, CardqError, InputError
+from cardq.inputs import FORMATS, parse_items
+from store import admin, queries, submit as store_submit
+from store import limits as store_limits
+from store.schema import STATUSES
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0  success
+  1  any other failure (database locked, disk full, ...)
+  2  usage, config or input error
+  3  rejected by a limit (nothing was submitted)
+"""
+PROGRESS_MIN_ITEMS = 5000
+
+
+class CardqGroup(click.Group):
+    """Turns every CardqError into its one-line message and exit code; never a traceback for the user."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except CardqError as e:
+            click.echo(f"cardq: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("cardq: interrupted", err=True)
+            ctx.exit(130)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as e:  # a bug: say so in one line; CARDQ_DEBUG=1 shows the traceback
+            if os.environ.get("CARDQ_DEBUG"):
+                raise
+            click.echo(f"cardq: internal error: {type(e).__name__}: {e} (set CARDQ_DEBUG=1 for a traceback)",
+                       err=True)
+            ctx.exit(EXIT_FAILURE)
+
+
+config_option = click.option(
+    "--config", "config_path", envvar="CARDQ_CONFIG", type=click.Path(dir_okay=False),
+    help="Config file (env CARDQ_CONFIG). Default: ./config.toml if present, else built-in defaults.",
+)
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON (stable keys).")(f)
+
+
+def emit_json(data: object) -> None:
+    click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode())
+
+
+@click.group(cls=CardqGroup, epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cardq")
+def cli() -> None:
+    """cardq: a single-VM job queue and traffic system on SQLite. No Redis, no Postgres, no cloud queue."""
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@config_option
+def init(config_path: str | None) -> None:
+    """Write a commented config.toml (if none exists) and create the database.
+
+    Example: cardq init --config /srv/cardq/config.toml
+    """
+    target = Path(config_path) if config_path else Path("config.toml")
+    if target.exists():
+        click.echo(f"config: {target} exists, left as it is")
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(app.DEFAULT_CONFIG_TEXT())
+        click.echo(f"config: wrote {target}")
+    loaded = app.load(target)
+    with app.open_db(loaded, create=True) as db:
+        click.echo(f"database: {db.path} ready (schema v{db.conn.execute('PRAGMA user_version').fetchall()[0][0]})")
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("file", type=click.Path(allow_dash=True, dir_okay=False))
+@click.option("--user", "user_id", required=True, help="The user the jobs belong to.")
+@click.option("--plan", required=True, help="The user's plan (free, basic, professional, enterprise, ...).")
+@click.option("--kind", default="card", show_default=True, help="Job kind.")
+@click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first (>= 0).")
+@click.option("--idempotency-key-field", "key_field", help="Item field whose value makes resubmits idempotent.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="Print only the number of jobs.")
+@config_option
+def submit(file: str, user_id: str, plan: str, kind: str, priority: int, key_field: str | None, fmt: str,
+           quiet: bool, config_path: str | None) -> None:
+    """Submit FILE (JSONL, a JSON array, or CSV with a header; - for stdin) as one all-or-nothing batch.
+
+    Prints the job ids, one per line. One bad line rejects the whole batch, naming the line.
+
+    Example: cardq submit items.jsonl --user u42 --plan basic --idempotency-key-field sku
+    """
+    if priority < 0:
+        raise InputError(f"--priority {priority}: expected a whole number >= 0 (higher runs first)")
+    loaded = app.load(config_path)
+    name = "<stdin>" if file == "-" else file
+    text = _read_text(file, name)
+    items = parse_items(text, name, fmt, key_field)
+    jobs = [store_submit.NewJob(i.payload, i.idempotency_key, i.where) for i in items]
+    progress = sys.stdout.isatty() and len(jobs) >= PROGRESS_MIN_ITEMS
+    with app.open_db(loaded) as db:
+        if progress:
+            with click.progressbar(length=len(jobs), label="submitting", file=sys.stderr) as bar:
+                result = store_submit.submit(
+                    db, jobs, user_id=user_id, plan=plan, kind=kind, priority=priority,
+                    max_attempts=loaded.config.workers.max_attempts, configured=loaded.limit_values(),
+                    progress=bar.update)
+        else:
+            result = store_submit.submit(
+                db, jobs, user_id=user_id, plan=plan, kind=kind, priority=priority,
+                max_attempts=loaded.config.workers.max_attempts, configured=loaded.limit_values())
+    if quiet:
+        click.echo(result.created)
+    else:
+        click.echo("\n".join(map(str, result.ids)))
+        extra = f" ({result.existing} already submitted under the same key)" if result.existing else ""
+        click.echo(f"submitted {result.created} jobs for {user_id}{extra}", err=True)
+
+
+def _read_text(file: str, name: str) -> str:
+    try:
+        data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{name}: no such file") from None
+    except OSError as e:
+        raise InputError(f"{name}: cannot read: {e.strerror}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{name}: not UTF-8 text (byte {e.start}); expected JSONL, JSON or CSV in UTF-8") from None
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@json_option
+@click.option("--top", default=10, show_default=True, help="How many users to list.")
+@config_option
+def status(as_json: bool, top: int, config_path: str | None) -> None:
+    """Jobs by status, the busiest users, today's figures, expired leases and the limits in effect.
+
+    Works with no supervisor running. Example: cardq status --json
+    """
+    loaded = app.load(config_path)
+    with app.open_db(loaded) as db:
+        data = queries.stats(db, loaded.limit_values(), top_users=top)
+    data["config"] = {"file": loaded.source, "digest": loaded.digest}
+    if as_json:
+        emit_json(data)
+    else:
+        click.echo(render.status(data))
+
+
+@cli.group(epilog=EXIT_CODES_HELP)
+def jobs() -> None:
+    """List, inspect, retry, cancel and purge jobs."""
+
+
+@jobs.command("list")
+@click.option("--status", type=click.Choice(STATUSES))
+@click.option("--user", "user_id")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000))
+@json_option
+@config_option
+def jobs_list(status: str | None, user_id: str | None, limit: int, as_json: bool, config_path: str | None) -> None:
+    """Jobs, newest first. Example: cardq jobs list --status dead --user u42"""
+    loaded = app.load(config_path)
+    with app.open_db(loaded) as db:
+        rows = queries.list_jobs(db, status=status, user_id=user_id, limit=limit)
+    if as_json:
+        emit_json(rows)
+    else:
+        click.echo(render.job_table(rows))
+
+
+@jobs.command("show")
+@click.argument("job_id", type=int)
+@config_option
+def jobs_show(job_id: int, config_path: str | None) -> None:
+    """Every field of one job, as JSON (payload, result and error history decoded)."""
+    loaded = app.load(config_path)
+    with app.open_db(loaded) as db:
+        emit_json(queries.get(db, job_id))
+
+
+@jobs.command("retry")
+@click.argument("job_id", type=int, required=False)
+@click.option("--dead", "all_dead", is_flag=True, help="Retry every dead job (narrow with --user, --kind).")
+@click.option("--user", "user_id")
+@click.option("--kind")
+@config_option
+def jobs_retry(job_id: int | None, all_dead: bool, user_id: str | None, kind: str | None,
+               config_path: str | None) -> None:
+    """Queue a dead, cancelled or scheduled job again now, with a full set of attempts.
+
+    Example: cardq jobs retry 42; cardq jobs retry --dead --user u42
+    """
+    if (job_id is None) == (not all_dead):
+        raise InputError("give a JOB_ID or --dead (not both)")
+    loaded = app.load(config_path)
+    with app.open_db(loaded) as db:
+        ids = admin.retry(db, job_id, status="dead", user_id=user_id, kind=kind)
+    click.echo(f"queued again: {len(ids)} job{'s' if len(ids) != 1 else ''}")
+
+
+@jobs.command("cancel")
+@click.argument("job_id", type=int)
+@config_option
+def jobs_cancel(job_id: int, config_path: str | None) -> None:
+    """Cancel a queued, scheduled or processing job (a processing one's worker loses its lease)."""
+    loaded = app.load(config_path)
+    with app.open_db(loaded) as db:
+        was = admin.cancel(db, job_id)
+    click.echo(f"job {job_id}: cancelled (was {was})")
+
+
+@jobs.command("purge")
+@click.option("--older-than", "older_than", required=True, help="Age such as 7d, 12h, 30m.")
+@click.option("--status", "statuses", multiple=True, type=click.Choice(("done", "dead", "cancelled")),
+              default=("done",), show_default=True, help="Repeatable.")
+@config_option
+def jobs_purge(older_than: str, statuses: tuple[str, ...], config_path: str | None) -> None:
+    """Delete finished jobs older than a retention. Example: cardq jobs purge --older-than 7d"""
+    seconds = app.parse_duration(older_than)
+    loaded = app.load(config_path)
+    with app.open_db(loaded) as db:
+        n = admin.purge(db, older_than_s=seconds, statuses=statuses)
+    click.echo(f"purged {n} jobs ({', '.join(statuses)}) finished more than {older_than} ago")
+
+
+@cli.group(invoke_without_command=True, epilog=EXIT_CODES_HELP)
+@click.pass_context
+def limits(ctx: click.Context) -> None:
+    """Show or change limits live (database override > config.toml > built-in default)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(limits_list)
+
+
+@limits.command("list")
+@json_option
+@config_option
+def limits_list(as_json: bool = False, config_path: str | None = None) -> None:
+    """Every limit with its effective value and where it comes from."""
+    loaded = app.load(config_path)
+    with app.open_db(loaded) as db:
+        effective = db.read(lambda c: store_limits.effective(c, loaded.limit_values()))
+    if as_json:
+        emit_json({k: {"value": v.value, "source": v.source, "configured": v.configured}
+                   for k, v in effective.items()})
+    else:
+        click.echo(render.limits_table(effective.values(), loaded.source))
+
+
+@limits.command("set")
+@click.argument("key")
+@click.argument("value")
+@config_option
+def limits_set(key: str, value: str, config_path: str | None) -> None:
+    """Override a limit in the database; the next submit uses it. Example: cardq limits set daily.free 10"""
+    loaded = app.load(config_path)
+    number = store_limits.validate(loaded.limit_values(), key, value)
+    with app.open_db(loaded) as db:
+        db.write(lambda c: store_limits.set_override(c, key, number, time.time()), "limits set")
+    click.echo(f"{key} = {number} (override; was {loaded.limit_values()[key][0]} in config)")
+
+
+@limits.command("unset")
+@click.argument("key")
+@config_option
+def limits_unset(key: str, config_path: str | None) -> None:
+    """Drop a limit's override: back to the config.toml (or built-in) value."""
+    loaded = app.load(config_path)
+    configured = loaded.limit_values()
+    store_limits.check_key(configured, key)
+    with app.open_db(loaded) as db:
+        had = db.write(lambda c: store_limits.unset_override(c, key), "limits unset")
+    value, source = configured[key]
+    click.echo(f"{key} = {value} ({source}){'' if had else '; there was no override'}")
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.option("--dir", "directory", default="demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the demo's config and fresh database.")
+@click.option("--items", "items_path", type=click.Path(exists=True, dir_okay=False),
+              help="Items to submit (default: the bundled examples/cards.jsonl).")
+def demo(directory: str, items_path: str | None) -> None:
+    """Run cardq's main job end to end on the built-in defaults, in a fresh database under ./demo."""
+    from cardq import demo as demo_mod
+
+    demo_mod.run(Path(directory), Path(items_path) if items_path else None, click.echo)
+
+
+def main() -> None:
+    cli(prog_name="cardq")
+
+
+if __name__ == "__main__":
+    main()

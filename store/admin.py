@@ -1,0 +1,112 @@
+"""Operator actions: cancel, retry, purge. Each runs in one IMMEDIATE transaction.
+
+Operator actions bypass the submit limits on purpose: an operator retrying dead jobs is deciding to spend
+capacity. Retried jobs get fresh fair-share virtual times, so a mass retry does not jump every other user.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+
+import apsw
+
+from store import fairness, usage
+from store.db import Database
+from store.errors import InvalidTransition, JobNotFound
+
+CANCELLABLE = ("queued", "scheduled", "processing")
+RETRYABLE = ("dead", "cancelled", "scheduled")
+
+
+def _status_of(c: apsw.Connection, job_id: int) -> str:
+    rows = c.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchall()
+    if not rows:
+        raise JobNotFound(f"job {job_id}: no such job")
+    return rows[0][0]
+
+
+def cancel(db: Database, job_id: int, *, now: float | None = None) -> str:
+    """Cancel a queued, scheduled or processing job; returns the status it had. A processing job's holder
+    loses its lease: its complete or fail will change nothing."""
+    now = time.time() if now is None else now
+
+    def tx(c: apsw.Connection) -> str:
+        status = _status_of(c, job_id)
+        if status not in CANCELLABLE:
+            raise InvalidTransition(f"job {job_id} is {status}; only {', '.join(CANCELLABLE)} jobs can be cancelled")
+        user_id = c.execute(
+            "UPDATE jobs SET status = 'cancelled', finished_at = ?, updated_at = ?, lease_owner = NULL,"
+            " lease_token = NULL, lease_until = NULL WHERE id = ? RETURNING user_id",
+            (now, now, job_id),
+        ).fetchall()[0][0]
+        usage.add_active(c, {user_id: -1})
+        return status
+
+    return db.write(tx, "cancel")
+
+
+def retry(db: Database, job_id: int | None = None, *, status: str | None = None, user_id: str | None = None,
+          kind: str | None = None, now: float | None = None) -> list[int]:
+    """Queue again, to run now with a full set of attempts: one job by id, or every job matching the filter
+    (status, default dead; user; kind). The error history is kept. Returns the ids queued again."""
+    now = time.time() if now is None else now
+    if status is not None and status not in RETRYABLE:
+        raise InvalidTransition(f"cannot retry {status} jobs; expected one of: {', '.join(RETRYABLE)}")
+
+    def tx(c: apsw.Connection) -> list[int]:
+        if job_id is not None:
+            current = _status_of(c, job_id)
+            if current not in RETRYABLE:
+                raise InvalidTransition(
+                    f"job {job_id} is {current}; only {', '.join(RETRYABLE)} jobs can be retried")
+            rows = c.execute("SELECT id, user_id, priority, status FROM jobs WHERE id = ?", (job_id,)).fetchall()
+        else:
+            sql = "SELECT id, user_id, priority, status FROM jobs WHERE status = ?"
+            args: list[object] = [status or "dead"]
+            if user_id is not None:
+                sql += " AND user_id = ?"
+                args.append(user_id)
+            if kind is not None:
+                sql += " AND kind = ?"
+                args.append(kind)
+            rows = c.execute(sql + " ORDER BY id", args).fetchall()
+        groups: dict[tuple[str, int], list[int]] = defaultdict(list)
+        reactivated: Counter[str] = Counter()
+        for jid, user, priority, was in rows:
+            groups[(user, priority)].append(jid)
+            reactivated[user] += was != "scheduled"  # scheduled jobs already count as active
+        day = usage.day_key(now, db.tz)
+        for (user, priority), ids in groups.items():
+            load = usage.load(c, user, day)
+            first_vt = fairness.assign(c, user, priority, len(ids), active=load.active, last_vt=load.last_vt)
+            c.executemany(
+                "UPDATE jobs SET status = 'queued', attempts = 0, run_at = ?, vt = ?, finished_at = NULL,"
+                " updated_at = ? WHERE id = ?",
+                [(now, first_vt + n, now, jid) for n, jid in enumerate(ids)],
+            )
+        usage.add_active(c, reactivated)
+        return [r[0] for r in rows]
+
+    return db.write(tx, "retry")
+
+
+def purge(db: Database, *, older_than_s: float, statuses: tuple[str, ...] = ("done",),
+          now: float | None = None) -> int:
+    """Delete finished jobs (done by default; also dead or cancelled if asked) that finished more than
+    older_than_s ago, and daily figures older than that. Returns the number of jobs deleted."""
+    now = time.time() if now is None else now
+    bad = [s for s in statuses if s not in ("done", "dead", "cancelled")]
+    if bad:
+        raise InvalidTransition(f"cannot purge {bad[0]} jobs; expected done, dead or cancelled")
+    cutoff = now - older_than_s
+
+    def tx(c: apsw.Connection) -> int:
+        marks = ",".join("?" * len(statuses))
+        c.execute(f"DELETE FROM jobs WHERE status IN ({marks}) AND finished_at < ?", (*statuses, cutoff))
+        deleted = c.changes()
+        day = time.strftime("%Y-%m-%d", time.gmtime(cutoff - 86400))  # a day of slack for any time zone
+        c.execute("DELETE FROM daily_stats WHERE day < ?", (day,))
+        return deleted
+
+    return db.write(tx, "purge")

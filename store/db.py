@@ -1,0 +1,184 @@
+"""One SQLite connection (apsw) with cardq's pragmas, and the two ways to use it: `write` and `read`.
+
+Guarantees:
+- every connection runs in WAL mode with the configured `synchronous`, a busy timeout and foreign keys, and
+  each pragma is read back after it is set (apsw runs a multi-statement string lazily: see FIELD_NOTES);
+- every write transaction begins IMMEDIATE, so it takes the write lock up front and waits busy_timeout for it,
+  instead of failing half-way when a deferred transaction tries to upgrade;
+- SQLITE_BUSY that outlasts busy_timeout is retried with exponential backoff and full jitter, a bounded number of
+  times, then surfaces as `StoreBusy` — never swallowed;
+- a file that is not SQLite, or is SQLite but not cardq's, is refused before anything writes to it.
+
+A connection must never cross a fork: open one in each process, after it starts.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import zoneinfo
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import apsw
+
+from store import schema
+from store.errors import StoreBusy, StoreError
+
+T = TypeVar("T")
+
+_SYNC_LEVELS = {"normal": 1, "full": 2}
+_BACKOFF_BASE_S = 0.05
+_BACKOFF_CAP_S = 2.0
+
+
+class Database:
+    """An open cardq database. Not thread-safe and not fork-safe: one per process (or per thread)."""
+
+    def __init__(self, conn: apsw.Connection, path: Path, *, busy_retries: int, timezone: str,
+                 rng: random.Random | None = None):
+        self.conn = conn
+        self.path = path
+        self.busy_retries = busy_retries
+        self.tz = zoneinfo.ZoneInfo(timezone)
+        self._rng = rng or random.Random()
+
+    @classmethod
+    def open(cls, path: str | Path, *, synchronous: str = "normal", busy_timeout_ms: int = 5000,
+             busy_retries: int = 6, timezone: str = "UTC", create: bool = False) -> Database:
+        """Open (with create=True: create) the database at `path` and bring its schema up to date.
+
+        Refuses, without modifying the file: a missing file (unless create), a file that is not SQLite, a SQLite
+        database that is not cardq's, and a cardq database written by a newer cardq.
+        """
+        path = Path(path)
+        if not create and not path.exists():
+            raise StoreError(f"{path}: no database here; run `cardq init` (or point --config at the right one)")
+        if path.is_dir():
+            raise StoreError(f"{path}: is a directory; expected a database file path")
+        flags = apsw.SQLITE_OPEN_READWRITE | (apsw.SQLITE_OPEN_CREATE if create else 0)
+        try:
+            if create:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            conn = apsw.Connection(str(path), flags=flags, statementcachesize=256)
+        except (apsw.CantOpenError, OSError) as e:
+            raise StoreError(f"{path}: cannot open database: {e}") from None
+        db = cls(conn, path, busy_retries=busy_retries, timezone=timezone)
+        try:
+            conn.setbusytimeout(busy_timeout_ms)
+            db._retry_busy(lambda: schema.check_identity(conn, path, allow_fresh=create), "open")
+            db._set_pragmas(synchronous, busy_timeout_ms)
+            db._retry_busy(lambda: schema.migrate(conn, path), "schema upgrade")
+        except apsw.Error as e:
+            conn.close()
+            raise translate(e, path) from None
+        except BaseException:
+            conn.close()
+            raise
+        return db
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _set_pragmas(self, synchronous: str, busy_timeout_ms: int) -> None:
+        """One pragma per call, each read back: a setting that did not take effect is an error, not a surprise."""
+        c = self.conn
+        mode = c.execute("PRAGMA journal_mode=WAL").fetchall()[0][0]
+        if mode.lower() != "wal":
+            raise StoreError(f"{self.path}: could not switch to WAL mode (journal_mode is {mode})")
+        want = _SYNC_LEVELS[synchronous]
+        c.execute(f"PRAGMA synchronous={want}").fetchall()
+        c.execute("PRAGMA foreign_keys=ON").fetchall()
+        # Bound the WAL file after checkpoints, so a burst does not leave a huge file behind forever.
+        c.execute("PRAGMA journal_size_limit=67108864").fetchall()
+        got = self.pragmas()
+        expected = {"journal_mode": "wal", "synchronous": want, "foreign_keys": 1, "busy_timeout": busy_timeout_ms}
+        for name, value in expected.items():
+            if got[name] != value:
+                raise StoreError(f"{self.path}: PRAGMA {name} is {got[name]!r} after setting it to {value!r}")
+
+    def pragmas(self) -> dict[str, object]:
+        """The pragmas as SQLite reports them now (for tests and `cardq selftest`)."""
+        c = self.conn
+        return {
+            name: c.execute(f"PRAGMA {name}").fetchall()[0][0]
+            for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+        }
+
+    def write(self, fn: Callable[[apsw.Connection], T], what: str = "write") -> T:
+        """Run fn(conn) in one BEGIN IMMEDIATE transaction: all of it commits, or none of it.
+
+        fn may run more than once (a retry after SQLITE_BUSY), so it must not have effects outside the database.
+        """
+
+        def attempt() -> T:
+            c = self.conn
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                out = fn(c)
+                c.execute("COMMIT")
+                return out
+            except BaseException:
+                if not c.getautocommit():
+                    c.execute("ROLLBACK")
+                raise
+
+        return self._retry_busy(attempt, what)
+
+    def read(self, fn: Callable[[apsw.Connection], T], what: str = "read") -> T:
+        """Run fn(conn) in one read transaction: every query in it sees the same snapshot."""
+
+        def attempt() -> T:
+            c = self.conn
+            c.execute("BEGIN")
+            try:
+                return fn(c)
+            finally:
+                if not c.getautocommit():
+                    c.execute("COMMIT")
+
+        return self._retry_busy(attempt, what)
+
+    def _retry_busy(self, fn: Callable[[], T], what: str) -> T:
+        started = time.monotonic()
+        for attempt in range(1, self.busy_retries + 1):
+            try:
+                return fn()
+            except (apsw.BusyError, apsw.LockedError):
+                if attempt == self.busy_retries:
+                    break
+                # Full jitter: concurrent losers spread out instead of colliding again in lockstep.
+                time.sleep(self._rng.uniform(0, min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2 ** (attempt - 1))))
+            except apsw.Error as e:
+                raise translate(e, self.path) from None
+        waited = time.monotonic() - started
+        raise StoreBusy(
+            f"{self.path}: database is locked by another process: {what} gave up after "
+            f"{self.busy_retries} attempts over {waited:.1f}s (max_retries_exceeded attempts={self.busy_retries})"
+        )
+
+
+def translate(e: apsw.Error, path: Path) -> StoreError:
+    """apsw's exception → one line an operator can act on."""
+    if isinstance(e, StoreError):
+        return e
+    if isinstance(e, apsw.NotADBError):
+        return StoreError(f"{path}: not a SQLite database (refused, file left untouched)")
+    if isinstance(e, apsw.FullError):
+        return StoreError(f"{path}: disk full: the write was rolled back, nothing was changed; free space and retry")
+    if isinstance(e, apsw.ReadOnlyError):
+        return StoreError(f"{path}: database is read-only for this user; check file and folder permissions")
+    if isinstance(e, apsw.CorruptError):
+        return StoreError(f"{path}: database file is corrupt: {e}")
+    if isinstance(e, apsw.CantOpenError | apsw.IOError | apsw.PermissionsError):
+        return StoreError(f"{path}: cannot use database: {e}")
+    if isinstance(e, apsw.BusyError | apsw.LockedError):
+        return StoreBusy(f"{path}: database is locked by another process")
+    return StoreError(f"{path}: database error: {type(e).__name__}: {e}")

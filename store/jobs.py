@@ -1,0 +1,239 @@
+"""The job state machine for workers: claim, extend, complete, fail, recover.
+
+    queued ──claim──▶ processing ──complete──▶ done
+      ▲                 │  │
+      │   (retry, run_at │  └─fail (permanent, or out of attempts)──▶ dead
+      │    = backoff)    ▼
+      └──promote──── scheduled
+
+A claim gives each job a fresh random lease token; complete, fail and extend must present it, so a holder whose
+lease expired and whose job was claimed again (or recovered, or cancelled) changes nothing: `LeaseLost`.
+Every function here runs in one IMMEDIATE transaction: each either happens whole or not at all.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import apsw
+import orjson
+
+from store import usage
+from store.db import Database
+from store.errors import LeaseLost
+
+ERROR_TEXT_MAX = 500  # characters kept of one error message
+ERROR_HISTORY_MAX = 25  # entries kept in a job's error history (the newest)
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A job as a worker holds it. `token` fences every later call about it."""
+
+    id: int
+    user_id: str
+    plan: str
+    kind: str
+    payload: bytes  # JSON text of an object; decode with orjson when needed
+    attempt: int  # 1 for the first attempt
+    max_attempts: int
+    token: int
+    lease_until: float
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with full jitter: delay = uniform(0, min(max_s, base_s * 2**(attempt-1)))."""
+
+    base_s: float = 2.0
+    max_s: float = 300.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        return rng.uniform(0, min(self.max_s, self.base_s * 2 ** min(attempt - 1, 60)))
+
+
+@dataclass(frozen=True, slots=True)
+class FailOutcome:
+    status: str  # "scheduled" (will retry at run_at), "queued" (retry now) or "dead"
+    run_at: float | None
+
+
+_CLAIM = (
+    "UPDATE jobs SET status = 'processing', attempts = attempts + 1, lease_owner = ?1, lease_token = ?2,"
+    " lease_until = ?3, started_at = ?4, updated_at = ?5 WHERE id {} (SELECT id FROM jobs WHERE status = 'queued'"
+    " ORDER BY priority DESC, vt, id LIMIT ?6)"
+    " RETURNING id, user_id, plan, kind, payload, attempts, max_attempts, priority, vt"
+)
+# `= (subquery)` lets SQLite update in one pass; `IN` materializes the ids first, which only pays off for k > 1.
+_CLAIM_ONE = _CLAIM.format("=")
+_CLAIM_MANY = _CLAIM.format("IN")
+
+
+def claim(db: Database, owner: str, *, k: int = 1, lease_s: float, now: float | None = None) -> list[Claimed]:
+    """Atomically move up to k runnable jobs to processing for `owner`, in claim order (see store/fairness.py).
+
+    No job is ever handed to two claimers: the select and the update are one statement under the write lock.
+    Jobs in backoff whose run_at has come are promoted to queued first, in the same transaction.
+    """
+    now = time.time() if now is None else now
+    token = secrets.randbits(62) + 1
+    until = now + lease_s
+
+    def tx(c: apsw.Connection) -> list[Claimed]:
+        c.execute(
+            "UPDATE jobs SET status = 'queued', updated_at = ? WHERE status = 'scheduled' AND run_at <= ?",
+            (now, now),
+        )
+        return c.execute(_CLAIM_ONE if k == 1 else _CLAIM_MANY, (owner, token, until, now, now, k)).fetchall()
+
+    rows = db.write(tx, "claim")
+    rows.sort(key=lambda r: (-r[7], r[8], r[0]))
+    return [Claimed(r[0], r[1], r[2], r[3], r[4], r[5], r[6], token, until) for r in rows]
+
+
+def extend(db: Database, jobs: list[tuple[int, int]], *, lease_s: float, now: float | None = None) -> set[int]:
+    """Push the lease of each (job_id, token) to now + lease_s; returns the ids still held.
+
+    An id missing from the answer was taken over (recovered, cancelled or reclaimed): its holder should stop.
+    """
+    now = time.time() if now is None else now
+
+    def tx(c: apsw.Connection) -> set[int]:
+        held = set()
+        for job_id, token in jobs:
+            c.execute(
+                "UPDATE jobs SET lease_until = ?, updated_at = ? WHERE id = ? AND lease_token = ?",
+                (now + lease_s, now, job_id, token),
+            )
+            if c.changes():
+                held.add(job_id)
+        return held
+
+    return db.write(tx, "extend lease")
+
+
+def complete(db: Database, job_id: int, token: int, result: Any = None, *, now: float | None = None) -> None:
+    """Mark a held job done with its result; raises LeaseLost (changing nothing) if the lease was taken over."""
+    lost = complete_many(db, [(job_id, token, result)], now=now)
+    if lost:
+        raise LeaseLost(f"job {job_id}: lease lost (it was recovered, cancelled or claimed again); result discarded")
+
+
+def complete_many(db: Database, done: list[tuple[int, int, Any]], *, now: float | None = None) -> list[int]:
+    """Mark each held (job_id, token, result) done, in one transaction; returns the ids whose lease was lost.
+
+    Also counts each done job in its user's usage for the local day (the daily plan limits).
+    """
+    now = time.time() if now is None else now
+    day = usage.day_key(now, db.tz)
+    encoded = [(job_id, token, orjson.dumps(result).decode()) for job_id, token, result in done]
+
+    def tx(c: apsw.Connection) -> list[int]:
+        lost, by_user = [], Counter()
+        for job_id, token, result in encoded:
+            rows = c.execute(
+                "UPDATE jobs SET status = 'done', result = ?, finished_at = ?, updated_at = ?,"
+                " lease_owner = NULL, lease_token = NULL, lease_until = NULL"
+                " WHERE id = ? AND lease_token = ? RETURNING user_id",
+                (result, now, now, job_id, token),
+            ).fetchall()
+            if rows:
+                by_user[rows[0][0]] += 1
+            else:
+                lost.append(job_id)
+        if by_user:
+            usage.record_done(c, by_user, day)
+        return lost
+
+    return db.write(tx, "complete")
+
+
+def fail(db: Database, job_id: int, token: int, error: str, *, permanent: bool = False, backoff: Backoff,
+         rng: random.Random | None = None, now: float | None = None) -> FailOutcome:
+    """Record a failed attempt of a held job: retry after backoff, or dead when permanent or out of attempts.
+
+    The error is kept as last_error and appended to the job's error history. Raises LeaseLost if not held.
+    """
+    now = time.time() if now is None else now
+    rng = rng or random.Random()
+
+    def tx(c: apsw.Connection) -> FailOutcome:
+        rows = c.execute(
+            "SELECT attempts, max_attempts, user_id, errors FROM jobs WHERE id = ? AND lease_token = ?",
+            (job_id, token),
+        ).fetchall()
+        if not rows:
+            raise LeaseLost(f"job {job_id}: lease lost (it was recovered, cancelled or claimed again); "
+                            "failure not recorded")
+        attempts = rows[0][0]
+        return _fail_held(c, db, job_id, *rows[0], error, permanent=permanent,
+                          delay=backoff.delay(attempts, rng), now=now)
+
+    return db.write(tx, "fail")
+
+
+def _fail_held(c: apsw.Connection, db: Database, job_id: int, attempts: int, max_attempts: int, user_id: str,
+               errors: str, error: str, *, permanent: bool, delay: float, now: float) -> FailOutcome:
+    """Shared by fail and recover: the job is processing and `attempts` have been made."""
+    error = error[:ERROR_TEXT_MAX]
+    history = orjson.loads(errors)
+    history = [*history, {"attempt": attempts, "at": round(now, 3), "error": error}][-ERROR_HISTORY_MAX:]
+    if permanent or attempts >= max_attempts:
+        outcome = FailOutcome("dead", None)
+        c.execute(
+            "UPDATE jobs SET status = 'dead', last_error = ?, errors = ?, finished_at = ?, updated_at = ?,"
+            " lease_owner = NULL, lease_token = NULL, lease_until = NULL WHERE id = ?",
+            (error, orjson.dumps(history).decode(), now, now, job_id),
+        )
+        usage.add_active(c, {user_id: -1})
+    else:
+        run_at = now + delay
+        outcome = FailOutcome("scheduled" if delay > 0 else "queued", run_at)
+        c.execute(
+            "UPDATE jobs SET status = ?, run_at = ?, last_error = ?, errors = ?, updated_at = ?,"
+            " lease_owner = NULL, lease_token = NULL, lease_until = NULL WHERE id = ?",
+            (outcome.status, run_at, error, orjson.dumps(history).decode(), now, job_id),
+        )
+    usage.record_failure(c, usage.day_key(now, db.tz), dead=outcome.status == "dead")
+    return outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    requeued: int
+    dead: int
+
+    @property
+    def total(self) -> int:
+        return self.requeued + self.dead
+
+
+def recover(db: Database, *, processing_timeout_s: float, now: float | None = None) -> Recovered:
+    """Take back jobs whose lease expired, or that have been processing longer than processing_timeout_s
+    (job_processing_timeout_seconds: a backstop for a holder that keeps renewing a lease on a hung job).
+
+    Each counts as a failed attempt: back to queued at once (the expiry was delay enough), or dead when it was
+    the last attempt. The old holder's token stops working.
+    """
+    now = time.time() if now is None else now
+
+    def tx(c: apsw.Connection) -> Recovered:
+        rows = c.execute(
+            "SELECT id, attempts, max_attempts, user_id, errors, lease_until < ? FROM jobs"
+            " WHERE status = 'processing' AND (lease_until < ? OR started_at < ?)",
+            (now, now, now - processing_timeout_s),
+        ).fetchall()
+        dead = 0
+        for *job, expired in rows:
+            reason = "lease expired (worker stopped or lost)" if expired else (
+                f"processing longer than job_processing_timeout_seconds={processing_timeout_s:g}")
+            out = _fail_held(c, db, *job, reason, permanent=False, delay=0, now=now)
+            dead += out.status == "dead"
+        return Recovered(len(rows) - dead, dead)
+
+    return db.write(tx, "recover")

@@ -1,0 +1,147 @@
+"""Schema, versioned by PRAGMA user_version, identified as cardq's by PRAGMA application_id.
+
+Each migration runs in its own IMMEDIATE transaction and re-reads the version inside it, so two processes
+opening a database at the same moment apply each migration exactly once. Each applied version is also recorded,
+with its time, in `schema_migrations`.
+
+Job states (see store/jobs.py for the transitions):
+  queued      waiting to be claimed
+  scheduled   waiting for run_at (a retry in backoff), then promoted to queued
+  processing  claimed: lease_owner, lease_token and lease_until are set
+  done        finished; result holds the handler's return value
+  dead        the dead-letter state: out of attempts, or failed permanently; last_error and errors kept
+  cancelled   cancelled by an operator
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import apsw
+
+from store.errors import StoreError
+
+APPLICATION_ID = 0x63617264  # "card"
+ACTIVE_STATUSES = ("queued", "scheduled", "processing")
+STATUSES = (*ACTIVE_STATUSES, "done", "dead", "cancelled")
+
+
+MIGRATIONS: list[str] = [
+    # v1: jobs, their per-user counters, limits overrides, scheduler state.
+    f"""
+    CREATE TABLE jobs (
+        id              INTEGER PRIMARY KEY,
+        user_id         TEXT    NOT NULL,
+        plan            TEXT    NOT NULL,
+        kind            TEXT    NOT NULL,
+        payload         TEXT    NOT NULL,
+        status          TEXT    NOT NULL CHECK (status IN {STATUSES!r}),
+        priority        INTEGER NOT NULL DEFAULT 0 CHECK (priority >= 0),
+        vt              INTEGER NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        max_attempts    INTEGER NOT NULL CHECK (max_attempts >= 1),
+        run_at          REAL    NOT NULL,
+        lease_owner     TEXT,
+        lease_token     INTEGER,
+        lease_until     REAL,
+        last_error      TEXT,
+        errors          TEXT    NOT NULL DEFAULT '[]',
+        result          TEXT,
+        created_at      REAL    NOT NULL,
+        updated_at      REAL    NOT NULL,
+        started_at      REAL,
+        finished_at     REAL,
+        idempotency_key TEXT,
+        CHECK ((status = 'processing') = (lease_token IS NOT NULL))
+    );
+    -- The claim order: priority first, then the fair-share virtual time, then age (rowid). Partial, so done
+    -- jobs cost nothing and a claim is one index seek however many jobs exist.
+    CREATE INDEX jobs_ready ON jobs (priority DESC, vt) WHERE status = 'queued';
+    CREATE INDEX jobs_scheduled ON jobs (run_at) WHERE status = 'scheduled';
+    CREATE INDEX jobs_leased ON jobs (lease_until) WHERE status = 'processing';
+    CREATE INDEX jobs_user ON jobs (user_id);
+    CREATE UNIQUE INDEX jobs_idempotency ON jobs (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+
+    -- One row per user, all the user's counters on one page so a claim or completion dirties one page for them:
+    -- jobs queued, scheduled or processing; the virtual time of the user's last queued job (fair share, see
+    -- store/fairness.py); jobs done on done_day (the local day in limits.timezone), for the daily plan limits.
+    CREATE TABLE user_load (
+        user_id    TEXT PRIMARY KEY,
+        active     INTEGER NOT NULL DEFAULT 0 CHECK (active >= 0),
+        last_vt    INTEGER NOT NULL DEFAULT 0,
+        done_day   TEXT    NOT NULL DEFAULT '',
+        done_today INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+
+    -- Failed attempts and dead jobs per local day, for `cardq status`.
+    CREATE TABLE daily_stats (
+        day    TEXT PRIMARY KEY,
+        failed INTEGER NOT NULL DEFAULT 0,
+        dead   INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+
+    -- Operator overrides of limits (the old limits_config): effective value = this > config.toml > built-in.
+    CREATE TABLE limits (
+        key        TEXT PRIMARY KEY,
+        value      INTEGER NOT NULL,
+        updated_at REAL    NOT NULL
+    ) WITHOUT ROWID;
+
+    -- One row: the largest virtual time assigned (store/fairness.py) and the next job id (ids are never reused, even after a purge).
+    CREATE TABLE sched (
+        id          INTEGER PRIMARY KEY CHECK (id = 1),
+        vt          INTEGER NOT NULL,
+        next_job_id INTEGER NOT NULL
+    );
+    INSERT INTO sched (id, vt, next_job_id) VALUES (1, 0, 1);
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def check_identity(conn: apsw.Connection, path: Path, *, allow_fresh: bool) -> None:
+    """Refuse anything but a cardq database (or, with allow_fresh, an empty file). Reads only."""
+    app_id = conn.execute("PRAGMA application_id").fetchall()[0][0]
+    if app_id == APPLICATION_ID:
+        version = conn.execute("PRAGMA user_version").fetchall()[0][0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{path}: database schema v{version} was written by a newer cardq; this cardq knows up to "
+                f"v{SCHEMA_VERSION}: upgrade cardq (the file was left untouched)"
+            )
+        return
+    objects = conn.execute("SELECT count(*) FROM sqlite_schema").fetchall()[0][0]
+    if app_id == 0 and objects == 0:
+        if allow_fresh:
+            return
+        raise StoreError(f"{path}: empty database; run `cardq init` to create it")
+    raise StoreError(f"{path}: a SQLite database, but not a cardq one (refused, file left untouched)")
+
+
+def current_version(conn: apsw.Connection) -> int:
+    return conn.execute("PRAGMA user_version").fetchall()[0][0]
+
+
+def migrate(conn: apsw.Connection, path: Path) -> int:
+    """Apply every migration the file lacks; returns the schema version now in effect."""
+    while current_version(conn) < SCHEMA_VERSION:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = current_version(conn)  # re-read under the write lock: another process may have migrated
+            if version < SCHEMA_VERSION:
+                if version == 0:
+                    conn.execute(f"PRAGMA application_id={APPLICATION_ID}").fetchall()
+                    conn.execute(
+                        "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+                    )
+                conn.execute(MIGRATIONS[version]).fetchall()  # fetchall: run every statement (apsw is lazy)
+                conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version + 1, time.time()))
+                conn.execute(f"PRAGMA user_version={version + 1}").fetchall()
+            conn.execute("COMMIT")
+        except BaseException:
+            if not conn.getautocommit():
+                conn.execute("ROLLBACK")
+            raise
+    return current_version(conn)

@@ -1,0 +1,160 @@
+"""Submitting jobs: one, or a batch all-or-nothing, under the limits, in one IMMEDIATE transaction.
+
+The limits are read and checked in the same transaction as the insert, so two concurrent submits can never
+overshoot a limit together, and an override set a moment ago applies.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import apsw
+
+from cardq.errors import InputError
+from store import fairness, limits, usage
+from store.db import Database
+from store.errors import LimitExceeded
+
+MAX_NAME_LEN = 200
+_CHUNK = 5000
+_INSERT = (
+    "INSERT INTO jobs (id, user_id, plan, kind, payload, status, priority, vt, max_attempts, run_at, created_at,"
+    " updated_at, idempotency_key) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    payload: bytes  # JSON text of an object (the CLI encodes it with orjson)
+    idempotency_key: str | None = None
+    where: str = ""  # where the item came from, for messages: "items.jsonl line 7"
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitResult:
+    ids: list[int]  # one per item, in order; an existing job's id where its idempotency key was known
+    created: int
+    existing: int
+
+
+def submit(db: Database, items: Sequence[NewJob], *, user_id: str, plan: str, kind: str = "card",
+           priority: int = 0, max_attempts: int = 5, configured: Mapping[str, tuple[int, str]],
+           now: float | None = None, progress: Callable[[int], object] | None = None) -> SubmitResult:
+    """Insert a batch for one user, all or nothing.
+
+    Refused whole (LimitExceeded, nothing inserted) when the batch is larger than batch_max_items_per_request,
+    when the user's queued + processing jobs + the new ones would pass batch_max_queued_per_user, or when the
+    user's jobs done today + queued/processing + the new ones would pass the plan's daily limit. An item whose
+    idempotency key the user already used maps to the existing job and is not inserted again. `progress(n)` is
+    called as rows are inserted (for a progress bar); the commit still happens once, at the end.
+    """
+    now = time.time() if now is None else now
+    _check_names(user_id=user_id, kind=kind)
+    if not isinstance(priority, int) or priority < 0:
+        raise InputError(f"priority {priority!r}: expected a whole number >= 0 (higher runs first)")
+    if f"{limits.DAILY_PREFIX}{plan}" not in configured:
+        plans = ", ".join(k[len(limits.DAILY_PREFIX):] for k in configured if k.startswith(limits.DAILY_PREFIX))
+        raise InputError(f"unknown plan {plan!r}; expected one of: {plans}")
+    if not items:
+        raise InputError("empty batch: expected at least one item")
+    day = usage.day_key(now, db.tz)
+
+    def tx(c: apsw.Connection) -> SubmitResult:
+        lim = {key: limit.value for key, limit in limits.effective(c, configured).items()}
+        _check_batch(items, lim)
+        ids, fresh = _dedupe(c, items, user_id)
+        if fresh:
+            load = usage.load(c, user_id, day)
+            _check_user(load, user_id, plan, len(fresh), lim, db)
+            first_id = c.execute("SELECT next_job_id FROM sched WHERE id = 1").fetchall()[0][0]
+            first_vt = fairness.assign(c, user_id, priority, len(fresh), active=load.active, last_vt=load.last_vt)
+            rows = []
+            for n, i in enumerate(fresh):
+                ids[i] = first_id + n
+                item = items[i]
+                rows.append((first_id + n, user_id, plan, kind, item.payload.decode(), priority, first_vt + n,
+                             max_attempts, now, now, now, item.idempotency_key))
+            for start in range(0, len(rows), _CHUNK):
+                c.executemany(_INSERT, rows[start:start + _CHUNK])
+                if progress is not None:
+                    progress(len(rows[start:start + _CHUNK]))
+            c.execute("UPDATE sched SET next_job_id = ? WHERE id = 1", (first_id + len(fresh),))
+            usage.add_active(c, {user_id: len(fresh)})
+            for i, v in enumerate(ids):
+                if v < 0:  # a repeated key within this batch: the id its first occurrence got
+                    ids[i] = ids[-1 - v]
+        return SubmitResult(ids, len(fresh), len(items) - len(fresh))
+
+    return db.write(tx, "submit")
+
+
+def _check_names(**names: str) -> None:
+    for field, value in names.items():
+        if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME_LEN:
+            raise InputError(f"{field} {value!r}: expected a non-empty name of at most {MAX_NAME_LEN} characters")
+
+
+def _check_batch(items: Sequence[NewJob], lim: Mapping[str, int]) -> None:
+    cap = lim["batch_max_items_per_request"]
+    if len(items) > cap:
+        raise LimitExceeded(
+            "batch_max_items_per_request",
+            f"batch rejected: {len(items)} items, batch_max_items_per_request is {cap}; nothing was submitted",
+        )
+    max_bytes = lim["max_payload_bytes"]
+    for n, item in enumerate(items, 1):
+        if len(item.payload) > max_bytes:
+            where = item.where or f"item {n}"
+            raise InputError(
+                f"{where}: payload is {len(item.payload)} bytes, max_payload_bytes is {max_bytes}; "
+                "nothing was submitted"
+            )
+
+
+def _dedupe(c: apsw.Connection, items: Sequence[NewJob], user_id: str) -> tuple[list[int], list[int]]:
+    """ids (0 = to insert) and the indexes of items to insert. A key repeated within the batch is inserted once."""
+    ids = [0] * len(items)
+    keyed = {it.idempotency_key for it in items if it.idempotency_key is not None}
+    known: dict[str, int] = {}
+    for key in keyed:
+        rows = c.execute(
+            "SELECT id FROM jobs WHERE user_id = ? AND idempotency_key = ?", (user_id, key)
+        ).fetchall()
+        if rows:
+            known[key] = rows[0][0]
+    fresh: list[int] = []
+    first_of: dict[str, int] = {}
+    for i, item in enumerate(items):
+        key = item.idempotency_key
+        if key is not None and key in known:
+            ids[i] = known[key]
+        elif key is not None and key in first_of:
+            ids[i] = -1 - first_of[key]  # filled in below, once the first one has its id
+        else:
+            if key is not None:
+                first_of[key] = i
+            fresh.append(i)
+    return ids, fresh
+
+
+def _check_user(load: usage.UserLoad, user_id: str, plan: str, adding: int, lim: Mapping[str, int],
+                db: Database) -> None:
+    active = load.active
+    cap = lim["batch_max_queued_per_user"]
+    if active + adding > cap:
+        raise LimitExceeded(
+            "batch_max_queued_per_user",
+            f"too many requests: user {user_id} has {active} jobs queued or processing, this batch adds {adding}, "
+            f"batch_max_queued_per_user is {cap}; nothing was submitted, retry when some are done",
+        )
+    daily = lim[f"{limits.DAILY_PREFIX}{plan}"]
+    done = load.done_today
+    if done + active + adding > daily:
+        raise LimitExceeded(
+            f"{limits.DAILY_PREFIX}{plan}",
+            f"daily limit: user {user_id} has {done} jobs done today and {active} queued or processing, this "
+            f"batch adds {adding}, plan {plan} allows {daily} a day; nothing was submitted (resets at midnight "
+            f"{db.tz.key})",
+        )
