@@ -14,10 +14,11 @@ import click
 import orjson
 
 from cardq import app, render
-from cardq.errors import EXIT_FAILURE, EXIT_USAGE, CardqError, InputError
+from cardq.errors import EXIT_FAILURE, CardqError, InputError
 from cardq.inputs import FORMATS, parse_items
-from store import admin, queries, submit as store_submit
+from store import admin, queries
 from store import limits as store_limits
+from store import submit as store_submit
 from store.schema import STATUSES
 
 EXIT_CODES_HELP = """\b

@@ -1,13 +1,14 @@
 """Fair share across users: start-time fair queueing on a virtual clock.
 
 Policy. Jobs are claimed by priority first (higher first; priority always wins over fairness), then by `vt`, a
-virtual time stamped at submit, then by age. A user's jobs get consecutive virtual times starting from the
-queue's head at that priority (or, with nothing queued there, from the virtual time of the last claim); a user who
-still has a backlog continues after their own last job instead. With nothing queued at that priority, the
-floor is the largest virtual time ever assigned (kept in `sched.vt` at submit, so a claim writes nothing extra). So when user A has 300 jobs queued and user B
-submits 5, B's jobs interleave with A's remaining ones one for one, rather than waiting behind all 300 (the old
-CardMaker's global FIFO, whose "processed in turn" claim was false). A user idle for a while gains no credit: they
-start at the head, not in the past.
+virtual time stamped at submit, then by age. A user's jobs get consecutive virtual times starting from the head
+of the queue at that priority; a user who still has a backlog continues after their own last job instead. With
+nothing queued at that priority, the floor is the largest virtual time ever assigned (kept in `sched.vt` at
+submit, so a claim writes nothing extra).
+
+So when user A has 300 jobs queued and user B submits 5, B's jobs interleave with A's remaining ones one for one,
+rather than waiting behind all 300 (the old CardMaker's global FIFO, whose "processed in turn" claim was false).
+A user idle for a while gains no credit: they start at the head, not in the past. Fairness is per priority level.
 """
 
 from __future__ import annotations

@@ -81,7 +81,8 @@ def stats(db: Database, configured: Mapping[str, tuple[int, str]], *, top_users:
             "SELECT min(created_at) FROM jobs WHERE status IN ('queued', 'scheduled')").fetchall()[0][0]
         expired = c.execute(
             "SELECT count(*) FROM jobs WHERE status = 'processing' AND lease_until < ?", (now,)).fetchall()[0][0]
-        done_today = c.execute("SELECT coalesce(sum(done_today), 0) FROM user_load WHERE done_day = ?", (day,)).fetchall()
+        done_today = c.execute(
+            "SELECT coalesce(sum(done_today), 0) FROM user_load WHERE done_day = ?", (day,)).fetchall()
         failed = c.execute("SELECT failed, dead FROM daily_stats WHERE day = ?", (day,)).fetchall()
         lims = limits_mod.effective(c, configured)
         return {

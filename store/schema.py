@@ -88,7 +88,8 @@ MIGRATIONS: list[str] = [
         updated_at REAL    NOT NULL
     ) WITHOUT ROWID;
 
-    -- One row: the largest virtual time assigned (store/fairness.py) and the next job id (ids are never reused, even after a purge).
+    -- One row: the largest virtual time assigned (store/fairness.py) and the next job id (never reused, even
+    -- after a purge).
     CREATE TABLE sched (
         id          INTEGER PRIMARY KEY CHECK (id = 1),
         vt          INTEGER NOT NULL,

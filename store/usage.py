@@ -45,10 +45,15 @@ def load(conn: apsw.Connection, user_id: str, day: str) -> UserLoad:
 
 def add_active(conn: apsw.Connection, deltas: Mapping[str, int]) -> None:
     """Add each delta (may be negative) to the user's active count."""
+    # Two statements: SQLite checks `active >= 0` on an upsert's candidate row before resolving the conflict.
     conn.executemany(
         "INSERT INTO user_load (user_id, active) VALUES (?1, ?2)"
         " ON CONFLICT (user_id) DO UPDATE SET active = active + ?2",
-        [(user, n) for user, n in deltas.items() if n],
+        [(user, n) for user, n in deltas.items() if n > 0],
+    )
+    conn.executemany(
+        "UPDATE user_load SET active = active + ?2 WHERE user_id = ?1",
+        [(user, n) for user, n in deltas.items() if n < 0],
     )
 
 
