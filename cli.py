@@ -15,7 +15,7 @@ import orjson
 
 from cardq import app, render
 from cardq.errors import EXIT_FAILURE, CardqError, InputError
-from cardq.inputs import FORMATS, parse_items
+from cardq.inputs import FORMATS, parse_items, read_text
 from store import admin, queries
 from store import limits as store_limits
 from store import submit as store_submit
@@ -29,10 +29,30 @@ Exit codes:
   3  rejected by a limit (nothing was submitted)
 """
 PROGRESS_MIN_ITEMS = 5000
+JOB_ID = click.IntRange(1, 2**63 - 1)
 
 
 class CardqGroup(click.Group):
     """Turns every CardqError into its one-line message and exit code; never a traceback for the user."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """click's own usage errors as one line too (click prints three), with the same exit codes."""
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            click.echo(f"cardq: {e.format_message()}{where}", err=True)
+            rv = e.exit_code
+        except click.ClickException as e:
+            click.echo(f"cardq: {e.format_message()}", err=True)
+            rv = e.exit_code
+        except click.Abort:
+            click.echo("cardq: aborted", err=True)
+            rv = EXIT_FAILURE
+        code = rv if isinstance(rv, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
 
     def invoke(self, ctx: click.Context):
         try:
@@ -97,9 +117,10 @@ def init(config_path: str | None) -> None:
 @click.option("--user", "user_id", required=True, help="The user the jobs belong to.")
 @click.option("--plan", required=True, help="The user's plan (free, basic, professional, enterprise, ...).")
 @click.option("--kind", default="card", show_default=True, help="Job kind.")
-@click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first (>= 0).")
+@click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first (0 to 1000000).")
 @click.option("--idempotency-key-field", "key_field", help="Item field whose value makes resubmits idempotent.")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True,
+              help="Input format; auto: by extension, else by the first character.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the number of jobs.")
 @config_option
 def submit(file: str, user_id: str, plan: str, kind: str, priority: int, key_field: str | None, fmt: str,
@@ -110,11 +131,11 @@ def submit(file: str, user_id: str, plan: str, kind: str, priority: int, key_fie
 
     Example: cardq submit items.jsonl --user u42 --plan basic --idempotency-key-field sku
     """
-    if priority < 0:
-        raise InputError(f"--priority {priority}: expected a whole number >= 0 (higher runs first)")
+    if not 0 <= priority <= store_submit.MAX_PRIORITY:
+        raise InputError(f"--priority {priority}: expected a whole number from 0 to {store_submit.MAX_PRIORITY}")
     loaded = app.load(config_path)
     name = "<stdin>" if file == "-" else file
-    text = _read_text(file, name)
+    text = read_text(file, name)
     items = parse_items(text, name, fmt, key_field)
     jobs = [store_submit.NewJob(i.payload, i.idempotency_key, i.where) for i in items]
     progress = sys.stdout.isatty() and len(jobs) >= PROGRESS_MIN_ITEMS
@@ -135,19 +156,6 @@ def submit(file: str, user_id: str, plan: str, kind: str, priority: int, key_fie
         click.echo("\n".join(map(str, result.ids)))
         extra = f" ({result.existing} already submitted under the same key)" if result.existing else ""
         click.echo(f"submitted {result.created} jobs for {user_id}{extra}", err=True)
-
-
-def _read_text(file: str, name: str) -> str:
-    try:
-        data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"{name}: no such file") from None
-    except OSError as e:
-        raise InputError(f"{name}: cannot read: {e.strerror}") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{name}: not UTF-8 text (byte {e.start}); expected JSONL, JSON or CSV in UTF-8") from None
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -175,9 +183,9 @@ def jobs() -> None:
 
 
 @jobs.command("list")
-@click.option("--status", type=click.Choice(STATUSES))
-@click.option("--user", "user_id")
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--status", type=click.Choice(STATUSES), help="Only jobs in this status.")
+@click.option("--user", "user_id", help="Only this user's jobs.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000), help="At most this many.")
 @json_option
 @config_option
 def jobs_list(status: str | None, user_id: str | None, limit: int, as_json: bool, config_path: str | None) -> None:
@@ -192,7 +200,7 @@ def jobs_list(status: str | None, user_id: str | None, limit: int, as_json: bool
 
 
 @jobs.command("show")
-@click.argument("job_id", type=int)
+@click.argument("job_id", type=JOB_ID)
 @config_option
 def jobs_show(job_id: int, config_path: str | None) -> None:
     """Every field of one job, as JSON (payload, result and error history decoded)."""
@@ -202,10 +210,10 @@ def jobs_show(job_id: int, config_path: str | None) -> None:
 
 
 @jobs.command("retry")
-@click.argument("job_id", type=int, required=False)
+@click.argument("job_id", type=JOB_ID, required=False)
 @click.option("--dead", "all_dead", is_flag=True, help="Retry every dead job (narrow with --user, --kind).")
-@click.option("--user", "user_id")
-@click.option("--kind")
+@click.option("--user", "user_id", help="With --dead: only this user's jobs.")
+@click.option("--kind", help="With --dead: only jobs of this kind.")
 @config_option
 def jobs_retry(job_id: int | None, all_dead: bool, user_id: str | None, kind: str | None,
                config_path: str | None) -> None:
@@ -222,7 +230,7 @@ def jobs_retry(job_id: int | None, all_dead: bool, user_id: str | None, kind: st
 
 
 @jobs.command("cancel")
-@click.argument("job_id", type=int)
+@click.argument("job_id", type=JOB_ID)
 @config_option
 def jobs_cancel(job_id: int, config_path: str | None) -> None:
     """Cancel a queued, scheduled or processing job (a processing one's worker loses its lease)."""
@@ -247,11 +255,13 @@ def jobs_purge(older_than: str, statuses: tuple[str, ...], config_path: str | No
 
 
 @cli.group(invoke_without_command=True, epilog=EXIT_CODES_HELP)
+@json_option
+@config_option
 @click.pass_context
-def limits(ctx: click.Context) -> None:
+def limits(ctx: click.Context, as_json: bool, config_path: str | None) -> None:
     """Show or change limits live (database override > config.toml > built-in default)."""
     if ctx.invoked_subcommand is None:
-        ctx.invoke(limits_list)
+        ctx.invoke(limits_list, as_json=as_json, config_path=config_path)
 
 
 @limits.command("list")
@@ -269,7 +279,7 @@ def limits_list(as_json: bool = False, config_path: str | None = None) -> None:
         click.echo(render.limits_table(effective.values(), loaded.source))
 
 
-@limits.command("set")
+@limits.command("set", context_settings={"ignore_unknown_options": True})  # so that "-1" is a value
 @click.argument("key")
 @click.argument("value")
 @config_option
@@ -279,7 +289,8 @@ def limits_set(key: str, value: str, config_path: str | None) -> None:
     number = store_limits.validate(loaded.limit_values(), key, value)
     with app.open_db(loaded) as db:
         db.write(lambda c: store_limits.set_override(c, key, number, time.time()), "limits set")
-    click.echo(f"{key} = {number} (override; was {loaded.limit_values()[key][0]} in config)")
+    value, source = loaded.limit_values()[key]
+    click.echo(f"{key} = {number} (override; the {source} value is {value})")
 
 
 @limits.command("unset")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
+import orjson
 from msgspec import Meta
 
 from cardq.errors import ConfigError
@@ -27,6 +28,7 @@ PositiveFloat = Annotated[float, Meta(gt=0)]
 CONFIG_ENV = "CARDQ_CONFIG"
 DEFAULT_CONFIG_NAME = "config.toml"
 HANDLER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 PLAN_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
@@ -49,6 +51,28 @@ class WorkersConfig(_Section):
     max_attempts: Annotated[int, Meta(ge=1, le=1000)] = 5
     backoff_base_s: Annotated[float, Meta(ge=0)] = 2.0
     backoff_max_s: Annotated[float, Meta(ge=0)] = 300.0
+    prefetch: Annotated[int, Meta(ge=1, le=1000)] = 1
+
+
+class SupervisorConfig(_Section):
+    max_restarts: Annotated[int, Meta(ge=1)] = 10
+    max_seconds: PositiveFloat = 60.0
+    restart_backoff_max_s: Annotated[float, Meta(ge=0)] = 5.0
+    shutdown_timeout_s: Annotated[float, Meta(ge=0)] = 30.0
+    timeout_grace_s: Annotated[float, Meta(ge=0)] = 5.0
+    poison_kills: Annotated[int, Meta(ge=1)] = 3
+    recover_interval_s: PositiveFloat = 10.0
+
+
+class LogConfig(_Section):
+    level: str = "info"
+    format: str = "auto"
+    file: str = ""
+
+
+class CardsConfig(_Section):
+    simulate_latency_ms: Annotated[float, Meta(ge=0)] = 0.0
+    failure_rate: Annotated[float, Meta(ge=0, le=1)] = 0.0
 
 
 def _default_daily() -> dict[str, int]:
@@ -68,6 +92,9 @@ class Config(_Section):
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     workers: WorkersConfig = msgspec.field(default_factory=WorkersConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    cards: CardsConfig = msgspec.field(default_factory=CardsConfig)
 
 
 @dataclass(frozen=True)
@@ -158,6 +185,10 @@ def _parse(data: bytes, name: str) -> tuple[Config, dict[str, Any]]:
         cfg = msgspec.convert(raw, Config, strict=True)
     except msgspec.ValidationError as e:
         raise ConfigError(_explain(name, raw, str(e))) from None
+    # [limits.daily] adds plans to (or changes) the built-in ones, like every other key: a missing one keeps its
+    # default. Set a plan to 0 to refuse its jobs.
+    daily = {**_default_daily(), **cfg.limits.daily}
+    cfg = msgspec.structs.replace(cfg, limits=msgspec.structs.replace(cfg.limits, daily=daily))
     _check_semantics(name, cfg)
     return cfg, raw
 
@@ -203,8 +234,9 @@ def _lookup(raw: Any, keys: list[str]) -> Any:
 
 
 def _toml_repr(value: Any) -> str:
+    """A value as the user would write it, on one line (newlines and quotes escaped)."""
     if isinstance(value, str):
-        return '"' + value.replace('"', '\\"') + '"'
+        return orjson.dumps(value).decode()
     if isinstance(value, bool):
         return "true" if value else "false"
     return repr(value)
@@ -213,10 +245,14 @@ def _toml_repr(value: Any) -> str:
 def _check_semantics(name: str, cfg: Config) -> None:
     """Rules msgspec's per-field constraints cannot express."""
     w, lim = cfg.workers, cfg.limits
+    if cfg.log.level not in LOG_LEVELS:
+        raise ConfigError(f"{name}: log.level = {_toml_repr(cfg.log.level)}: expected one of {', '.join(LOG_LEVELS)}")
+    if cfg.log.format not in ("auto", "json", "console"):
+        raise ConfigError(f'{name}: log.format = {_toml_repr(cfg.log.format)}: expected "auto", "json" or "console"')
     if cfg.store.synchronous not in ("normal", "full"):
-        raise ConfigError(f'{name}: store.synchronous = "{cfg.store.synchronous}": expected "normal" or "full"')
+        raise ConfigError(f'{name}: store.synchronous = {_toml_repr(cfg.store.synchronous)}: expected "normal" or "full"')
     if not HANDLER_RE.match(w.handler):
-        raise ConfigError(f'{name}: workers.handler = "{w.handler}": expected "module:function"')
+        raise ConfigError(f'{name}: workers.handler = {_toml_repr(w.handler)}: expected "module:function"')
     if w.backoff_max_s < w.backoff_base_s:
         raise ConfigError(
             f"{name}: workers.backoff_max_s = {w.backoff_max_s}: expected >= workers.backoff_base_s "
@@ -226,15 +262,13 @@ def _check_semantics(name: str, cfg: Config) -> None:
         zoneinfo.ZoneInfo(lim.timezone)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         raise ConfigError(
-            f'{name}: limits.timezone = "{lim.timezone}": expected an IANA time zone such as "UTC" or '
+            f'{name}: limits.timezone = {_toml_repr(lim.timezone)}: expected an IANA time zone such as "UTC" or '
             '"Europe/Moscow"'
         ) from None
-    if not lim.daily:
-        raise ConfigError(f"{name}: limits.daily is empty: expected at least one plan, e.g. free = 5")
     for plan in lim.daily:
         if not PLAN_RE.match(plan):
             raise ConfigError(
-                f'{name}: limits.daily."{plan}": expected a plan name of lowercase letters, digits and _'
+                f"{name}: limits.daily.{_toml_repr(plan)}: expected a plan name of lowercase letters, digits and _"
             )
         if lim.daily[plan] < 0:
             raise ConfigError(f"{name}: limits.daily.{plan} = {lim.daily[plan]}: expected an integer >= 0")

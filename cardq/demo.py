@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cardq import app, render
 from cardq.errors import InputError
-from cardq.inputs import parse_items
+from cardq.inputs import parse_items, read_text
 from store import LimitExceeded, queries
 from store import submit as store_submit
 
@@ -43,7 +43,7 @@ def run(directory: Path, items_path: Path | None, echo: Callable[[str], None]) -
     config = fresh_demo_dir(directory)
     loaded = app.load(config)
     items_path = items_path or example_items_path()
-    items = parse_items(items_path.read_text(), items_path.name, key_field="sku")
+    items = parse_items(read_text(str(items_path), items_path.name), items_path.name)
     echo(f"== fresh database {loaded.db_path}")
     with app.open_db(loaded, create=True) as db:
         for user, plan, n in DEMO_USERS:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import orjson
 
@@ -24,6 +26,20 @@ class Item:
     payload: bytes  # compact JSON of the object, as stored
     idempotency_key: str | None
     where: str  # "items.jsonl line 7"
+
+
+def read_text(file: str, name: str) -> str:
+    """A file's (or, for "-", stdin's) text; InputError naming it when missing, unreadable or not UTF-8."""
+    try:
+        data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{name}: no such file") from None
+    except OSError as e:
+        raise InputError(f"{name}: cannot read: {e.strerror}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{name}: not UTF-8 text (byte {e.start}); expected JSONL, JSON or CSV in UTF-8") from None
 
 
 def detect_format(name: str, text: str) -> str:

@@ -237,3 +237,107 @@ def recover(db: Database, *, processing_timeout_s: float, now: float | None = No
         return Recovered(len(rows) - dead, dead)
 
     return db.write(tx, "recover")
+
+
+def give_back(db: Database, held: list[tuple[int, int]], *, now: float | None = None) -> int:
+    """Return held (job_id, token) jobs that were claimed but never started to queued, as if never claimed
+    (the attempt is not counted). Used for a worker's prefetched jobs at shutdown. Returns how many."""
+    now = time.time() if now is None else now
+
+    def tx(c: apsw.Connection) -> int:
+        n = 0
+        for job_id, token in held:
+            c.execute(_GIVE_BACK + " AND lease_token = ?", (now, job_id, token))
+            n += c.changes()
+        return n
+
+    return db.write(tx, "give back")
+
+
+_GIVE_BACK = (
+    "UPDATE jobs SET status = 'queued', attempts = max(attempts - 1, 0), updated_at = ?, lease_owner = NULL,"
+    " lease_token = NULL, lease_until = NULL WHERE id = ? AND status = 'processing'"
+)
+
+
+def extend_owned(db: Database, owners: list[str], *, lease_s: float, now: float | None = None) -> int:
+    """Renew, to now + lease_s, the lease of every job held by these owners (a supervisor, for its live workers).
+    Returns how many leases were renewed."""
+    now = time.time() if now is None else now
+    if not owners:
+        return 0
+
+    def tx(c: apsw.Connection) -> int:
+        marks = ",".join("?" * len(owners))
+        c.execute(
+            f"UPDATE jobs SET lease_until = ? WHERE status = 'processing' AND lease_owner IN ({marks})",
+            (now + lease_s, *owners),
+        )
+        return c.changes()
+
+    return db.write(tx, "extend leases")
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    failed: FailOutcome | None  # what became of the job that was running, if one was named
+    given_back: int  # other held jobs, returned to queued without counting an attempt
+
+
+def release_owner(db: Database, owner: str, *, running: int | None = None, error: str = "", killed: bool = False,
+                  poison_kills: int = 3, backoff: Backoff, rng: random.Random | None = None,
+                  now: float | None = None) -> Released:
+    """Take back every job `owner` holds, in one transaction (a supervisor, when a worker died or was stopped).
+
+    The `running` job, if named, fails its attempt with `error` (retry after backoff, or dead when out of
+    attempts); when `killed` (its worker process died during it) its kill count goes up, and at poison_kills
+    kills it is dead with "killed its worker N times". Every other held job goes back to queued as if it had
+    never been claimed.
+    """
+    now = time.time() if now is None else now
+    rng = rng or random.Random()
+
+    def tx(c: apsw.Connection) -> Released:
+        rows = c.execute(
+            "SELECT id, attempts, max_attempts, user_id, errors, kills FROM jobs"
+            " WHERE status = 'processing' AND lease_owner = ?",
+            (owner,),
+        ).fetchall()
+        failed, given_back = None, 0
+        for job_id, attempts, max_attempts, user_id, errors, kills in rows:
+            if job_id != running:
+                c.execute(_GIVE_BACK, (now, job_id))
+                given_back += 1
+                continue
+            kills += killed
+            if killed:
+                c.execute("UPDATE jobs SET kills = ? WHERE id = ?", (kills, job_id))
+            poison = killed and kills >= poison_kills
+            reason = f"killed its worker {kills} times; last: {error}" if poison else error
+            failed = _fail_held(c, db, job_id, attempts, max_attempts, user_id, errors, reason, permanent=poison,
+                                delay=backoff.delay(attempts, rng), now=now)
+        return Released(failed, given_back)
+
+    return db.write(tx, "release jobs")
+
+
+def recover_orphans(db: Database, *, owner_prefix: str, current_prefix: str, now: float | None = None) -> Recovered:
+    """At supervisor start: every job still processing under an owner of a previous supervisor run (prefix
+    `owner_prefix`, not `current_prefix`) lost its worker with that supervisor. Each counts as a failed attempt
+    and goes back to queued at once (or dead when it was the last). Only one supervisor runs per database, so
+    no live worker can hold these."""
+    now = time.time() if now is None else now
+
+    def tx(c: apsw.Connection) -> Recovered:
+        rows = c.execute(
+            "SELECT id, attempts, max_attempts, user_id, errors FROM jobs WHERE status = 'processing'"
+            " AND substr(lease_owner, 1, ?) = ? AND substr(lease_owner, 1, ?) != ?",
+            (len(owner_prefix), owner_prefix, len(current_prefix), current_prefix),
+        ).fetchall()
+        dead = 0
+        for job in rows:
+            out = _fail_held(c, db, *job, "its supervisor stopped while it ran", permanent=False, delay=0, now=now)
+            dead += out.status == "dead"
+        return Recovered(len(rows) - dead, dead)
+
+    return db.write(tx, "recover orphans")

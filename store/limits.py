@@ -14,6 +14,7 @@ import apsw
 from cardq.errors import InputError
 
 DAILY_PREFIX = "daily."
+MAXIMUM = 10**12  # far above any sane limit, far below SQLite's 64-bit integers
 _MINIMUM = {"max_payload_bytes": 2}  # everything else: >= 1, daily plan limits >= 0
 
 
@@ -52,8 +53,8 @@ def validate(configured: Mapping[str, tuple[int, str]], key: str, value: str | i
         number = int(value)
     except (TypeError, ValueError):
         raise InputError(f"limit {key} = {value!r}: expected a whole number") from None
-    if number < minimum(key):
-        raise InputError(f"limit {key} = {number}: expected a whole number >= {minimum(key)}")
+    if not minimum(key) <= number <= MAXIMUM:
+        raise InputError(f"limit {key} = {number}: expected a whole number from {minimum(key)} to {MAXIMUM}")
     return number
 
 

@@ -97,6 +97,24 @@ MIGRATIONS: list[str] = [
     );
     INSERT INTO sched (id, vt, next_job_id) VALUES (1, 0, 1);
     """,
+    # v2: supervision. `kills` counts attempts that ended with their worker process dying (poison jobs);
+    # `processes` is the supervisor's published view of itself and its children, for `cardq status`.
+    """
+    ALTER TABLE jobs ADD COLUMN kills INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE processes (
+        name         TEXT PRIMARY KEY,
+        role         TEXT    NOT NULL,
+        pid          INTEGER,
+        state        TEXT    NOT NULL,
+        current_job  INTEGER,
+        jobs_done    INTEGER NOT NULL DEFAULT 0,
+        restarts     INTEGER NOT NULL DEFAULT 0,
+        last_exit    TEXT,
+        started_at   REAL,
+        heartbeat_at REAL    NOT NULL,
+        info         TEXT    NOT NULL DEFAULT '{}'
+    ) WITHOUT ROWID;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -114,7 +132,8 @@ def check_identity(conn: apsw.Connection, path: Path, *, allow_fresh: bool) -> N
             )
         return
     objects = conn.execute("SELECT count(*) FROM sqlite_schema").fetchall()[0][0]
-    if app_id == 0 and objects == 0:
+    version = conn.execute("PRAGMA user_version").fetchall()[0][0]
+    if app_id == 0 and objects == 0 and version == 0:
         if allow_fresh:
             return
         raise StoreError(f"{path}: empty database; run `cardq init` to create it")

@@ -18,6 +18,7 @@ from store.db import Database
 from store.errors import LimitExceeded
 
 MAX_NAME_LEN = 200
+MAX_PRIORITY = 1_000_000
 _CHUNK = 5000
 _INSERT = (
     "INSERT INTO jobs (id, user_id, plan, kind, payload, status, priority, vt, max_attempts, run_at, created_at,"
@@ -52,8 +53,8 @@ def submit(db: Database, items: Sequence[NewJob], *, user_id: str, plan: str, ki
     """
     now = time.time() if now is None else now
     _check_names(user_id=user_id, kind=kind)
-    if not isinstance(priority, int) or priority < 0:
-        raise InputError(f"priority {priority!r}: expected a whole number >= 0 (higher runs first)")
+    if not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
+        raise InputError(f"priority {priority!r}: expected a whole number from 0 to {MAX_PRIORITY} (higher runs first)")
     if f"{limits.DAILY_PREFIX}{plan}" not in configured:
         plans = ", ".join(k[len(limits.DAILY_PREFIX):] for k in configured if k.startswith(limits.DAILY_PREFIX))
         raise InputError(f"unknown plan {plan!r}; expected one of: {plans}")

@@ -71,7 +71,7 @@ def test_explicit_keys_decide_the_source_of_limits(tmp_path):
     assert values["batch_max_items_per_request"] == (50, "config")
     assert values["batch_max_queued_per_user"] == (300, "default")
     assert values["daily.free"] == (7, "config") and values["daily.team"] == (500, "config")
-    assert "daily.basic" not in values  # the file's [limits.daily] replaces the plan table whole
+    assert values["daily.basic"] == (20, "default")  # plans the file does not name keep their defaults
 
 
 def test_integers_are_accepted_for_float_keys():
@@ -89,7 +89,7 @@ def test_integers_are_accepted_for_float_keys():
     ('[limits]\ntimezone = "Mars/Base"', 'limits.timezone = "Mars/Base": expected an IANA time zone'),
     ("[limits.daily]\nfree = -5", "limits.daily.free = -5: expected an integer >= 0"),
     ('[limits.daily]\n"Free Plan" = 5', 'limits.daily."Free Plan": expected a plan name'),
-    ("[limits.daily]\n", "limits.daily is empty"),
+    ('[store]\nsynchronous = "nor\\nmal"', 'store.synchronous = "nor\\nmal": expected "normal" or "full"'),
     ('[workers]\nhandler = "nocolon"', 'workers.handler = "nocolon": expected "module:function"'),
     ("[workers]\nbackoff_base_s = 10.0\nbackoff_max_s = 1.0", "workers.backoff_max_s = 1.0: expected >="),
     ("[workers\ncount = 1", "invalid TOML"),
