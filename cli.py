@@ -16,7 +16,8 @@ import orjson
 from cardq import app, render
 from cardq.errors import EXIT_FAILURE, CardqError, InputError
 from cardq.inputs import FORMATS, parse_items, read_text
-from store import admin, queries
+from cardq.running import supervisor_summary
+from store import admin, processes, queries
 from store import limits as store_limits
 from store import submit as store_submit
 from store.schema import STATUSES
@@ -170,7 +171,9 @@ def status(as_json: bool, top: int, config_path: str | None) -> None:
     loaded = app.load(config_path)
     with app.open_db(loaded) as db:
         data = queries.stats(db, loaded.limit_values(), top_users=top)
+        data["processes"] = db.read(processes.read)
     data["config"] = {"file": loaded.source, "digest": loaded.digest}
+    data["supervisor"] = supervisor_summary(loaded, data["processes"])
     if as_json:
         emit_json(data)
     else:
@@ -317,6 +320,60 @@ def demo(directory: str, items_path: str | None) -> None:
     from cardq import demo as demo_mod
 
     demo_mod.run(Path(directory), Path(items_path) if items_path else None, click.echo)
+
+
+@cli.command(epilog=EXIT_CODES_HELP + "  4  restart intensity exceeded (workers kept crashing)\n")
+@click.option("--workers", type=click.IntRange(0, 256), help="Worker processes (default: workers.count).")
+@click.option("--burst", is_flag=True, help="Exit 0 once every job is finished (including retries) and "
+              "every worker is idle.")
+@config_option
+def supervise(workers: int | None, burst: bool, config_path: str | None) -> None:
+    """Run the supervisor and its worker processes until SIGTERM/SIGINT (or, with --burst, until drained).
+
+    SIGHUP (or `cardq reload`) re-reads the config; a broken file is refused and the old config kept.
+    Example: cardq supervise --workers 4
+    """
+    from cardq import running
+
+    sys.exit(running.supervise(app.load(config_path), workers=workers, burst=burst))
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@config_option
+def reload(config_path: str | None) -> None:
+    """Ask the running supervisor of this database to re-read its config (SIGHUP)."""
+    from cardq import running
+
+    pid = running.signal_supervisor(app.load(config_path), "SIGHUP")
+    click.echo(f"sent SIGHUP to supervisor pid {pid}; see `cardq status` for the config in effect")
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until it has exited.")
+@config_option
+def stop(wait: bool, config_path: str | None) -> None:
+    """Ask the running supervisor of this database to stop after in-flight jobs (SIGTERM)."""
+    from cardq import running
+
+    loaded = app.load(config_path)
+    pid = running.signal_supervisor(loaded, "SIGTERM")
+    click.echo(f"sent SIGTERM to supervisor pid {pid}")
+    if wait:
+        running.wait_stopped(loaded, timeout=loaded.config.supervisor.shutdown_timeout_s + 30)
+        click.echo("stopped")
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@config_option
+def selftest(config_path: str | None) -> None:
+    """Check config, database and pragmas, schema, handler, free disk and supervisor; non-zero on a failure."""
+    from cardq import selftest as st
+
+    checks = st.run(config_path)
+    for check in checks:
+        click.echo(f"{'ok  ' if check.ok else 'FAIL'}  {check.name:<10}  {check.detail}")
+    if not all(c.ok for c in checks):
+        sys.exit(EXIT_FAILURE)
 
 
 def main() -> None:

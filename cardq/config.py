@@ -250,7 +250,8 @@ def _check_semantics(name: str, cfg: Config) -> None:
     if cfg.log.format not in ("auto", "json", "console"):
         raise ConfigError(f'{name}: log.format = {_toml_repr(cfg.log.format)}: expected "auto", "json" or "console"')
     if cfg.store.synchronous not in ("normal", "full"):
-        raise ConfigError(f'{name}: store.synchronous = {_toml_repr(cfg.store.synchronous)}: expected "normal" or "full"')
+        raise ConfigError(
+            f'{name}: store.synchronous = {_toml_repr(cfg.store.synchronous)}: expected "normal" or "full"')
     if not HANDLER_RE.match(w.handler):
         raise ConfigError(f'{name}: workers.handler = {_toml_repr(w.handler)}: expected "module:function"')
     if w.backoff_max_s < w.backoff_base_s:

@@ -46,12 +46,33 @@ def status(data: dict[str, Any]) -> str:
         f"today ({today['day']} {today['timezone']}): done {today['done']}, failed attempts "
         f"{today['failed_attempts']}, dead {today['dead']}",
     ]
+    sup = data.get("supervisor")
+    if sup is not None:
+        out += ["", _supervisor(sup)]
     if data["users"]:
         out += ["", "busiest users:", table(["user", "queued", "processing"],
                                             ([u["user_id"], u["queued"], u["processing"]] for u in data["users"]))]
     out += ["", "limits in effect:", table(
         ["limit", "value", "source"], ([k, v["value"], v["source"]] for k, v in data["limits"].items()))]
     return "\n".join(out)
+
+
+def _supervisor(sup: dict[str, Any]) -> str:
+    if not sup["running"]:
+        return "supervisor: not running"
+    loaded_at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sup["config_loaded_at"] or 0))
+    lines = [
+        f"supervisor: pid {sup['pid']}, up {age(sup['uptime_s'])}, workers {sup['workers_desired']}",
+        f"config in effect: {sup['config_file']} ({sup['config_digest']}), version {sup['config_version']}, "
+        f"loaded {loaded_at}",
+    ]
+    if sup["last_reload_error"]:
+        lines.append(f"LAST RELOAD FAILED (old config kept): {sup['last_reload_error']}")
+    if sup["workers"]:
+        lines.append(table(["worker", "pid", "state", "job", "done", "restarts", "last exit"],
+                           ([w["name"], w["pid"], w["state"], w["current_job"], w["jobs_done"], w["restarts"],
+                             w["last_exit"]] for w in sup["workers"])))
+    return "\n".join(lines)
 
 
 def job_table(rows: list[dict[str, Any]]) -> str:

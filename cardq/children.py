@@ -1,0 +1,141 @@
+"""Child processes of the supervisor: what to run (ChildSpec), how it starts, and its channels.
+
+Every child is started with the "spawn" method, so no SQLite connection, lock or thread crosses a fork. Each
+child gets its own two pipes to the supervisor — a duplex control pipe (events up, commands down) and a one-way
+log pipe — and shares no multiprocessing.Queue with anyone: a child killed at any instant can only break its own
+pipes, never wedge another process's channel (a SIGKILLed holder of a shared Queue's lock blocks every other
+producer forever; see FIELD_NOTES). A message sent on a pipe is in the kernel when send returns (no feeder
+thread), so nothing depends on data a dead process never flushed.
+
+A child dies with its supervisor: PR_SET_PDEATHSIG, armed at start and re-checked against getppid().
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import importlib
+import multiprocessing as mp
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import orjson
+
+from cardq import logs
+from cardq.config import LoadedConfig
+
+PR_SET_PDEATHSIG = 1
+START_METHOD = "spawn"
+
+# Exit codes a child uses to tell the supervisor why it stopped.
+EXIT_STOPPED = 0  # asked to stop, or stopped itself cleanly
+EXIT_CONFIG = 78  # cannot run with this config (e.g. the handler does not import): restarting will not help
+EXIT_STORE = 75  # the database failed under it; its jobs are released and it is restarted
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """What the supervisor runs and how it treats an exit. Actors (a later issue) are further specs."""
+
+    name: str  # unique in the tree: "worker-1"
+    role: str  # "worker", ...
+    target: str  # "module:function" called in the child with a ChildContext
+    restart: str = "permanent"  # permanent: always restarted; transient: only after an abnormal exit
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+class Channel:
+    """orjson frames over one end of a multiprocessing Pipe. Never pickles: bytes in, bytes out."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+
+    def send(self, msg: dict[str, Any]) -> bool:
+        """False if the other end is gone."""
+        try:
+            self.conn.send_bytes(orjson.dumps(msg))
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def recv(self) -> dict[str, Any] | None:
+        """One message, or None when the other end closed (or sent garbage)."""
+        try:
+            data = self.conn.recv_bytes()
+        except (EOFError, OSError):
+            return None
+        try:
+            msg = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return None
+        return msg if isinstance(msg, dict) else None
+
+    def poll(self, timeout: float) -> bool:
+        try:
+            return self.conn.poll(timeout)
+        except (EOFError, OSError):
+            return True  # readable: recv will report the closed end
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@dataclass
+class ChildContext:
+    """What a child's target receives."""
+
+    spec: ChildSpec
+    loaded: LoadedConfig
+    channel: Channel
+    stop_requested: list[bool]  # set by SIGTERM or a "stop" command; a list so the signal handler can set it
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_requested[0]
+
+
+def start(spec: ChildSpec, loaded: LoadedConfig) -> tuple[mp.process.BaseProcess, Channel, Connection]:
+    """Spawn a child; returns (process, control channel, log pipe read end) for the supervisor."""
+    ctx = mp.get_context(START_METHOD)
+    ours, theirs = ctx.Pipe(duplex=True)
+    log_read, log_write = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_entry, args=(spec, loaded, theirs, log_write, os.getpid()), name=spec.name)
+    proc.start()
+    theirs.close()  # the child has its copies; the supervisor keeps only its ends
+    log_write.close()
+    return proc, Channel(ours), log_read
+
+
+def arm_parent_death_signal(parent_pid: int) -> None:
+    """Die with the parent: the kernel sends SIGKILL when it exits. Re-check after arming, in case the parent
+    died before the call (then the signal will never come)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(EXIT_STOPPED)
+
+
+def _entry(spec: ChildSpec, loaded: LoadedConfig, conn: Connection, log_conn: Connection, parent_pid: int) -> None:
+    arm_parent_death_signal(parent_pid)
+    stop = [False]
+
+    def on_term(_signum: int, _frame: object) -> None:
+        stop[0] = True  # only a flag: the child's loop acts on it between jobs
+
+    signal.signal(signal.SIGTERM, on_term)
+    # A terminal's ^C reaches the whole process group; the supervisor decides what it means.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # config reaches children from the supervisor, validated
+    sink = logs.LineSink(log_conn.send_bytes, name=f"{spec.name}-log")
+    cfg = loaded.config.log
+    logs.configure(spec.role, level=cfg.level, fmt=cfg.format, sink=sink)  # "auto": the terminal we share
+    module, _, func = spec.target.partition(":")
+    target = getattr(importlib.import_module(module), func)
+    code = target(ChildContext(spec, loaded, Channel(conn), stop))
+    sink.close()
+    sys.exit(code or 0)

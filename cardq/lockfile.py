@@ -1,0 +1,79 @@
+"""One supervisor per database: an exclusive flock on `<database>.supervisor`, holding the supervisor's pid.
+
+The kernel releases a flock when its holder dies however it dies, so a stale file left by a SIGKILLed
+supervisor is simply taken over: only a live holder is obeyed. Spawned children do not inherit the descriptor.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from cardq.errors import CardqError
+
+
+class AlreadyRunning(CardqError):
+    pass
+
+
+class NotRunning(CardqError):
+    pass
+
+
+def lock_path(db_path: Path) -> Path:
+    return db_path.with_name(db_path.name + ".supervisor")
+
+
+class SupervisorLock:
+    def __init__(self, db_path: Path):
+        self.path = lock_path(db_path)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            raise AlreadyRunning(
+                f"another supervisor (pid {holder}) is running on this database ({self.path}); "
+                "stop it first with `cardq stop`"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
+
+
+def running_pid(db_path: Path) -> int:
+    """The pid of the live supervisor of this database; NotRunning if none holds the lock."""
+    path = lock_path(db_path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotRunning(f"no supervisor is running on {db_path} (no {path.name})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _read_pid(fd)
+            if pid is None:
+                raise NotRunning(f"{path}: locked but holds no pid; is a supervisor starting?") from None
+            return pid
+        raise NotRunning(f"no supervisor is running on {db_path} (its lock is free)")
+    finally:
+        os.close(fd)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip())
+    except (ValueError, OSError):
+        return None

@@ -1,0 +1,106 @@
+"""Running the supervisor from the CLI, and talking to a running one: signals, waiting, status summary."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import click
+import msgspec
+
+from cardq import app, logs
+from cardq.config import LoadedConfig
+from cardq.errors import CardqError
+from cardq.lockfile import NotRunning, running_pid
+from cardq.supervisor import Supervisor
+
+
+def supervise(loaded: LoadedConfig, *, workers: int | None, burst: bool) -> int:
+    """Run a supervisor in this process until it stops; returns its exit code.
+
+    With --burst on a terminal a progress bar shows jobs done, and the log is cut to warnings so it stays
+    readable; the log otherwise goes where [log] says, through one non-blocking writer.
+    """
+    cfg = loaded.config.log
+    progress = burst and sys.stderr.isatty()
+    if progress and cfg.level in ("debug", "info"):
+        loaded = _with_log_level(loaded, "warning")
+    sink = logs.LineSink(logs.file_writer(logs.open_destination(cfg.file)))
+    logs.configure("supervisor", level=loaded.config.log.level, fmt=cfg.format, sink=sink)
+    sup = Supervisor(loaded, workers=workers, burst=burst)
+    sup.sink_put = sink.put
+    try:
+        if not progress:
+            return sup.run()
+        with click.progressbar(length=_pending_jobs(loaded), label="processing", file=sys.stderr,
+                               show_pos=True) as bar:
+            sup.on_progress = bar.update
+            return sup.run()
+    finally:
+        sink.close()
+
+
+def _with_log_level(loaded: LoadedConfig, level: str) -> LoadedConfig:
+    config = msgspec.structs.replace(loaded.config, log=msgspec.structs.replace(loaded.config.log, level=level))
+    return LoadedConfig(config, loaded.path, loaded.digest, loaded.explicit)
+
+
+def _pending_jobs(loaded: LoadedConfig) -> int:
+    with app.open_db(loaded, create=True) as db:
+        return db.conn.execute("SELECT coalesce(sum(active), 0) FROM user_load").fetchall()[0][0]
+
+
+def signal_supervisor(loaded: LoadedConfig, name: str) -> int:
+    """Send a signal to the live supervisor of the configured database; returns its pid."""
+    try:
+        pid = running_pid(loaded.db_path)
+        os.kill(pid, getattr(signal, name))
+    except NotRunning as e:
+        raise CardqError(str(e)) from None
+    except ProcessLookupError:
+        raise CardqError(f"supervisor pid {pid} is gone") from None
+    return pid
+
+
+def wait_stopped(loaded: LoadedConfig, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            running_pid(loaded.db_path)
+        except NotRunning:
+            return
+        time.sleep(0.05)
+    raise CardqError(f"the supervisor did not stop within {timeout:g}s")
+
+
+def supervisor_summary(loaded: LoadedConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Who runs this database now, with which config, and each worker's state (from the published rows,
+    trusted only while the supervisor's lock is held)."""
+    try:
+        pid = running_pid(loaded.db_path)
+    except NotRunning:
+        pid = None
+    sup = next((r for r in rows if r["role"] == "supervisor"), None)
+    if pid is None or sup is None or sup["pid"] != pid:
+        return {"running": False, "pid": pid, "workers": []}
+    info = sup["info"]
+    now = time.time()
+    return {
+        "running": True,
+        "pid": pid,
+        "uptime_s": round(now - sup["started_at"], 1) if sup["started_at"] else None,
+        "heartbeat_age_s": round(now - sup["heartbeat_at"], 1),
+        "config_file": info.get("config_file"),
+        "config_digest": info.get("config_digest"),
+        "config_version": info.get("config_version"),
+        "config_loaded_at": info.get("config_loaded_at"),
+        "last_reload_error": info.get("last_reload_error"),
+        "workers_desired": info.get("workers_desired"),
+        "workers": [
+            {k: r[k] for k in ("name", "pid", "state", "current_job", "jobs_done", "restarts", "last_exit")}
+            for r in rows if r["role"] != "supervisor"
+        ],
+    }

@@ -1,0 +1,77 @@
+"""`cardq selftest` (the old /admin/selftest): each check prints ok or fail with its detail."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from cardq import app
+from cardq.config import LoadedConfig
+from cardq.errors import CardqError
+from cardq.handlers import load_handler
+from cardq.lockfile import NotRunning, running_pid
+from store import Database
+from store.schema import SCHEMA_VERSION
+
+MIN_FREE_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def run(config_path: str | None) -> list[Check]:
+    return list(_checks(config_path))
+
+
+def _checks(config_path: str | None) -> Iterator[Check]:
+    try:
+        loaded = app.load(config_path)
+    except CardqError as e:
+        yield Check("config", False, str(e))
+        return
+    yield Check("config", True, f"{loaded.source} ({loaded.digest})")
+    db: Database | None = None
+    try:
+        db = app.open_db(loaded)
+        yield Check("database", True, str(db.path))
+        yield _check("pragmas", lambda: _pragmas(db, loaded))
+        version = db.conn.execute("PRAGMA user_version").fetchall()[0][0]
+        yield Check("schema", version == SCHEMA_VERSION, f"v{version} (this cardq: v{SCHEMA_VERSION})")
+    except CardqError as e:
+        yield Check("database", False, str(e))
+    finally:
+        if db is not None:
+            db.close()
+    yield _check("handler", lambda: (load_handler(loaded.config.workers.handler), loaded.config.workers.handler)[1])
+    yield _check("disk", lambda: _disk(loaded))
+    yield _check("supervisor", lambda: f"pid {running_pid(loaded.db_path)}")
+
+
+def _check(name: str, fn: Callable[[], str]) -> Check:
+    try:
+        return Check(name, True, fn())
+    except (CardqError, NotRunning, OSError) as e:
+        return Check(name, False, str(e))
+
+
+def _pragmas(db: Database, loaded: LoadedConfig) -> str:
+    got = db.pragmas()
+    want = {"journal_mode": "wal", "synchronous": {"normal": 1, "full": 2}[loaded.config.store.synchronous],
+            "foreign_keys": 1, "busy_timeout": loaded.config.store.busy_timeout_ms}
+    bad = {k: v for k, v in got.items() if want[k] != v}
+    if bad:
+        raise CardqError(f"not in effect: {bad} (expected {want})")
+    return ", ".join(f"{k}={v}" for k, v in got.items())
+
+
+def _disk(loaded: LoadedConfig) -> str:
+    free = shutil.disk_usage(loaded.db_path.parent).free
+    if free < MIN_FREE_BYTES:
+        raise CardqError(f"{free // 2**20} MiB free under {loaded.db_path.parent}; expected at least "
+                         f"{MIN_FREE_BYTES // 2**20} MiB")
+    return f"{free // 2**20} MiB free"

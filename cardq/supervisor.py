@@ -1,0 +1,542 @@
+"""The supervisor: spawns and watches the worker processes, and owns everything that must survive them.
+
+Policy, OTP-style: workers are permanent children, restarted after min(restart_backoff_max_s, 0.1 * 2^n)
+seconds; more than max_restarts restarts within max_seconds and the supervisor stops every child and exits with
+EXIT_INTENSITY, so that systemd can escalate. When a worker dies, the jobs it held are released by owner name at
+once: the one it was running fails its attempt (and, as its worker died under it, gains a kill — at
+poison_kills it is dead), the prefetched rest go back to the queue untouched. Leases of live workers are renewed
+here, so a worker never needs a second thread.
+
+The loop: `run()` waits on every child's pipes and sentinel plus a signal wake-up fd, then calls `step(now)`,
+which does all the work and can be called by tests with a chosen time. Signal handlers only set flags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import msgspec
+
+from cardq import app, children, logs
+from cardq.children import EXIT_CONFIG, EXIT_STORE, Channel, ChildSpec
+from cardq.config import LoadedConfig, load_config
+from cardq.errors import EXIT_FAILURE, EXIT_USAGE, CardqError
+from cardq.lockfile import SupervisorLock
+from store import StoreError, jobs, processes
+
+EXIT_INTENSITY = 4
+OWNER_PREFIX = "cardq:"
+PUBLISH_EVERY_S = 1.0
+IDLE_TICK_S = 0.002  # with an idle worker: how often PRAGMA data_version is compared (a cheap shared-memory read)
+BUSY_TICK_S = 0.05
+
+
+@dataclass
+class ChildState:
+    spec: ChildSpec
+    proc: BaseProcess | None = None
+    channel: Channel | None = None
+    log_conn: Connection | None = None
+    state: str = "starting"  # starting, idle, busy, stopping, restarting, stopped
+    owner: str = ""
+    incarnation: int = 0
+    current_job: int | None = None
+    job_started: float | None = None  # monotonic
+    jobs_done: int = 0
+    restarts: int = 0
+    last_exit: str | None = None
+    restart_at: float | None = None  # monotonic
+    started_at: float | None = None  # wall clock
+    kill_reason: str | None = None  # "timeout" or "shutdown" when the supervisor killed it
+    retiring: bool = False  # scaled away or shutting down: not restarted
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.exitcode is None
+
+
+class Supervisor:
+    def __init__(self, loaded: LoadedConfig, *, workers: int | None = None, burst: bool = False,
+                 on_progress: Callable[[int], None] | None = None):
+        self.loaded = loaded
+        self.desired = workers if workers is not None else loaded.config.workers.count
+        self.burst = burst
+        self.on_progress = on_progress
+        self.run_id = f"{os.getpid()}.{int(time.time() * 1000)}"
+        self.children: dict[str, ChildState] = {}
+        self.restart_times: deque[float] = deque()
+        self.flags = {"term": 0, "int": 0, "hup": 0}
+        self.config_version = 1
+        self.config_loaded_at = time.time()
+        self.last_reload_error: str | None = None
+        self.exit_code: int | None = None
+        self.exit_reason = ""
+        self.shutdown_deadline: float | None = None
+        self.started_at = time.time()
+        self.due: dict[str, float] = {}
+        self.data_version: int | None = None
+        self.next_scheduled: float | None = None
+        self.done_total = 0
+        self.log = logs.get()
+        self.lock = SupervisorLock(loaded.db_path)
+        self.db = None
+        self._wake_r, self._wake_w = -1, -1
+
+    # ---- life cycle -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.lock.acquire()
+        try:
+            self.db = app.open_db(self.loaded, create=True)
+            orphans = jobs.recover_orphans(self.db, owner_prefix=OWNER_PREFIX, current_prefix=self.prefix)
+            expired = jobs.recover(self.db, processing_timeout_s=self._processing_timeout())
+        except BaseException:
+            self.lock.release()
+            raise
+        self.log.info("supervisor.started", run_id=self.run_id, workers=self.desired, burst=self.burst,
+                      config=self.loaded.source, config_digest=self.loaded.digest, database=str(self.loaded.db_path),
+                      recovered_orphans=orphans.total, recovered_expired=expired.total)
+        self._install_signals()
+
+    def close(self) -> None:
+        for child in self.children.values():
+            if child.alive:
+                child.proc.kill()
+                child.proc.join(2)
+        if self.db is not None:
+            try:
+                processes.clear(self.db)
+            except StoreError as e:
+                self.log.error("supervisor.status_clear_failed", reason=str(e))
+            self.db.close()
+            self.db = None
+        self.lock.release()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        signal.set_wakeup_fd(-1)
+
+    def run(self) -> int:
+        """Start, supervise until told to stop (or, with burst, until the queue is drained); the exit code."""
+        self.start()
+        try:
+            while True:
+                self._wait(IDLE_TICK_S if self._any_idle() else BUSY_TICK_S)
+                code = self.step(time.monotonic())
+                if code is not None:
+                    self.log.info("supervisor.exit", code=code, reason=self.exit_reason)
+                    return code
+        finally:
+            self.close()
+
+    def _install_signals(self) -> None:
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        os.set_blocking(self._wake_r, False)
+        signal.set_wakeup_fd(self._wake_w)
+        for signum, flag in ((signal.SIGTERM, "term"), (signal.SIGINT, "int"), (signal.SIGHUP, "hup")):
+            signal.signal(signum, self._flag_setter(flag))
+
+    def _flag_setter(self, flag: str) -> Callable[[int, object], None]:
+        def handler(_signum: int, _frame: object) -> None:
+            self.flags[flag] += 1  # only a flag: step() acts on it
+
+        return handler
+
+    def _wait(self, timeout: float) -> None:
+        waitables: list[Any] = [self._wake_r]
+        for child in self.children.values():
+            waitables += [c for c in (child.channel.conn if child.channel else None, child.log_conn) if c]
+            if child.alive:
+                waitables.append(child.proc.sentinel)
+        for ready in wait(waitables, timeout):
+            if ready == self._wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 512)
+                continue
+            for child in self.children.values():
+                if child.channel is not None and ready is child.channel.conn:
+                    self._drain_events(child)
+                elif ready is child.log_conn:
+                    self._drain_logs(child)
+
+    # ---- one step ---------------------------------------------------------------------------------------
+
+    @property
+    def prefix(self) -> str:
+        return f"{OWNER_PREFIX}{self.run_id}:"
+
+    def step(self, now: float) -> int | None:
+        """Everything the supervisor does, for monotonic time `now`. Returns an exit code once finished."""
+        self._act_on_signals(now)
+        for child in list(self.children.values()):
+            if child.proc is not None and not child.alive:
+                self._on_exit(child, now)
+        if self.exit_code is not None:
+            return self._step_shutdown(now)
+        self._scale()
+        self._start_due(now)
+        self._enforce_timeouts(now)
+        self._periodic(now)
+        self._wake_idle(now)
+        if self.burst and self._drained():
+            self._begin_shutdown(0, now, "burst: no job left to run", immediate=False)
+        return None
+
+    def _act_on_signals(self, now: float) -> None:
+        if self.flags["hup"]:
+            self.flags["hup"] = 0
+            self.reload(now)
+        stops = self.flags["term"] + self.flags["int"]
+        if stops and self.exit_code is None:
+            self._begin_shutdown(0, now, "signal: stopping after in-flight jobs", immediate=False)
+        if self.flags["int"] >= 2 and self.shutdown_deadline is not None and self.shutdown_deadline > now:
+            self.log.warning("supervisor.stop_now", reason="second SIGINT")
+            self.shutdown_deadline = now  # kill what remains at once; its jobs are requeued
+
+    def _begin_shutdown(self, code: int, now: float, reason: str, immediate: bool) -> None:
+        if self.exit_code is not None:
+            return
+        self.exit_code, self.exit_reason = code, reason
+        timeout = 0.0 if immediate else self.loaded.config.supervisor.shutdown_timeout_s
+        self.shutdown_deadline = now + timeout
+        self.log.info("supervisor.stopping", reason=reason, shutdown_timeout_s=timeout)
+        for child in self.children.values():
+            child.retiring = True
+            if child.alive:
+                child.state = "stopping"
+                child.channel.send({"cmd": "stop"})
+            else:
+                child.state = "stopped"
+        self._publish()
+
+    def _step_shutdown(self, now: float) -> int | None:
+        live = [c for c in self.children.values() if c.alive]
+        if not live:
+            for child in self.children.values():
+                if child.proc is not None:  # exited since this step's reaping: release and log it too
+                    self._on_exit(child, now)
+            return self.exit_code
+        if now >= self.shutdown_deadline:
+            for child in live:
+                if child.kill_reason is None:
+                    child.kill_reason = "shutdown"
+                    self.log.warning("child.killed", child=child.spec.name, child_pid=child.proc.pid,
+                                     reason="shutdown timeout", job_id=child.current_job)
+                    child.proc.kill()
+        return None
+
+    # ---- children ---------------------------------------------------------------------------------------
+
+    def _scale(self) -> None:
+        for slot in range(1, self.desired + 1):
+            name = f"worker-{slot}"
+            child = self.children.get(name)
+            if child is None:
+                spec = ChildSpec(name=name, role="worker", target="cardq.worker:main")
+                self.children[name] = ChildState(spec, restart_at=0.0)
+            elif child.retiring and child.alive:
+                child.retiring = False  # scaled back up before it finished stopping: keep it
+        for name, child in self.children.items():
+            slot = int(name.rsplit("-", 1)[1])
+            if slot > self.desired and not child.retiring:
+                child.retiring = True
+                if child.alive:
+                    child.state = "stopping"
+                    child.channel.send({"cmd": "stop"})
+        for name in [n for n, c in self.children.items() if c.retiring and c.proc is not None and not c.alive]:
+            del self.children[name]
+        for name in [n for n, c in self.children.items() if c.retiring and c.proc is None]:
+            del self.children[name]
+
+    def _start_due(self, now: float) -> None:
+        for child in self.children.values():
+            if child.proc is None and not child.retiring and child.restart_at is not None and now >= child.restart_at:
+                self._spawn(child)
+
+    def _spawn(self, child: ChildState) -> None:
+        child.incarnation += 1
+        child.owner = f"{self.prefix}{child.spec.name}.{child.incarnation}"
+        spec = ChildSpec(child.spec.name, child.spec.role, child.spec.target, child.spec.restart,
+                         {**child.spec.args, "owner": child.owner})
+        child.proc, child.channel, child.log_conn = children.start(spec, self.loaded)
+        child.state, child.started_at, child.restart_at = "starting", time.time(), None
+        child.kill_reason, child.current_job, child.job_started = None, None, None
+        self.log.info("child.started", child=spec.name, child_pid=child.proc.pid, owner=child.owner)
+
+    def _on_exit(self, child: ChildState, now: float) -> None:
+        proc = child.proc
+        code = proc.exitcode
+        reason = describe_exit(code, child.kill_reason)
+        self._drain_events(child)
+        self._drain_logs(child)
+        self._release(child, code, reason)
+        child.last_exit = reason
+        child.proc = None
+        for conn in (child.channel.conn if child.channel else None, child.log_conn):
+            if conn is not None:
+                conn.close()
+        child.channel, child.log_conn = None, None
+        level = "info" if code == 0 or child.retiring else "warning"
+        getattr(self.log, level)("child.exited", child=child.spec.name, child_pid=proc.pid, reason=reason)
+        if child.retiring or self.exit_code is not None:
+            child.state = "stopped"
+            return
+        if code == EXIT_CONFIG:
+            self._begin_shutdown(EXIT_USAGE, now, f"{child.spec.name} cannot run with this config (see its log)",
+                                 immediate=True)
+            return
+        self._schedule_restart(child, now, reason)
+
+    def _release(self, child: ChildState, code: int | None, reason: str) -> None:
+        """Take back whatever the dead child held, by owner name (works even if none of its messages arrived)."""
+        sup = self.loaded.config.supervisor
+        running = child.current_job
+        killed = False
+        if child.kill_reason == "timeout":
+            timeout = self.loaded.config.workers.job_timeout_s
+            reason = f"timeout: the handler ran past job_timeout_s={timeout:g} and did not return; worker killed"
+        elif child.kill_reason == "shutdown" or code in (0, EXIT_STORE, EXIT_CONFIG):
+            running = None  # not the job's fault: give it back untouched
+        else:
+            killed = True
+        try:
+            out = jobs.release_owner(self.db, child.owner, running=running, error=reason, killed=killed,
+                                     poison_kills=sup.poison_kills, backoff=self._backoff())
+        except StoreError as e:  # the leases stop being renewed, so `recover` takes them back later
+            self.log.error("child.release_failed", child=child.spec.name, reason=str(e))
+            return
+        if out.failed is not None or out.given_back:
+            self.log.info("child.jobs_released", child=child.spec.name, job_id=running,
+                          job_now=out.failed.status if out.failed else None, given_back=out.given_back)
+
+    def _schedule_restart(self, child: ChildState, now: float, reason: str) -> None:
+        sup = self.loaded.config.supervisor
+        self.restart_times.append(now)
+        while self.restart_times and self.restart_times[0] < now - sup.max_seconds:
+            self.restart_times.popleft()
+        if len(self.restart_times) > sup.max_restarts:
+            self._begin_shutdown(
+                EXIT_INTENSITY, now,
+                f"restart intensity exceeded: {len(self.restart_times)} restarts within {sup.max_seconds:g}s "
+                f"(max_restarts={sup.max_restarts}); last: {child.spec.name} {reason}", immediate=False)
+            child.state = "stopped"
+            return
+        child.restarts += 1
+        delay = min(sup.restart_backoff_max_s, 0.1 * 2 ** (len(self.restart_times) - 1))
+        child.restart_at = now + delay
+        child.state = "restarting"
+
+    def _enforce_timeouts(self, now: float) -> None:
+        limit = self.loaded.config.workers.job_timeout_s + self.loaded.config.supervisor.timeout_grace_s
+        for child in self.children.values():
+            if child.alive and child.job_started is not None and child.kill_reason is None \
+                    and now - child.job_started > limit:
+                child.kill_reason = "timeout"
+                self.log.warning("child.killed", child=child.spec.name, child_pid=child.proc.pid,
+                                 job_id=child.current_job, reason=f"handler still running {limit:g}s after it started")
+                child.proc.kill()
+
+    # ---- events from children ---------------------------------------------------------------------------
+
+    def _drain_events(self, child: ChildState) -> None:
+        channel = child.channel
+        while channel is not None and channel.poll(0):
+            msg = channel.recv()
+            if msg is None:
+                break
+            self._on_event(child, msg)
+
+    def _on_event(self, child: ChildState, msg: dict[str, Any]) -> None:
+        ev = msg.get("ev")
+        if child.state == "stopping":
+            pass  # keep showing "stopping" until it exits
+        elif ev == "idle":
+            child.state = "idle"
+        elif ev == "start":
+            child.state = "busy"
+        if ev == "start":
+            child.current_job, child.job_started = msg.get("job"), time.monotonic()
+        elif ev == "end":
+            child.current_job, child.job_started = None, None
+            if msg.get("outcome") == "done":
+                child.jobs_done += 1
+                self.done_total += 1
+                if self.on_progress is not None:
+                    self.on_progress(1)
+
+    def _drain_logs(self, child: ChildState) -> None:
+        conn = child.log_conn
+        while conn is not None:
+            try:
+                if not conn.poll(0):
+                    return
+                self.sink_put(conn.recv_bytes())
+            except (EOFError, OSError):
+                conn.close()
+                child.log_conn = None
+                return
+
+    sink_put: Callable[[bytes], None] = staticmethod(lambda line: None)  # set by the CLI to the log writer
+
+    # ---- periodic work ----------------------------------------------------------------------------------
+
+    def _periodic(self, now: float) -> None:
+        w, sup = self.loaded.config.workers, self.loaded.config.supervisor
+        if now >= self.due.get("extend", 0):
+            self.due["extend"] = now + w.lease_s / 3
+            owners = [c.owner for c in self.children.values() if c.alive]
+            self._store_call("extend_leases", lambda: jobs.extend_owned(self.db, owners, lease_s=w.lease_s))
+        if now >= self.due.get("recover", 0):
+            self.due["recover"] = now + sup.recover_interval_s
+            got = self._store_call("recover", lambda: jobs.recover(
+                self.db, processing_timeout_s=self._processing_timeout()))
+            if got is not None and got.total:
+                self.log.warning("jobs.recovered", requeued=got.requeued, dead=got.dead)
+        if now >= self.due.get("publish", 0):
+            self.due["publish"] = now + PUBLISH_EVERY_S
+            self._publish()
+
+    def _store_call(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except StoreError as e:
+            self.log.error(f"supervisor.{what}_failed", reason=str(e))
+            return None
+
+    def _wake_idle(self, now: float) -> None:
+        idle = [c for c in self.children.values() if c.alive and c.state == "idle"]
+        if not idle:
+            return
+        version = self.db.conn.execute("PRAGMA data_version").fetchall()[0][0]
+        wall = time.time()
+        changed = version != self.data_version
+        if changed:
+            self.data_version = version
+            self.next_scheduled = self.db.conn.execute(
+                "SELECT min(run_at) FROM jobs WHERE status = 'scheduled'").fetchall()[0][0]
+        due = self.next_scheduled is not None and wall >= self.next_scheduled
+        if changed or due:
+            if due:
+                self.next_scheduled = None
+            for child in idle:
+                child.channel.send({"cmd": "wake"})
+
+    def _drained(self) -> bool:
+        workers = [c for c in self.children.values() if not c.retiring]
+        if not workers or any(not c.alive or c.state != "idle" for c in workers):
+            return False
+        active = self.db.conn.execute("SELECT coalesce(sum(active), 0) FROM user_load").fetchall()[0][0]
+        return active == 0
+
+    def _any_idle(self) -> bool:
+        return any(c.state == "idle" for c in self.children.values())
+
+    def _processing_timeout(self) -> float:
+        """job_processing_timeout_seconds in effect (a database override applies too)."""
+        values = self.loaded.limit_values()
+        try:
+            from store import limits
+
+            eff = self.db.read(lambda c: limits.effective(c, values))
+            return float(eff["job_processing_timeout_seconds"].value)
+        except (StoreError, AttributeError):
+            return float(values["job_processing_timeout_seconds"][0])
+
+    def _backoff(self) -> jobs.Backoff:
+        w = self.loaded.config.workers
+        return jobs.Backoff(w.backoff_base_s, w.backoff_max_s)
+
+    # ---- config -----------------------------------------------------------------------------------------
+
+    def reload(self, now: float) -> None:
+        """SIGHUP: re-read the config file. A broken file is refused and the running config kept."""
+        if self.loaded.path is None:
+            self.log.warning("config.reload_skipped", reason="running on built-in defaults: no file to re-read")
+            return
+        try:
+            new = load_config(self.loaded.path)
+        except CardqError as e:
+            self.last_reload_error = str(e)
+            self.log.error("config.reload_failed", reason=str(e), kept_digest=self.loaded.digest)
+            self._publish()
+            return
+        changes = diff_configs(self.loaded.config, new.config)
+        if new.config.store != self.loaded.config.store:
+            self.log.warning("config.restart_needed", keys=[k for k in changes if k.startswith("store.")],
+                             reason="store settings apply at the next start; the rest applies now")
+        old_count = self.loaded.config.workers.count
+        self.loaded = new
+        self.config_version += 1
+        self.config_loaded_at = time.time()
+        self.last_reload_error = None
+        if new.config.workers.count != old_count:
+            self.desired = new.config.workers.count
+        text = new.path.read_text() if new.path else ""
+        for child in self.children.values():
+            if child.alive:
+                child.channel.send({"cmd": "config", "text": text, "path": str(new.path), "digest": new.digest})
+        self.log.info("config.reloaded", version=self.config_version, digest=new.digest,
+                      changes={k: [old, new_v] for k, (old, new_v) in changes.items()})
+        self._publish()
+
+    # ---- status -----------------------------------------------------------------------------------------
+
+    def _publish(self) -> None:
+        rows = [processes.ProcessRow(
+            name="supervisor", role="supervisor", pid=os.getpid(),
+            state="stopping" if self.exit_code is not None else "running", started_at=self.started_at,
+            restarts=len(self.restart_times),
+            info={"run_id": self.run_id, "config_file": self.loaded.source, "config_digest": self.loaded.digest,
+                  "config_version": self.config_version, "config_loaded_at": self.config_loaded_at,
+                  "last_reload_error": self.last_reload_error, "workers_desired": self.desired,
+                  "burst": self.burst})]
+        for child in sorted(self.children.values(), key=lambda c: c.spec.name):
+            rows.append(processes.ProcessRow(
+                name=child.spec.name, role=child.spec.role, pid=child.proc.pid if child.alive else None,
+                state=child.state, current_job=child.current_job, jobs_done=child.jobs_done,
+                restarts=child.restarts, last_exit=child.last_exit, started_at=child.started_at))
+        self._store_call("publish", lambda: processes.publish(self.db, rows))
+
+
+def describe_exit(code: int | None, kill_reason: str | None) -> str:
+    if kill_reason == "timeout":
+        return "killed: job timeout"
+    if kill_reason == "shutdown":
+        return "killed: shutdown timeout"
+    if code is None:
+        return "unknown"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return {0: "stopped", EXIT_CONFIG: "config error", EXIT_STORE: "database error"}.get(code, f"exit code {code}")
+
+
+def diff_configs(old: Any, new: Any) -> dict[str, tuple[Any, Any]]:
+    """Dotted key → (old, new) for every value that differs."""
+    a, b = _flatten(msgspec.to_builtins(old)), _flatten(msgspec.to_builtins(new))
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+__all__ = ["EXIT_FAILURE", "EXIT_INTENSITY", "Supervisor", "describe_exit", "diff_configs"]

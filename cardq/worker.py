@@ -1,0 +1,173 @@
+"""A worker process: claim jobs, run the handler, store the result or the error, report to the supervisor.
+
+Events sent up the control pipe: {"ev": "idle"}, {"ev": "start", "job": id, "at": t}, {"ev": "end", "job": id,
+"outcome": "done"|"retry"|"dead"|"lost"}. Commands received: {"cmd": "wake"} (new jobs may be runnable),
+{"cmd": "stop"} (finish the job in hand, give back the rest, exit), {"cmd": "config", "text": ..., "digest": ...}
+(a reloaded, already validated config.toml).
+
+Leases are renewed by the supervisor for every live worker, and a dead worker's jobs are released by the
+supervisor by owner name — so this loop stays single-threaded and a crash at any instant loses nothing.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from typing import Any
+
+import orjson
+import structlog
+
+from cardq import app, logs
+from cardq.children import EXIT_CONFIG, EXIT_STOPPED, EXIT_STORE, ChildContext
+from cardq.config import LoadedConfig, parse_config
+from cardq.errors import CardqError, ConfigError
+from cardq.handlers import Handler, Job, PermanentError, load_handler
+from store import LeaseLost, StoreError, jobs
+
+IDLE_POLL_S = 1.0  # an idle worker looks for work at least this often, even if no wake-up comes
+
+
+class JobTimeout(BaseException):
+    """Raised in the handler by SIGALRM at workers.job_timeout_s. A BaseException so that a handler's
+    `except Exception` cannot swallow it. (The one signal handler here that does more than set a flag: raising
+    is the only way to interrupt Python code that is running.)"""
+
+
+def _on_alarm(_signum: int, _frame: object) -> None:
+    raise JobTimeout
+
+
+class Worker:
+    def __init__(self, ctx: ChildContext):
+        self.ctx = ctx
+        self.loaded: LoadedConfig = ctx.loaded
+        self.owner: str = ctx.spec.args["owner"]
+        self.db = app.open_db(self.loaded)
+        self.handler: Handler = load_handler(self.loaded.config.workers.handler)
+        self.rng = random.Random()
+        self.log = logs.get()
+
+    @property
+    def backoff(self) -> jobs.Backoff:
+        w = self.loaded.config.workers
+        return jobs.Backoff(w.backoff_base_s, w.backoff_max_s)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGALRM, _on_alarm)
+        self.log.info("worker.started", owner=self.owner)
+        while not self.ctx.stopping:
+            self.handle_commands(0)
+            if self.ctx.stopping:
+                break
+            w = self.loaded.config.workers
+            held = jobs.claim(self.db, self.owner, k=w.prefetch, lease_s=w.lease_s)
+            if not held:
+                self.ctx.channel.send({"ev": "idle"})
+                self.handle_commands(IDLE_POLL_S)
+                continue
+            for n, job in enumerate(held):
+                if self.ctx.stopping:
+                    jobs.give_back(self.db, [(j.id, j.token) for j in held[n:]])
+                    break
+                self.run_one(job)
+        self.log.info("worker.stopped")
+        return EXIT_STOPPED
+
+    def handle_commands(self, wait_s: float) -> None:
+        """Act on every command waiting (waiting up to wait_s for the first)."""
+        channel = self.ctx.channel
+        while channel.poll(wait_s):
+            wait_s = 0
+            msg = channel.recv()
+            if msg is None:  # the supervisor is gone: stop (PDEATHSIG normally got here first)
+                self.ctx.stop_requested[0] = True
+                return
+            cmd = msg.get("cmd")
+            if cmd == "stop":
+                self.ctx.stop_requested[0] = True
+            elif cmd == "config":
+                self.apply_config(msg)
+
+    def apply_config(self, msg: dict[str, Any]) -> None:
+        config = parse_config(msg["text"].encode(), msg.get("path") or "config.toml")
+        handler = self.handler
+        if config.workers.handler != self.loaded.config.workers.handler:
+            handler = load_handler(config.workers.handler)
+        self.loaded = LoadedConfig(config, self.loaded.path, msg["digest"], self.loaded.explicit)
+        self.handler = handler
+        self.log.info("worker.config_applied", digest=msg["digest"])
+
+    def run_one(self, claimed: jobs.Claimed) -> None:
+        w = self.loaded.config.workers
+        channel = self.ctx.channel
+        channel.send({"ev": "start", "job": claimed.id, "at": time.time()})
+        structlog.contextvars.bind_contextvars(job_id=claimed.id)
+        try:
+            outcome = self._attempt(claimed, w.job_timeout_s)
+        finally:
+            structlog.contextvars.unbind_contextvars("job_id")
+        channel.send({"ev": "end", "job": claimed.id, "outcome": outcome})
+
+    def _attempt(self, claimed: jobs.Claimed, timeout_s: float) -> str:
+        try:
+            payload = orjson.loads(claimed.payload)
+            job = Job(claimed.id, claimed.user_id, claimed.plan, claimed.kind, payload, claimed.attempt,
+                      claimed.max_attempts, self.loaded.config)
+            signal.setitimer(signal.ITIMER_REAL, timeout_s)
+            try:
+                result = self.handler(job)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        except JobTimeout:
+            return self._fail(claimed, f"timeout: the handler ran longer than job_timeout_s={timeout_s:g}")
+        except PermanentError as e:
+            return self._fail(claimed, f"permanent: {e}", permanent=True)
+        except Exception as e:  # the handler's failure is data (the job's error), not the worker's
+            return self._fail(claimed, f"{type(e).__name__}: {e}")
+        try:
+            orjson.dumps(result)
+        except orjson.JSONEncodeError as e:  # a result that cannot be stored is the handler's bug: permanent
+            return self._fail(claimed, f"permanent: the handler's result is not JSON: {e}", permanent=True)
+        try:
+            jobs.complete(self.db, claimed.id, claimed.token, result)
+        except LeaseLost as e:
+            self.log.warning("job.lease_lost", reason=str(e))
+            return "lost"
+        self.log.debug("job.done", attempt=claimed.attempt)
+        return "done"
+
+    def _fail(self, claimed: jobs.Claimed, error: str, permanent: bool = False) -> str:
+        try:
+            out = jobs.fail(self.db, claimed.id, claimed.token, error, permanent=permanent, backoff=self.backoff,
+                            rng=self.rng)
+        except LeaseLost as e:
+            self.log.warning("job.lease_lost", reason=str(e))
+            return "lost"
+        level = "error" if out.status == "dead" else "warning"
+        getattr(self.log, level)("job.failed", error=error, attempt=claimed.attempt, next=out.status,
+                                 run_at=out.run_at)
+        return "dead" if out.status == "dead" else "retry"
+
+
+def main(ctx: ChildContext) -> int:
+    """Child target ("cardq.worker:main")."""
+    log = logs.get()
+    try:
+        worker = Worker(ctx)
+    except ConfigError as e:
+        log.error("worker.config_error", reason=str(e))
+        return EXIT_CONFIG
+    except CardqError as e:
+        log.error("worker.store_error", reason=str(e))
+        return EXIT_STORE
+    try:
+        return worker.run()
+    except StoreError as e:
+        # The database failed under us (locked past every retry, disk full): exit, and let the supervisor
+        # release what we held and start a fresh worker.
+        log.error("worker.store_error", reason=str(e))
+        return EXIT_STORE
+    finally:
+        worker.db.close()
