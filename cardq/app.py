@@ -18,7 +18,7 @@ def load(config_path: str | os.PathLike | None) -> LoadedConfig:
     return load_config(resolve_config_path(config_path))
 
 
-def open_db(loaded: LoadedConfig, *, create: bool = False) -> Database:
+def open_db(loaded: LoadedConfig, *, create: bool = False, autocheckpoint: bool = True) -> Database:
     cfg = loaded.config
     return Database.open(
         loaded.db_path,
@@ -27,6 +27,7 @@ def open_db(loaded: LoadedConfig, *, create: bool = False) -> Database:
         busy_retries=cfg.store.busy_retries,
         timezone=cfg.limits.timezone,
         create=create,
+        autocheckpoint=autocheckpoint,
     )
 
 

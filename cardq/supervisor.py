@@ -36,6 +36,7 @@ from store import StoreError, jobs, processes
 EXIT_INTENSITY = 4
 OWNER_PREFIX = "cardq:"
 PUBLISH_EVERY_S = 1.0
+CHECKPOINT_EVERY_S = 0.5
 IDLE_TICK_S = 0.002  # with an idle worker: how often PRAGMA data_version is compared (a cheap shared-memory read)
 BUSY_TICK_S = 0.05
 
@@ -402,6 +403,11 @@ class Supervisor:
                 self.db, processing_timeout_s=self._processing_timeout()))
             if got is not None and got.total:
                 self.log.warning("jobs.recovered", requeued=got.requeued, dead=got.dead)
+        if now >= self.due.get("checkpoint", 0):
+            # Workers do not checkpoint (a commit that crosses the threshold would pay for it): we do, here,
+            # PASSIVE so that no reader or writer ever waits on it.
+            self.due["checkpoint"] = now + CHECKPOINT_EVERY_S
+            self._store_call("checkpoint", self.db.checkpoint)
         if now >= self.due.get("publish", 0):
             self.due["publish"] = now + PUBLISH_EVERY_S
             self._publish()

@@ -44,7 +44,7 @@ class Worker:
         self.ctx = ctx
         self.loaded: LoadedConfig = ctx.loaded
         self.owner: str = ctx.spec.args["owner"]
-        self.db = app.open_db(self.loaded)
+        self.db = app.open_db(self.loaded, autocheckpoint=False)  # the supervisor checkpoints, off our hot path
         self.handler: Handler = load_handler(self.loaded.config.workers.handler)
         self.rng = random.Random()
         self.log = logs.get()

@@ -79,13 +79,17 @@ def retry(db: Database, job_id: int | None = None, *, status: str | None = None,
         day = usage.day_key(now, db.tz)
         for (user, priority), ids in groups.items():
             load = usage.load(c, user, day)
-            first_vt = fairness.assign(c, user, priority, len(ids), active=load.active, last_vt=load.last_vt)
+            assigned_max = c.execute("SELECT vt FROM sched WHERE id = 1").fetchall()[0][0]
+            first_vt = fairness.start_vt(c, priority, active=load.active, last_vt=load.last_vt,
+                                         assigned_max=assigned_max)
+            last_vt = first_vt + len(ids) - 1
+            c.execute("UPDATE sched SET vt = max(vt, ?) WHERE id = 1", (last_vt,))
+            usage.add_jobs(c, user, reactivated.pop(user, 0), last_vt)
             c.executemany(
                 "UPDATE jobs SET status = 'queued', attempts = 0, run_at = ?, vt = ?, finished_at = NULL,"
                 " updated_at = ? WHERE id = ?",
                 [(now, first_vt + n, now, jid) for n, jid in enumerate(ids)],
             )
-        usage.add_active(c, reactivated)
         return [r[0] for r in rows]
 
     return db.write(tx, "retry")

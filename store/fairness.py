@@ -16,22 +16,15 @@ from __future__ import annotations
 import apsw
 
 
-def assign(conn: apsw.Connection, user_id: str, priority: int, n: int, *, active: int, last_vt: int) -> int:
-    """Reserve `n` consecutive virtual times for `user_id` at `priority`; returns the first.
+def start_vt(conn: apsw.Connection, priority: int, *, active: int, last_vt: int, assigned_max: int) -> int:
+    """The first virtual time for a user's next jobs at `priority` (reads only; call inside the transaction that
+    inserts or requeues them, which then stores the user's new last_vt and raises sched.vt: see `reserved`).
 
-    `active` and `last_vt` are the user's counters (store.usage.load). Call inside the transaction that inserts
-    or requeues the jobs, before adjusting `active`: it reads the queue head and updates the user's last_vt.
+    `active` and `last_vt` are the user's counters (store.usage.load); `assigned_max` is sched.vt.
     """
-    head = conn.execute(
-        "SELECT vt FROM jobs WHERE status = 'queued' AND priority = ? ORDER BY vt LIMIT 1", (priority,)
-    ).fetchall()
-    floor = head[0][0] if head else conn.execute("SELECT vt FROM sched WHERE id = 1").fetchall()[0][0]
-    start = max(last_vt + 1, floor) if active else floor
-    last = start + n - 1
-    conn.execute(
-        "INSERT INTO user_load (user_id, active, last_vt) VALUES (?, 0, ?) "
-        "ON CONFLICT (user_id) DO UPDATE SET last_vt = excluded.last_vt",
-        (user_id, last),
-    )
-    conn.execute("UPDATE sched SET vt = ? WHERE id = 1 AND vt < ?", (last, last))
-    return start
+    head = conn.execute(_HEAD, (priority,)).fetchall()
+    floor = head[0][0] if head else assigned_max
+    return max(last_vt + 1, floor) if active else floor
+
+
+_HEAD = "SELECT vt FROM jobs WHERE status = 'queued' AND priority = ? ORDER BY vt LIMIT 1"

@@ -131,26 +131,26 @@ def complete_many(db: Database, done: list[tuple[int, int, Any]], *, now: float 
     """
     now = time.time() if now is None else now
     day = usage.day_key(now, db.tz)
-    encoded = [(job_id, token, orjson.dumps(result).decode()) for job_id, token, result in done]
+    batch = orjson.dumps([[job_id, token, result] for job_id, token, result in done]).decode()
 
     def tx(c: apsw.Connection) -> list[int]:
-        lost, by_user = [], Counter()
-        for job_id, token, result in encoded:
-            rows = c.execute(
-                "UPDATE jobs SET status = 'done', result = ?, finished_at = ?, updated_at = ?,"
-                " lease_owner = NULL, lease_token = NULL, lease_until = NULL"
-                " WHERE id = ? AND lease_token = ? RETURNING user_id",
-                (result, now, now, job_id, token),
-            ).fetchall()
-            if rows:
-                by_user[rows[0][0]] += 1
-            else:
-                lost.append(job_id)
+        rows = c.execute(_COMPLETE, (batch, now)).fetchall()
+        by_user = Counter(user for _, user in rows)
         if by_user:
             usage.record_done(c, by_user, day)
-        return lost
+        finished = {job_id for job_id, _ in rows}
+        return [job_id for job_id, _, _ in done if job_id not in finished]
 
     return db.write(tx, "complete")
+
+
+# One statement for the whole batch: the (id, token, result) triples travel as one JSON array.
+_COMPLETE = (
+    "UPDATE jobs SET status = 'done', result = j.value -> 2, finished_at = ?2, updated_at = ?2,"
+    " lease_owner = NULL, lease_token = NULL, lease_until = NULL"
+    " FROM json_each(?1) AS j WHERE jobs.id = j.value ->> 0 AND jobs.lease_token = j.value ->> 1"
+    " RETURNING jobs.id, jobs.user_id"
+)
 
 
 def fail(db: Database, job_id: int, token: int, error: str, *, permanent: bool = False, backoff: Backoff,

@@ -69,8 +69,9 @@ def submit(db: Database, items: Sequence[NewJob], *, user_id: str, plan: str, ki
         if fresh:
             load = usage.load(c, user_id, day)
             _check_user(load, user_id, plan, len(fresh), lim, db)
-            first_id = c.execute("SELECT next_job_id FROM sched WHERE id = 1").fetchall()[0][0]
-            first_vt = fairness.assign(c, user_id, priority, len(fresh), active=load.active, last_vt=load.last_vt)
+            first_id, assigned_max = c.execute("SELECT next_job_id, vt FROM sched WHERE id = 1").fetchall()[0]
+            first_vt = fairness.start_vt(c, priority, active=load.active, last_vt=load.last_vt,
+                                         assigned_max=assigned_max)
             rows = []
             for n, i in enumerate(fresh):
                 ids[i] = first_id + n
@@ -81,8 +82,10 @@ def submit(db: Database, items: Sequence[NewJob], *, user_id: str, plan: str, ki
                 c.executemany(_INSERT, rows[start:start + _CHUNK])
                 if progress is not None:
                     progress(len(rows[start:start + _CHUNK]))
-            c.execute("UPDATE sched SET next_job_id = ? WHERE id = 1", (first_id + len(fresh),))
-            usage.add_active(c, {user_id: len(fresh)})
+            last_vt = first_vt + len(fresh) - 1
+            c.execute("UPDATE sched SET next_job_id = ?, vt = max(vt, ?) WHERE id = 1",
+                      (first_id + len(fresh), last_vt))
+            usage.add_jobs(c, user_id, len(fresh), last_vt)
             for i, v in enumerate(ids):
                 if v < 0:  # a repeated key within this batch: the id its first occurrence got
                     ids[i] = ids[-1 - v]

@@ -57,6 +57,15 @@ def add_active(conn: apsw.Connection, deltas: Mapping[str, int]) -> None:
     )
 
 
+def add_jobs(conn: apsw.Connection, user_id: str, n: int, last_vt: int) -> None:
+    """n new active jobs for the user, the last of them at virtual time last_vt: one upsert."""
+    conn.execute(
+        "INSERT INTO user_load (user_id, active, last_vt) VALUES (?1, ?2, ?3)"
+        " ON CONFLICT (user_id) DO UPDATE SET active = active + ?2, last_vt = ?3",
+        (user_id, n, last_vt),
+    )
+
+
 def record_done(conn: apsw.Connection, done_by_user: Mapping[str, int], day: str) -> None:
     """Jobs left processing for done: each user's active count goes down and done_today up, on one row."""
     conn.executemany(
