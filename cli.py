@@ -14,7 +14,7 @@ import click
 import orjson
 
 from cardq import app, render
-from cardq.errors import EXIT_FAILURE, CardqError, InputError
+from cardq.errors import EXIT_FAILURE, EXIT_USAGE, CardqError, ConfigError, InputError
 from cardq.inputs import FORMATS, parse_items, read_text
 from cardq.running import supervisor_summary
 from store import admin, processes, queries
@@ -168,16 +168,25 @@ def status(as_json: bool, top: int, config_path: str | None) -> None:
 
     Works with no supervisor running. Example: cardq status --json
     """
-    loaded = app.load(config_path)
-    with app.open_db(loaded) as db:
-        data = queries.stats(db, loaded.limit_values(), top_users=top)
-        data["processes"] = db.read(processes.read)
-    data["config"] = {"file": loaded.source, "digest": loaded.digest}
+    loaded, config_error = app.load_for_reading(config_path)
+    try:
+        with app.open_db(loaded) as db:
+            data = queries.stats(db, loaded.limit_values(), top_users=top)
+            data["processes"] = db.read(processes.read)
+    except CardqError:
+        if config_error:
+            raise ConfigError(config_error) from None  # the broken file is the first thing to fix
+        raise
+    data["config"] = {"file": loaded.source, "digest": loaded.digest, "error": config_error}
     data["supervisor"] = supervisor_summary(loaded, data["processes"])
     if as_json:
         emit_json(data)
     else:
         click.echo(render.status(data))
+    if config_error:
+        # Shown anyway (a running supervisor keeps its last good config), but a script must notice.
+        click.echo(f"cardq: {config_error} (status shown with built-in limits)", err=True)
+        sys.exit(EXIT_USAGE)
 
 
 @cli.group(epilog=EXIT_CODES_HELP)

@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from cardq.config import LoadedConfig, load_config, resolve_config_path
+from cardq.config import LoadedConfig, load_config, load_config_for_reading, resolve_config_path
 from cardq.errors import InputError
 from store import Database
 
@@ -16,6 +16,10 @@ DEFAULT_CONFIG_TEXT = (Path(__file__).parent / "default_config.toml").read_text
 
 def load(config_path: str | os.PathLike | None) -> LoadedConfig:
     return load_config(resolve_config_path(config_path))
+
+
+def load_for_reading(config_path: str | os.PathLike | None) -> tuple[LoadedConfig, str | None]:
+    return load_config_for_reading(resolve_config_path(config_path))
 
 
 def open_db(loaded: LoadedConfig, *, create: bool = False, autocheckpoint: bool = True) -> Database:

@@ -161,6 +161,24 @@ def load_config(path: str | os.PathLike | None) -> LoadedConfig:
     return LoadedConfig(cfg, p, hashlib.sha256(data).hexdigest()[:12], frozenset(_dotted_keys(raw)))
 
 
+def load_config_for_reading(path: str | os.PathLike | None) -> tuple[LoadedConfig, str | None]:
+    """For read-only commands (status): a file that is valid TOML but breaks a rule still names the database,
+    and the operator most needs `cardq status` exactly when the file on disk is broken. Returns the config
+    (built-in defaults but for store.path, if the file is invalid) and the file's error, if any."""
+    try:
+        return load_config(path), None
+    except ConfigError as e:
+        if path is None:
+            raise
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            raise e from None
+        store_path = raw.get("store", {}).get("path") if isinstance(raw.get("store"), dict) else None
+        store = StoreConfig(path=store_path) if isinstance(store_path, str) else StoreConfig()
+        return LoadedConfig(Config(store=store), Path(path), "invalid"), str(e)
+
+
 def parse_config(data: bytes, name: str = "config.toml") -> Config:
     return _parse(data, name)[0]
 

@@ -56,6 +56,6 @@ def run(directory: Path, items_path: Path | None, echo: Callable[[str], None]) -
             except LimitExceeded as e:
                 echo(f"submit {n:>2} items for {user:<6} ({plan}): REJECTED (exit code 3) - {e}")
         data = queries.stats(db, loaded.limit_values())
-    data["config"] = {"file": loaded.source, "digest": loaded.digest}
+    data["config"] = {"file": loaded.source, "digest": loaded.digest, "error": None}
     echo("\n== cardq status")
     echo(render.status(data))

@@ -38,7 +38,8 @@ def status(data: dict[str, Any]) -> str:
     jobs, today = data["jobs"], data["today"]
     out = [
         f"database  {data['database']}",
-        f"config    {data['config']['file']} ({data['config']['digest']})",
+        f"config    {data['config']['file']} ({data['config']['digest']})"
+        + (f"  INVALID: {data['config']['error']}" if data["config"].get("error") else ""),
         "",
         table(["status", "jobs"], jobs.items()),
         "",

@@ -908,7 +908,8 @@ def test_status_json(five_jobs):
     assert 0 <= data["oldest_queued_age_s"] < 600
     assert set(data["limits"]) == set(ALL_LIMIT_KEYS)
     assert data["limits"]["daily.basic"] == {"value": 30, "source": "override"}
-    assert data["config"] == {"file": str(cq.cfg), "digest": hashlib.sha256(cq.cfg.read_bytes()).hexdigest()[:12]}
+    assert data["config"] == {"file": str(cq.cfg), "digest": hashlib.sha256(cq.cfg.read_bytes()).hexdigest()[:12],
+                              "error": None}
 
 
 def test_status_json_on_an_empty_database(cq):

@@ -1,0 +1,48 @@
+"""Handlers the supervisor tests run in real worker processes (imported there by name via PYTHONPATH).
+
+`behave` does what the job's payload asks, so one config serves every scenario:
+  {"sleep": s}        sleep s seconds (interruptible by the job timeout)
+  {"stubborn": s}     sleep s seconds and swallow the job timeout, so only a kill stops it
+  {"exit": code}      os._exit(code): the worker process dies mid-job
+  {"fail": "msg"}     raise (transient), or with "permanent": true, PermanentError
+  {"side_db": path}   record this job's execution in a side-effect table (idempotent per job id) first
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+import apsw
+
+from cardq.handlers import Job, PermanentError
+
+
+def behave(job: Job) -> dict:
+    p = job.payload
+    if "side_db" in p:
+        record_side_effect(p["side_db"], job.id)
+    if "stubborn" in p:
+        deadline = time.monotonic() + p["stubborn"]
+        while time.monotonic() < deadline:
+            with contextlib.suppress(BaseException):  # deliberately swallows the job timeout
+                time.sleep(0.05)
+    if "sleep" in p:
+        time.sleep(p["sleep"])
+    if "exit" in p:
+        os._exit(p["exit"])
+    if "fail" in p:
+        if p.get("permanent"):
+            raise PermanentError(p["fail"])
+        raise RuntimeError(p["fail"])
+    return {"job": job.id, "attempt": job.attempt, "pid": os.getpid()}
+
+
+def record_side_effect(path: str, job_id: int) -> None:
+    conn = apsw.Connection(path)
+    conn.setbusytimeout(10_000)
+    conn.execute("PRAGMA journal_mode=WAL").fetchall()
+    conn.execute("CREATE TABLE IF NOT EXISTS effects (job_id INTEGER PRIMARY KEY, runs INTEGER NOT NULL)")
+    conn.execute("INSERT INTO effects VALUES (?, 1) ON CONFLICT (job_id) DO UPDATE SET runs = runs + 1", (job_id,))
+    conn.close()

@@ -1,0 +1,132 @@
+"""A real cardq deployment in a temp folder, for the multi-process tests: config file, database, and
+`cardq supervise` run as a real process (its own session, so teardown can kill everything it started)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from cardq.config import load_config
+from store import Database, queries
+from store import processes as store_processes
+from store.submit import NewJob, submit
+
+CARDQ = str(Path(sys.executable).parent / "cardq")
+TESTS_DIR = Path(__file__).resolve().parent
+
+BASE_CONFIG: dict[str, dict[str, Any]] = {
+    "store": {"path": "cardq.db"},
+    "workers": {"count": 2, "handler": "handlers_for_tests:behave", "job_timeout_s": 30.0, "lease_s": 60.0,
+                "max_attempts": 5, "backoff_base_s": 0.0, "backoff_max_s": 0.0},
+    "supervisor": {"recover_interval_s": 120.0, "restart_backoff_max_s": 0.2, "shutdown_timeout_s": 20.0,
+                   "timeout_grace_s": 0.5, "max_restarts": 100, "max_seconds": 60.0},
+    "log": {"file": "cardq.log", "level": "debug", "format": "json"},
+    "limits": {"batch_max_items_per_request": 100_000, "batch_max_queued_per_user": 100_000},
+    "limits.daily": {"enterprise": 1_000_000},
+}
+
+
+def toml(config: dict[str, dict[str, Any]]) -> str:
+    lines = []
+    for section, values in config.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            text = str(value).lower() if isinstance(value, bool) else orjson.dumps(value).decode()
+            lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"
+
+
+def pid_gone(pid: int) -> bool:
+    """True once pid is not running (a zombie waiting for a reaper counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
+class Deployment:
+    def __init__(self, root: Path, **overrides: dict[str, Any]):
+        self.root = root
+        self.config_path = root / "config.toml"
+        self.config: dict[str, dict[str, Any]] = {k: dict(v) for k, v in BASE_CONFIG.items()}
+        self.write_config(**overrides)
+        self.loaded = load_config(self.config_path)
+        self.db = Database.open(self.loaded.db_path, create=True)
+        self.procs: list[subprocess.Popen] = []
+
+    # -- config ------------------------------------------------------------------------------------------
+    def write_config(self, **overrides: dict[str, Any]) -> None:
+        for section, values in overrides.items():
+            self.config.setdefault(section, {}).update(values)
+        self.config_path.write_text(toml(self.config))
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "PYTHONPATH": f"{TESTS_DIR}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+                "CARDQ_CONFIG": str(self.config_path)}
+
+    # -- processes ---------------------------------------------------------------------------------------
+    def cardq(self, *args: str, timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess:
+        return subprocess.run([CARDQ, *args], env=self.env, cwd=self.root, capture_output=True, text=True,
+                              timeout=timeout, check=check)
+
+    def start(self, *args: str) -> subprocess.Popen:
+        out = open(self.root / f"supervise-{len(self.procs)}.out", "wb")  # noqa: SIM115 - closed with the proc
+        proc = subprocess.Popen([CARDQ, "supervise", *args], env=self.env, cwd=self.root, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                with_suppressed(os.killpg, proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        self.db.close()
+
+    # -- data --------------------------------------------------------------------------------------------
+    def submit(self, payloads: list[dict], user: str = "u1", plan: str = "enterprise") -> list[int]:
+        items = [NewJob(orjson.dumps(p)) for p in payloads]
+        return submit(self.db, items, user_id=user, plan=plan, configured=self.loaded.limit_values(),
+                      max_attempts=self.loaded.config.workers.max_attempts).ids
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        return queries.get(self.db, job_id)
+
+    def statuses(self, ids: list[int] | None = None) -> dict[str, int]:
+        sql = "SELECT status, count(*) FROM jobs"
+        if ids is not None:
+            sql += f" WHERE id IN ({','.join(map(str, ids))})"
+        return dict(self.db.conn.execute(sql + " GROUP BY status").fetchall())
+
+    def workers(self) -> list[dict[str, Any]]:
+        rows = self.db.read(store_processes.read)
+        return [r for r in rows if r["role"] == "worker"]
+
+    def supervisor_row(self) -> dict[str, Any] | None:
+        return next((r for r in self.db.read(store_processes.read) if r["role"] == "supervisor"), None)
+
+    def busy_worker_on(self, job_id: int) -> dict[str, Any] | None:
+        return next((w for w in self.workers() if w["current_job"] == job_id and w["pid"]), None)
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        path = self.root / "cardq.log"
+        if not path.exists():
+            return []
+        return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+    def output(self, n: int = 0) -> str:
+        return (self.root / f"supervise-{n}.out").read_text(errors="replace")
+
+
+def with_suppressed(fn, *args) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        fn(*args)

@@ -1,0 +1,265 @@
+"""`cardq supervise` with real processes and real signals. Every wait is a condition with a deadline.
+
+Leases are long (60 s) and periodic recovery is off (120 s) in these deployments, so whenever a job comes back
+quickly it was the supervisor's death handling that brought it back, not lease expiry.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import apsw
+import orjson
+import pytest
+from conftest import wait_for
+from supervision import Deployment, pid_gone
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+
+@pytest.fixture
+def deploy(tmp_path):
+    made: list[Deployment] = []
+
+    def factory(**overrides) -> Deployment:
+        d = Deployment(tmp_path / f"d{len(made)}", **overrides) if made else Deployment(tmp_path, **overrides)
+        made.append(d)
+        return d
+
+    yield factory
+    for d in made:
+        d.close()
+
+
+def test_burst_runs_every_job_and_exits_zero(deploy):
+    d = deploy()
+    ids = d.submit([{"n": i} for i in range(50)])
+    proc = d.start("--burst")
+    assert proc.wait(60) == 0, d.output()
+    assert d.statuses() == {"done": 50}
+    results = [d.job(i)["result"] for i in ids]
+    assert sorted(r["job"] for r in results) == ids and all(r["attempt"] == 1 for r in results)
+
+
+def test_second_supervisor_is_refused_naming_the_first(deploy):
+    d = deploy()
+    first = d.start()
+    wait_for(lambda: d.supervisor_row(), 30, what="first supervisor up")
+    second = d.cardq("supervise")
+    assert second.returncode == 1
+    assert f"another supervisor (pid {first.pid}) is running" in second.stderr
+    assert first.poll() is None
+
+
+def test_kill_9_worker_mid_job_requeues_at_once_and_runs_once_more(deploy, tmp_path):
+    d = deploy(workers={"count": 1})
+    side = str(tmp_path / "side.db")
+    [jid] = d.submit([{"sleep": 1.0, "side_db": side}])
+    proc = d.start()
+    worker = wait_for(lambda: d.busy_worker_on(jid), 30, what="worker running the job")
+    os.kill(worker["pid"], signal.SIGKILL)
+    # Back in the queue long before its 60 s lease could expire: released by owner on the worker's death.
+    wait_for(lambda: "killed by SIGKILL" in (d.job(jid)["last_error"] or ""), 5, what="job released")
+    wait_for(lambda: d.job(jid)["status"] == "done", 30, what="job done on the restarted worker")
+    job = d.job(jid)
+    assert job["attempts"] == 2 and job["result"]["attempt"] == 2
+    assert [e["error"] for e in job["errors"]] == ["killed by SIGKILL"]
+    restarted = wait_for(lambda: [w for w in d.workers() if w["restarts"] == 1], 10)
+    assert restarted[0]["last_exit"] == "killed by SIGKILL" and restarted[0]["pid"] != worker["pid"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+
+
+def test_kill_9_supervisor_takes_its_children_and_a_new_one_recovers_every_job(deploy):
+    d = deploy(workers={"count": 2})
+    ids = d.submit([{"sleep": 0.5} for _ in range(8)])
+    proc = d.start()
+    busy = wait_for(lambda: [w["pid"] for w in d.workers() if w["state"] == "busy" and w["pid"]], 30)
+    children = [w["pid"] for w in d.workers() if w["pid"]]
+    assert set(busy) <= set(children)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    wait_for(lambda: all(pid_gone(pid) for pid in children), 5, what="children exit with their supervisor")
+    assert d.statuses(ids).get("processing", 0) >= 1  # jobs left held by the dead workers
+    again = d.start("--burst")
+    assert again.wait(60) == 0, d.output(1)
+    assert d.statuses(ids) == {"done": 8}
+    recovered = [i for i in ids if d.job(i)["attempts"] == 2]
+    assert recovered and all("supervisor stopped" in d.job(i)["errors"][0]["error"] for i in recovered)
+
+
+def test_sigterm_lets_in_flight_jobs_finish_and_claims_nothing_new(deploy):
+    d = deploy(workers={"count": 2})
+    ids = d.submit([{"sleep": 1.0} for _ in range(6)])
+    proc = d.start()
+    wait_for(lambda: len([w for w in d.workers() if w["state"] == "busy"]) == 2, 30, what="two jobs in flight")
+    in_flight = [w["current_job"] for w in d.workers() if w["state"] == "busy"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, d.output()
+    for jid in in_flight:
+        assert d.job(jid)["status"] == "done"
+    counts = d.statuses(ids)
+    assert counts.get("processing", 0) == 0 and counts["done"] + counts.get("queued", 0) == 6
+    assert all(d.job(i)["attempts"] == 0 for i in ids if d.job(i)["status"] == "queued")
+
+
+def test_second_sigint_stops_at_once_and_requeues_in_flight_jobs(deploy):
+    d = deploy(workers={"count": 1})
+    [jid] = d.submit([{"sleep": 30}])
+    proc = d.start()
+    wait_for(lambda: d.busy_worker_on(jid), 30)
+    proc.send_signal(signal.SIGINT)
+    wait_for(lambda: (d.supervisor_row() or {}).get("state") == "stopping", 10)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(20) == 0
+    job = d.job(jid)
+    assert job["status"] == "queued" and job["attempts"] == 0  # given back untouched: not the job's fault
+
+
+def test_sighup_with_broken_config_keeps_the_old_one_and_says_so(deploy):
+    d = deploy()
+    proc = d.start()
+    wait_for(lambda: d.supervisor_row(), 30)
+    before = d.supervisor_row()["info"]
+    good = d.config_path.read_text()
+    d.config_path.write_text(good.replace("count = 2", 'count = "many"'))
+    refused = d.cardq("reload")  # the CLI checks the file before signalling, and says what is wrong
+    assert refused.returncode == 2 and 'workers.count = "many"' in refused.stderr
+    os.kill(proc.pid, signal.SIGHUP)  # a raw SIGHUP (systemd's ExecReload) reaches the supervisor anyway
+    info = wait_for(lambda: (d.supervisor_row()["info"] if d.supervisor_row()["info"]["last_reload_error"]
+                             else None), 10, what="reload error published")
+    assert 'workers.count = "many": expected an integer' in info["last_reload_error"]
+    assert (info["config_digest"], info["config_version"]) == (before["config_digest"], 1)
+    status = orjson.loads(d.cardq("status", "--json").stdout)
+    assert status["supervisor"]["running"] and status["supervisor"]["last_reload_error"]
+    assert "LAST RELOAD FAILED" in d.cardq("status").stdout
+    assert proc.poll() is None
+    assert any(line["event"] == "config.reload_failed" for line in d.log_lines())
+    d.config_path.write_text(good)  # fixed: the next reload applies and clears the error
+    assert d.cardq("reload").returncode == 0
+    wait_for(lambda: d.supervisor_row()["info"]["config_version"] == 2, 10, what="good config applied")
+    assert d.supervisor_row()["info"]["last_reload_error"] is None
+
+
+def test_sighup_scales_workers_3_1_4_without_losing_a_job(deploy, tmp_path):
+    d = deploy(workers={"count": 3})
+    ids = d.submit([{"sleep": 0.2} for _ in range(40)])
+    proc = d.start()
+
+    def live_workers():
+        return sorted(w["name"] for w in d.workers() if w["pid"])
+
+    wait_for(lambda: live_workers() == ["worker-1", "worker-2", "worker-3"], 30)
+    for count, names in ((1, ["worker-1"]), (4, ["worker-1", "worker-2", "worker-3", "worker-4"])):
+        d.write_config(workers={"count": count})
+        os.kill(proc.pid, signal.SIGHUP)
+        wait_for(lambda names=names: live_workers() == names, 30, what=f"{count} workers")
+        info = d.supervisor_row()["info"]
+        assert info["workers_desired"] == count and info["last_reload_error"] is None
+    wait_for(lambda: d.statuses(ids) == {"done": 40}, 60, what="every job done")
+    assert all(d.job(i)["attempts"] == 1 for i in ids)  # scaling down lost no in-flight job
+    reloaded = [line for line in d.log_lines() if line["event"] == "config.reloaded"]
+    assert reloaded[0]["changes"] == {"workers.count": [3, 1]} and reloaded[1]["version"] == 3
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+
+
+def test_handler_past_its_timeout_is_retried_then_dead(deploy):
+    d = deploy(workers={"count": 1, "job_timeout_s": 0.3, "max_attempts": 2})
+    [polite, stubborn] = d.submit([{"sleep": 5}, {"stubborn": 30}])
+    proc = d.start("--burst")
+    assert proc.wait(60) == 0, d.output()
+    p = d.job(polite)
+    assert p["status"] == "dead" and p["attempts"] == 2
+    assert all(e["error"].startswith("timeout: the handler ran longer than job_timeout_s=0.3") for e in p["errors"])
+    s = d.job(stubborn)  # swallowed the in-process timeout: the supervisor killed its worker, twice
+    assert s["status"] == "dead" and s["attempts"] == 2
+    assert all("did not return; worker killed" in e["error"] for e in s["errors"])
+    kills = [line for line in d.log_lines() if line["event"] == "child.killed"]
+    assert len(kills) == 2 and all(k["job_id"] == stubborn for k in kills)
+
+
+def test_job_that_kills_its_worker_is_dead_after_k_crashes(deploy):
+    d = deploy(workers={"count": 1, "max_attempts": 10}, supervisor={"poison_kills": 3})
+    [poison, fine] = d.submit([{"exit": 1}, {"n": 1}])
+    proc = d.start("--burst")
+    assert proc.wait(60) == 0, d.output()
+    job = d.job(poison)
+    assert job["status"] == "dead" and job["attempts"] == 3
+    assert job["last_error"] == "killed its worker 3 times; last: exit code 1"
+    assert d.job(fine)["status"] == "done"
+
+
+def test_restart_intensity_exceeded_exits_non_zero(deploy):
+    d = deploy(workers={"count": 1, "max_attempts": 100},
+               supervisor={"poison_kills": 100, "max_restarts": 3, "max_seconds": 60.0})
+    d.submit([{"exit": 3} for _ in range(10)])
+    proc = d.start()
+    assert proc.wait(60) == 4, d.output()
+    stops = [line for line in d.log_lines() if line["event"] == "supervisor.stopping"]
+    assert "restart intensity exceeded: 4 restarts within 60s (max_restarts=3)" in stops[0]["reason"]
+
+
+def test_every_log_line_names_its_process_and_job(deploy):
+    d = deploy(workers={"count": 1})
+    ids = d.submit([{"n": 1}, {"fail": "nope", "permanent": True}])
+    assert d.start("--burst").wait(60) == 0
+    lines = d.log_lines()
+    assert lines and all({"role", "pid", "event", "level", "timestamp"} <= line.keys() for line in lines)
+    roles = {line["role"] for line in lines}
+    assert roles == {"supervisor", "worker"}
+    failed = [line for line in lines if line["event"] == "job.failed"]
+    assert failed and failed[0]["job_id"] == ids[1] and failed[0]["next"] == "dead"
+    assert failed[0]["error"] == "permanent: nope"
+
+
+def test_stop_command_and_selftest(deploy):
+    d = deploy(workers={"count": 1})
+    proc = d.start()
+    wait_for(lambda: d.supervisor_row(), 30)
+    st = d.cardq("selftest")
+    assert st.returncode == 0, st.stdout
+    assert f"ok    supervisor  pid {proc.pid}" in st.stdout
+    out = d.cardq("stop")
+    assert out.returncode == 0 and "stopped" in out.stdout
+    assert proc.wait(5) == 0
+    st = d.cardq("selftest")
+    assert st.returncode == 1 and "FAIL  supervisor" in st.stdout
+    assert d.cardq("reload").returncode == 1
+
+
+@pytest.mark.timeout(300)
+def test_chaos_random_worker_kills_lose_nothing(deploy, tmp_path):
+    """5,000 jobs with an idempotent side effect; a random worker is SIGKILLed every 100-300 ms until the
+    queue drains: every job done exactly once, every side effect present, nothing lost or stuck."""
+    rng = random.Random(42)
+    side = str(tmp_path / "side.db")
+    d = deploy(workers={"count": 3, "max_attempts": 50}, supervisor={"poison_kills": 50, "max_restarts": 10_000},
+               log={"level": "info"})
+    n = 5000
+    ids = d.submit([{"side_db": side} for _ in range(n)])
+    proc = d.start()
+    kills = 0
+    while d.statuses(ids).get("done", 0) < n:
+        assert proc.poll() is None, d.output()
+        live = [w["pid"] for w in d.workers() if w["pid"] and w["state"] in ("busy", "idle")]
+        if live:
+            try:
+                os.kill(rng.choice(live), signal.SIGKILL)
+                kills += 1
+            except ProcessLookupError:
+                pass
+        time.sleep(rng.uniform(0.1, 0.3))  # the chaos schedule itself (kill every 100-300 ms), not a wait
+    assert kills >= 10
+    assert d.statuses(ids) == {"done": n}
+    side_conn = apsw.Connection(side)
+    effects = dict(side_conn.execute("SELECT job_id, runs FROM effects").fetchall())
+    side_conn.close()
+    assert set(effects) == set(ids)  # every job's side effect present
+    done_once = d.db.conn.execute("SELECT count(*) FROM jobs WHERE status = 'done' AND result IS NOT NULL")
+    assert done_once.fetchall()[0][0] == n
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
