@@ -1,7 +1,8 @@
 """`cardq demo`: the main job end to end on the embedded defaults, in a fresh database under ./demo.
 
 Submits the bundled example batch for several users on different plans (one hits the free plan's daily limit,
-so the rejection shows), then prints the status an operator would see.
+so the rejection shows), runs `cardq supervise --burst` (worker processes turn every item into a product card;
+a progress bar on a terminal), then prints the status an operator would see and a few of the cards.
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from cardq import app, render
-from cardq.errors import InputError
+from cardq import app, render, running
+from cardq.errors import CardqError, InputError
 from cardq.inputs import parse_items, read_text
 from store import LimitExceeded, queries
 from store import submit as store_submit
@@ -55,7 +56,21 @@ def run(directory: Path, items_path: Path | None, echo: Callable[[str], None]) -
                 echo(f"submit {n:>2} items for {user:<6} ({plan}): ok, job ids {result.ids[0]}..{result.ids[-1]}")
             except LimitExceeded as e:
                 echo(f"submit {n:>2} items for {user:<6} ({plan}): REJECTED (exit code 3) - {e}")
+    echo(f"\n== cardq supervise --burst ({loaded.config.workers.count} worker processes)")
+    code = running.supervise(running.with_log_level(loaded, "warning"), workers=None, burst=True)
+    if code != 0:
+        raise CardqError(f"the supervisor exited with code {code}")
+    with app.open_db(loaded) as db:
         data = queries.stats(db, loaded.limit_values())
+        cards = queries.list_jobs(db, status="done", limit=3, newest_first=False)
+        shown = [queries.get(db, job["id"]) for job in cards]
     data["config"] = {"file": loaded.source, "digest": loaded.digest, "error": None}
     echo("\n== cardq status")
     echo(render.status(data))
+    echo("\n== a few generated cards (cardq jobs show ID)")
+    for job in shown:
+        card = job["result"]
+        echo(f"job {job['id']} ({job['user_id']}, {card['marketplace']}, {card['style']}): {card['title']}")
+        for bullet in card["bullets"]:
+            echo(f"  - {bullet}")
+        echo(f"  keywords: {', '.join(card['seo_keywords'])}")

@@ -27,7 +27,7 @@ def supervise(loaded: LoadedConfig, *, workers: int | None, burst: bool) -> int:
     cfg = loaded.config.log
     progress = burst and sys.stderr.isatty()
     if progress and cfg.level in ("debug", "info"):
-        loaded = _with_log_level(loaded, "warning")
+        loaded = with_log_level(loaded, "warning")
     sink = logs.LineSink(logs.file_writer(logs.open_destination(cfg.file)))
     logs.configure("supervisor", level=loaded.config.log.level, fmt=cfg.format, sink=sink)
     sup = Supervisor(loaded, workers=workers, burst=burst)
@@ -43,7 +43,7 @@ def supervise(loaded: LoadedConfig, *, workers: int | None, burst: bool) -> int:
         sink.close()
 
 
-def _with_log_level(loaded: LoadedConfig, level: str) -> LoadedConfig:
+def with_log_level(loaded: LoadedConfig, level: str) -> LoadedConfig:
     config = msgspec.structs.replace(loaded.config, log=msgspec.structs.replace(loaded.config.log, level=level))
     return LoadedConfig(config, loaded.path, loaded.digest, loaded.explicit)
 

@@ -91,6 +91,7 @@ class Supervisor:
         self.lock = SupervisorLock(loaded.db_path)
         self.db = None
         self._wake_r, self._wake_w = -1, -1
+        self._previous_handlers: dict[int, Any] = {}
 
     # ---- life cycle -------------------------------------------------------------------------------------
 
@@ -121,10 +122,13 @@ class Supervisor:
             self.db.close()
             self.db = None
         self.lock.release()
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                os.close(fd)
-        signal.set_wakeup_fd(-1)
+        for signum, previous in self._previous_handlers.items():
+            signal.signal(signum, previous)
+        if self._wake_r >= 0:
+            signal.set_wakeup_fd(-1)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
 
     def run(self) -> int:
         """Start, supervise until told to stop (or, with burst, until the queue is drained); the exit code."""
@@ -145,7 +149,7 @@ class Supervisor:
         os.set_blocking(self._wake_r, False)
         signal.set_wakeup_fd(self._wake_w)
         for signum, flag in ((signal.SIGTERM, "term"), (signal.SIGINT, "int"), (signal.SIGHUP, "hup")):
-            signal.signal(signum, self._flag_setter(flag))
+            self._previous_handlers[signum] = signal.signal(signum, self._flag_setter(flag))
 
     def _flag_setter(self, flag: str) -> Callable[[int, object], None]:
         def handler(_signum: int, _frame: object) -> None:

@@ -931,12 +931,13 @@ def test_demo(cq, tmp_path):
     assert len(rejected) == 1 and "carol" in rejected[0] and "(exit code 3)" in rejected[0]
     assert "plan free allows 5 a day" in rejected[0]
     assert "== cardq status" in out
-    assert re.search(r"^queued\s+29$", out, re.MULTILINE)
+    assert re.search(r"^done\s+29$", out, re.MULTILINE) and re.search(r"^queued\s+0$", out, re.MULTILINE)
+    assert "== a few generated cards" in out and "keywords:" in out
     assert (demo_dir / "config.toml").is_file() and (demo_dir / "cardq.db").is_file()
     assert not (tmp_path / "demo").exists()  # --dir was used, not ./demo
     # run again: a fresh database, same result
     again = cq("demo", "--dir", demo_dir, config=False)
-    assert again.exit_code == 0 and re.search(r"^queued\s+29$", again.stdout, re.MULTILINE)
+    assert again.exit_code == 0 and re.search(r"^done\s+29$", again.stdout, re.MULTILINE)
 
 
 def test_demo_with_non_utf8_items_is_an_input_error(cq, tmp_path):
