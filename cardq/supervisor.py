@@ -372,7 +372,8 @@ class Supervisor:
         if ev == "start":
             child.current_job, child.job_started = msg.get("job"), time.monotonic()
         elif ev == "end":
-            child.current_job, child.job_started = None, None
+            if msg.get("job") == child.current_job:  # with prefetch, an earlier job's result may land later
+                child.current_job, child.job_started = None, None
             if msg.get("outcome") == "done":
                 child.jobs_done += 1
                 self.done_total += 1

@@ -27,6 +27,7 @@ from cardq.handlers import Handler, Job, PermanentError, load_handler
 from store import LeaseLost, StoreError, jobs
 
 IDLE_POLL_S = 1.0  # an idle worker looks for work at least this often, even if no wake-up comes
+FLUSH_S = 0.02  # with prefetch > 1, finished jobs are committed together at least this often
 
 
 class JobTimeout(BaseException):
@@ -48,6 +49,8 @@ class Worker:
         self.handler: Handler = load_handler(self.loaded.config.workers.handler)
         self.rng = random.Random()
         self.log = logs.get()
+        self.pending: list[tuple[int, int, Any]] = []  # finished, not yet committed: (id, token, result)
+        self.pending_since = 0.0
 
     @property
     def backoff(self) -> jobs.Backoff:
@@ -69,9 +72,12 @@ class Worker:
                 continue
             for n, job in enumerate(held):
                 if self.ctx.stopping:
+                    self.flush()
                     jobs.give_back(self.db, [(j.id, j.token) for j in held[n:]])
                     break
                 self.run_one(job)
+                if self.pending and (n == len(held) - 1 or time.monotonic() - self.pending_since >= FLUSH_S):
+                    self.flush()
         self.log.info("worker.stopped")
         return EXIT_STOPPED
 
@@ -108,7 +114,20 @@ class Worker:
             outcome = self._attempt(claimed, w.job_timeout_s)
         finally:
             structlog.contextvars.unbind_contextvars("job_id")
-        channel.send({"ev": "end", "job": claimed.id, "outcome": outcome})
+        if outcome != "pending":
+            channel.send({"ev": "end", "job": claimed.id, "outcome": outcome})
+
+    def flush(self) -> None:
+        """Commit every finished job's result in one transaction (a job whose lease was lost is reported)."""
+        if not self.pending:
+            return
+        batch, self.pending = self.pending, []
+        lost = set(jobs.complete_many(self.db, batch))
+        for job_id, _token, _result in batch:
+            if job_id in lost:
+                self.log.warning("job.lease_lost", job_id=job_id, reason="recovered, cancelled or claimed again; "
+                                 "result discarded")
+            self.ctx.channel.send({"ev": "end", "job": job_id, "outcome": "lost" if job_id in lost else "done"})
 
     def _attempt(self, claimed: jobs.Claimed, timeout_s: float) -> str:
         try:
@@ -130,13 +149,11 @@ class Worker:
             orjson.dumps(result)
         except orjson.JSONEncodeError as e:  # a result that cannot be stored is the handler's bug: permanent
             return self._fail(claimed, f"permanent: the handler's result is not JSON: {e}", permanent=True)
-        try:
-            jobs.complete(self.db, claimed.id, claimed.token, result)
-        except LeaseLost as e:
-            self.log.warning("job.lease_lost", reason=str(e))
-            return "lost"
+        if not self.pending:
+            self.pending_since = time.monotonic()
+        self.pending.append((claimed.id, claimed.token, result))
         self.log.debug("job.done", attempt=claimed.attempt)
-        return "done"
+        return "pending"
 
     def _fail(self, claimed: jobs.Claimed, error: str, permanent: bool = False) -> str:
         try:

@@ -34,8 +34,9 @@ def deploy(tmp_path):
         d.close()
 
 
-def test_burst_runs_every_job_and_exits_zero(deploy):
-    d = deploy()
+@pytest.mark.parametrize("prefetch", [1, 16])
+def test_burst_runs_every_job_and_exits_zero(deploy, prefetch):
+    d = deploy(workers={"prefetch": prefetch})
     ids = d.submit([{"n": i} for i in range(50)])
     proc = d.start("--burst")
     assert proc.wait(60) == 0, d.output()
