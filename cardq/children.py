@@ -7,6 +7,11 @@ pipes, never wedge another process's channel (a SIGKILLed holder of a shared Que
 producer forever; see FIELD_NOTES). A message sent on a pipe is in the kernel when send returns (no feeder
 thread), so nothing depends on data a dead process never flushed.
 
+What changes on every job — the job in hand, since when, how many are done — is not sent at all: the child
+writes it into its own small shared-memory Slot (no lock: one writer, and a reader that re-reads until it sees a
+consistent pair), which the supervisor reads when it needs it. A worker doing 20,000 jobs a second thus costs
+the supervisor nothing per job.
+
 A child dies with its supervisor: PR_SET_PDEATHSIG, armed at start and re-checked against getppid().
 """
 
@@ -84,6 +89,42 @@ class Channel:
         self.conn.close()
 
 
+class Slot:
+    """A child's status in shared memory: [job in hand (0: none), its start (epoch s), jobs done, state].
+    Written only by the child; a SIGKILL at any instant leaves at worst a stale value, never a held lock."""
+
+    JOB, STARTED, DONE, STATE = range(4)
+    STATES = ("starting", "idle", "busy")
+
+    def __init__(self, array: Any):
+        self.a = array
+
+    def begin(self, job_id: int, now: float) -> None:
+        self.a[self.STARTED] = now  # time before id: a reader that sees the new id sees its start time
+        self.a[self.JOB] = job_id
+        self.a[self.STATE] = 2
+
+    def end(self) -> None:
+        self.a[self.JOB] = 0
+
+    def add_done(self, n: int) -> None:
+        self.a[self.DONE] += n
+
+    def idle(self) -> None:
+        self.a[self.JOB] = 0
+        self.a[self.STATE] = 1
+
+    def read(self) -> tuple[int | None, float | None, int, str]:
+        """(job in hand, its start, jobs done, state), consistent with each other."""
+        while True:
+            job = self.a[self.JOB]
+            started = self.a[self.STARTED]
+            if self.a[self.JOB] == job:
+                break
+        return (int(job) or None, started if job else None, int(self.a[self.DONE]),
+                self.STATES[int(self.a[self.STATE])])
+
+
 @dataclass
 class ChildContext:
     """What a child's target receives."""
@@ -91,6 +132,7 @@ class ChildContext:
     spec: ChildSpec
     loaded: LoadedConfig
     channel: Channel
+    slot: Slot
     stop_requested: list[bool]  # set by SIGTERM or a "stop" command; a list so the signal handler can set it
 
     @property
@@ -98,16 +140,17 @@ class ChildContext:
         return self.stop_requested[0]
 
 
-def start(spec: ChildSpec, loaded: LoadedConfig) -> tuple[mp.process.BaseProcess, Channel, Connection]:
-    """Spawn a child; returns (process, control channel, log pipe read end) for the supervisor."""
+def start(spec: ChildSpec, loaded: LoadedConfig) -> tuple[mp.process.BaseProcess, Channel, Connection, Slot]:
+    """Spawn a child; returns (process, control channel, log pipe read end, status slot) for the supervisor."""
     ctx = mp.get_context(START_METHOD)
     ours, theirs = ctx.Pipe(duplex=True)
     log_read, log_write = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_entry, args=(spec, loaded, theirs, log_write, os.getpid()), name=spec.name)
+    array = ctx.RawArray("d", 4)
+    proc = ctx.Process(target=_entry, args=(spec, loaded, theirs, log_write, array, os.getpid()), name=spec.name)
     proc.start()
     theirs.close()  # the child has its copies; the supervisor keeps only its ends
     log_write.close()
-    return proc, Channel(ours), log_read
+    return proc, Channel(ours), log_read, Slot(array)
 
 
 def arm_parent_death_signal(parent_pid: int) -> None:
@@ -120,7 +163,8 @@ def arm_parent_death_signal(parent_pid: int) -> None:
         os._exit(EXIT_STOPPED)
 
 
-def _entry(spec: ChildSpec, loaded: LoadedConfig, conn: Connection, log_conn: Connection, parent_pid: int) -> None:
+def _entry(spec: ChildSpec, loaded: LoadedConfig, conn: Connection, log_conn: Connection, array: Any,
+           parent_pid: int) -> None:
     arm_parent_death_signal(parent_pid)
     stop = [False]
 
@@ -136,6 +180,6 @@ def _entry(spec: ChildSpec, loaded: LoadedConfig, conn: Connection, log_conn: Co
     logs.configure(spec.role, level=cfg.level, fmt=cfg.format, sink=sink)  # "auto": the terminal we share
     module, _, func = spec.target.partition(":")
     target = getattr(importlib.import_module(module), func)
-    code = target(ChildContext(spec, loaded, Channel(conn), stop))
+    code = target(ChildContext(spec, loaded, Channel(conn), Slot(array), stop))
     sink.close()
     sys.exit(code or 0)

@@ -47,3 +47,8 @@ def load_handler(spec: str) -> Handler:
     if not callable(fn):
         raise ConfigError(f'workers.handler = "{spec}": {module_name} has no function {func_name}')
     return fn
+
+
+def noop(job: Job) -> None:
+    """A handler that does nothing: for benchmarks and smoke tests of the machinery itself."""
+    return None

@@ -47,17 +47,19 @@ class ChildState:
     proc: BaseProcess | None = None
     channel: Channel | None = None
     log_conn: Connection | None = None
+    slot: children.Slot | None = None
     state: str = "starting"  # starting, idle, busy, stopping, restarting, stopped
     owner: str = ""
     incarnation: int = 0
     current_job: int | None = None
-    job_started: float | None = None  # monotonic
+    job_started: float | None = None  # epoch seconds, as the worker wrote it
     jobs_done: int = 0
     restarts: int = 0
     last_exit: str | None = None
     restart_at: float | None = None  # monotonic
     started_at: float | None = None  # wall clock
     kill_reason: str | None = None  # "timeout" or "shutdown" when the supervisor killed it
+    jobs_done_base: int = 0  # jobs done by earlier incarnations (the slot counts this one's)
     retiring: bool = False  # scaled away or shutting down: not restarted
 
     @property
@@ -183,6 +185,7 @@ class Supervisor:
     def step(self, now: float) -> int | None:
         """Everything the supervisor does, for monotonic time `now`. Returns an exit code once finished."""
         self._act_on_signals(now)
+        self._read_slots()
         for child in list(self.children.values()):
             if child.proc is not None and not child.alive:
                 self._on_exit(child, now)
@@ -273,7 +276,8 @@ class Supervisor:
         child.owner = f"{self.prefix}{child.spec.name}.{child.incarnation}"
         spec = ChildSpec(child.spec.name, child.spec.role, child.spec.target, child.spec.restart,
                          {**child.spec.args, "owner": child.owner})
-        child.proc, child.channel, child.log_conn = children.start(spec, self.loaded)
+        child.proc, child.channel, child.log_conn, child.slot = children.start(spec, self.loaded)
+        child.jobs_done_base = child.jobs_done
         child.state, child.started_at, child.restart_at = "starting", time.time(), None
         child.kill_reason, child.current_job, child.job_started = None, None, None
         self.log.info("child.started", child=spec.name, child_pid=child.proc.pid, owner=child.owner)
@@ -286,7 +290,7 @@ class Supervisor:
         self._drain_logs(child)
         self._release(child, code, reason)
         child.last_exit = reason
-        child.proc = None
+        child.proc, child.slot = None, None
         for conn in (child.channel.conn if child.channel else None, child.log_conn):
             if conn is not None:
                 conn.close()
@@ -343,9 +347,10 @@ class Supervisor:
 
     def _enforce_timeouts(self, now: float) -> None:
         limit = self.loaded.config.workers.job_timeout_s + self.loaded.config.supervisor.timeout_grace_s
+        wall = time.time()
         for child in self.children.values():
             if child.alive and child.job_started is not None and child.kill_reason is None \
-                    and now - child.job_started > limit:
+                    and wall - child.job_started > limit:
                 child.kill_reason = "timeout"
                 self.log.warning("child.killed", child=child.spec.name, child_pid=child.proc.pid,
                                  job_id=child.current_job, reason=f"handler still running {limit:g}s after it started")
@@ -362,23 +367,24 @@ class Supervisor:
             self._on_event(child, msg)
 
     def _on_event(self, child: ChildState, msg: dict[str, Any]) -> None:
-        ev = msg.get("ev")
-        if child.state == "stopping":
-            pass  # keep showing "stopping" until it exits
-        elif ev == "idle":
+        if msg.get("ev") == "idle" and child.state != "stopping":
             child.state = "idle"
-        elif ev == "start":
-            child.state = "busy"
-        if ev == "start":
-            child.current_job, child.job_started = msg.get("job"), time.monotonic()
-        elif ev == "end":
-            if msg.get("job") == child.current_job:  # with prefetch, an earlier job's result may land later
-                child.current_job, child.job_started = None, None
-            if msg.get("outcome") == "done":
-                child.jobs_done += 1
-                self.done_total += 1
+
+    def _read_slots(self) -> None:
+        """What each worker is doing, from its shared-memory slot (no message per job)."""
+        for child in self.children.values():
+            if child.slot is None:
+                continue
+            job, started, done, state = child.slot.read()
+            child.current_job, child.job_started = job, started
+            if child.state not in ("stopping", "stopped", "restarting"):
+                child.state = "busy" if job else state
+            delta = child.jobs_done_base + done - child.jobs_done
+            if delta > 0:
+                child.jobs_done += delta
+                self.done_total += delta
                 if self.on_progress is not None:
-                    self.on_progress(1)
+                    self.on_progress(delta)
 
     def _drain_logs(self, child: ChildState) -> None:
         conn = child.log_conn

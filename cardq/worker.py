@@ -1,7 +1,8 @@
 """A worker process: claim jobs, run the handler, store the result or the error, report to the supervisor.
 
-Events sent up the control pipe: {"ev": "idle"}, {"ev": "start", "job": id, "at": t}, {"ev": "end", "job": id,
-"outcome": "done"|"retry"|"dead"|"lost"}. Commands received: {"cmd": "wake"} (new jobs may be runnable),
+The job in hand, its start and the count of jobs done go into the worker's shared-memory Slot (see
+cardq/children.py); the only event sent up the control pipe is {"ev": "idle"}, when a claim found nothing.
+Commands received: {"cmd": "wake"} (new jobs may be runnable),
 {"cmd": "stop"} (finish the job in hand, give back the rest, exit), {"cmd": "config", "text": ..., "digest": ...}
 (a reloaded, already validated config.toml).
 
@@ -64,9 +65,9 @@ class Worker:
             self.handle_commands(0)
             if self.ctx.stopping:
                 break
-            w = self.loaded.config.workers
-            held = jobs.claim(self.db, self.owner, k=w.prefetch, lease_s=w.lease_s)
+            held = self.claim_next()
             if not held:
+                self.ctx.slot.idle()
                 self.ctx.channel.send({"ev": "idle"})
                 self.handle_commands(IDLE_POLL_S)
                 continue
@@ -76,8 +77,9 @@ class Worker:
                     jobs.give_back(self.db, [(j.id, j.token) for j in held[n:]])
                     break
                 self.run_one(job)
-                if self.pending and (n == len(held) - 1 or time.monotonic() - self.pending_since >= FLUSH_S):
+                if self.pending and time.monotonic() - self.pending_since >= FLUSH_S:
                     self.flush()
+        self.flush()
         self.log.info("worker.stopped")
         return EXIT_STOPPED
 
@@ -107,27 +109,33 @@ class Worker:
 
     def run_one(self, claimed: jobs.Claimed) -> None:
         w = self.loaded.config.workers
-        channel = self.ctx.channel
-        channel.send({"ev": "start", "job": claimed.id, "at": time.time()})
+        self.ctx.slot.begin(claimed.id, time.time())
         structlog.contextvars.bind_contextvars(job_id=claimed.id)
         try:
-            outcome = self._attempt(claimed, w.job_timeout_s)
+            self._attempt(claimed, w.job_timeout_s)
         finally:
             structlog.contextvars.unbind_contextvars("job_id")
-        if outcome != "pending":
-            channel.send({"ev": "end", "job": claimed.id, "outcome": outcome})
+            self.ctx.slot.end()
+
+    def claim_next(self) -> list[jobs.Claimed]:
+        """Commit the finished jobs' results and claim the next jobs, in one transaction."""
+        w = self.loaded.config.workers
+        batch, self.pending = self.pending, []
+        lost, held = jobs.finish_and_claim(self.db, batch, self.owner, k=w.prefetch, lease_s=w.lease_s)
+        self._report(batch, lost)
+        return held
 
     def flush(self) -> None:
         """Commit every finished job's result in one transaction (a job whose lease was lost is reported)."""
-        if not self.pending:
-            return
-        batch, self.pending = self.pending, []
-        lost = set(jobs.complete_many(self.db, batch))
-        for job_id, _token, _result in batch:
-            if job_id in lost:
-                self.log.warning("job.lease_lost", job_id=job_id, reason="recovered, cancelled or claimed again; "
-                                 "result discarded")
-            self.ctx.channel.send({"ev": "end", "job": job_id, "outcome": "lost" if job_id in lost else "done"})
+        if self.pending:
+            batch, self.pending = self.pending, []
+            self._report(batch, jobs.complete_many(self.db, batch))
+
+    def _report(self, batch: list[tuple[int, int, Any]], lost: list[int]) -> None:
+        for job_id in lost:
+            self.log.warning("job.lease_lost", job_id=job_id,
+                             reason="recovered, cancelled or claimed again; result discarded")
+        self.ctx.slot.add_done(len(batch) - len(lost))
 
     def _attempt(self, claimed: jobs.Claimed, timeout_s: float) -> str:
         try:

@@ -80,20 +80,30 @@ def claim(db: Database, owner: str, *, k: int = 1, lease_s: float, now: float | 
     No job is ever handed to two claimers: the select and the update are one statement under the write lock.
     Jobs in backoff whose run_at has come are promoted to queued first, in the same transaction.
     """
+    return finish_and_claim(db, [], owner, k=k, lease_s=lease_s, now=now)[1]
+
+
+def finish_and_claim(db: Database, done: list[tuple[int, int, Any]], owner: str, *, k: int, lease_s: float,
+                     now: float | None = None) -> tuple[list[int], list[Claimed]]:
+    """complete_many(done) and claim(k) in ONE transaction: a worker's results and its next jobs for the price of
+    one commit. Returns (ids whose lease was lost, the claimed jobs)."""
     now = time.time() if now is None else now
     token = secrets.randbits(62) + 1
     until = now + lease_s
+    batch = _encode_done(done)
+    day = usage.day_key(now, db.tz)
 
-    def tx(c: apsw.Connection) -> list[Claimed]:
+    def tx(c: apsw.Connection) -> tuple[list[int], list[tuple]]:
+        lost = _complete_tx(c, done, batch, now, day) if done else []
         c.execute(
             "UPDATE jobs SET status = 'queued', updated_at = ? WHERE status = 'scheduled' AND run_at <= ?",
             (now, now),
         )
-        return c.execute(_CLAIM_ONE if k == 1 else _CLAIM_MANY, (owner, token, until, now, now, k)).fetchall()
+        return lost, c.execute(_CLAIM_ONE if k == 1 else _CLAIM_MANY, (owner, token, until, now, now, k)).fetchall()
 
-    rows = db.write(tx, "claim")
+    lost, rows = db.write(tx, "claim")
     rows.sort(key=lambda r: (-r[7], r[8], r[0]))
-    return [Claimed(r[0], r[1], r[2], r[3], r[4], r[5], r[6], token, until) for r in rows]
+    return lost, [Claimed(r[0], r[1], r[2], r[3], r[4], r[5], r[6], token, until) for r in rows]
 
 
 def extend(db: Database, jobs: list[tuple[int, int]], *, lease_s: float, now: float | None = None) -> set[int]:
@@ -131,17 +141,21 @@ def complete_many(db: Database, done: list[tuple[int, int, Any]], *, now: float 
     """
     now = time.time() if now is None else now
     day = usage.day_key(now, db.tz)
-    batch = orjson.dumps([[job_id, token, result] for job_id, token, result in done]).decode()
+    batch = _encode_done(done)
+    return db.write(lambda c: _complete_tx(c, done, batch, now, day), "complete")
 
-    def tx(c: apsw.Connection) -> list[int]:
-        rows = c.execute(_COMPLETE, (batch, now)).fetchall()
-        by_user = Counter(user for _, user in rows)
-        if by_user:
-            usage.record_done(c, by_user, day)
-        finished = {job_id for job_id, _ in rows}
-        return [job_id for job_id, _, _ in done if job_id not in finished]
 
-    return db.write(tx, "complete")
+def _encode_done(done: list[tuple[int, int, Any]]) -> str:
+    return orjson.dumps([[job_id, token, result] for job_id, token, result in done]).decode()
+
+
+def _complete_tx(c: apsw.Connection, done: list[tuple[int, int, Any]], batch: str, now: float, day: str) -> list[int]:
+    rows = c.execute(_COMPLETE, (batch, now)).fetchall()
+    by_user = Counter(user for _, user in rows)
+    if by_user:
+        usage.record_done(c, by_user, day)
+    finished = {job_id for job_id, _ in rows}
+    return [job_id for job_id, _, _ in done if job_id not in finished]
 
 
 # One statement for the whole batch: the (id, token, result) triples travel as one JSON array.

@@ -1,0 +1,214 @@
+"""Benchmark `cardq supervise` end to end, next to a raw apsw claim+complete floor measured in the same run.
+
+    .venv/bin/python benchmarks/bench_supervise.py           # 50,000 no-op jobs, 2 workers
+    .venv/bin/python benchmarks/bench_supervise.py --jobs 10000
+
+Figures:
+- throughput: no-op handler, 2 worker processes, first claim to last completion (from the jobs' own
+  started_at / finished_at), for prefetch 32 and prefetch 1; the raw floor is one process running the minimal
+  claim + complete loop of FIELD_NOTES (claim 1 per transaction, and claim 32 + complete in one transaction);
+- enqueue -> start latency with idle workers: single jobs submitted 10-30 ms apart, started_at - created_at;
+- peak RSS (VmHWM) of the supervisor and of each worker.
+It is a report (exit 0), not a test: these machines are noisy, compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import apsw
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cardq.config import load_config  # noqa: E402
+from store import Database  # noqa: E402
+from store import processes as store_processes  # noqa: E402
+from store.submit import NewJob, submit  # noqa: E402
+
+CARDQ = str(Path(sys.executable).parent / "cardq")
+PAYLOAD = orjson.dumps({"title": "Wireless earbuds", "description": "Bluetooth 5.3, 30 h battery, IPX4",
+                        "category": "electronics", "marketplace": "ozon", "style": "selling"})
+
+
+def raw_floor(root: Path, n: int, k: int) -> float:
+    """FIELD_NOTES's minimal loop, one process: jobs/s."""
+    conn = apsw.Connection(str(root / f"raw-{k}.db"))
+    for pragma, want in (("journal_mode=WAL", "wal"), ("synchronous=NORMAL", None)):
+        got = conn.execute(f"PRAGMA {pragma}").fetchall()
+        assert want is None or got[0][0] == want
+    assert conn.execute("PRAGMA synchronous").fetchall()[0][0] == 1
+    conn.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, status TEXT, payload TEXT, result TEXT, lease REAL)")
+    conn.execute("CREATE INDEX jobs_queued ON jobs (id) WHERE status = 'queued'")
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO jobs (status, payload) VALUES ('queued', ?)", [(PAYLOAD.decode(),)] * n)
+    conn.execute("COMMIT")
+    claim = ("UPDATE jobs SET status = 'processing', lease = ? WHERE id IN (SELECT id FROM jobs"
+             " WHERE status = 'queued' ORDER BY id LIMIT ?) RETURNING id")
+    started = time.perf_counter()
+    done = 0
+    while done < n:
+        conn.execute("BEGIN IMMEDIATE")
+        ids = [r[0] for r in conn.execute(claim, (time.time() + 30, k))]
+        if k == 1:
+            conn.execute("COMMIT")
+            conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("UPDATE jobs SET status = 'done', result = 'null' WHERE id = ?", [(i,) for i in ids])
+        conn.execute("COMMIT")
+        done += len(ids)
+    elapsed = time.perf_counter() - started
+    conn.close()
+    return n / elapsed
+
+
+def deployment(root: Path, prefetch: int, workers: int = 2) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = root / "config.toml"
+    cfg.write_text(
+        f'[store]\npath = "cardq.db"\n[workers]\ncount = {workers}\nhandler = "cardq.handlers:noop"\n'
+        f"prefetch = {prefetch}\n[log]\nlevel = \"warning\"\nfile = \"cardq.log\"\n"
+        "[limits]\nbatch_max_items_per_request = 1000000\nbatch_max_queued_per_user = 1000000\n"
+        "[limits.daily]\nenterprise = 100000000\n")
+    return cfg
+
+
+def fill(cfg: Path, n: int, users: int = 10) -> None:
+    loaded = load_config(cfg)
+    with Database.open(loaded.db_path, create=True) as db:
+        per = n // users
+        for u in range(users):
+            count = per + (n - per * users if u == 0 else 0)
+            submit(db, [NewJob(PAYLOAD)] * count, user_id=f"user{u}", plan="enterprise",
+                   configured=loaded.limit_values())
+
+
+def peak_rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def child_pids(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            out += [int(x) for x in (task / "children").read_text().split()]
+    return out
+
+
+def run_burst(cfg: Path) -> tuple[float, float, dict[str, int]]:
+    """(jobs/s first claim -> last completion, wall seconds of the whole command, peak RSS KiB by process)."""
+    env = {**os.environ, "CARDQ_CONFIG": str(cfg)}
+    started = time.perf_counter()
+    proc = subprocess.Popen([CARDQ, "supervise", "--burst"], env=env, cwd=cfg.parent,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rss: dict[str, int] = {}
+    while proc.poll() is None:
+        rss["supervisor"] = max(rss.get("supervisor", 0), peak_rss_kib(proc.pid))
+        workers = 0
+        for child in sorted(child_pids(proc.pid)):
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if b"resource_tracker" in cmdline:
+                name = "multiprocessing resource tracker"
+            else:
+                workers += 1
+                name = f"worker {workers}"
+            rss[name] = max(rss.get(name, 0), peak_rss_kib(child))
+        time.sleep(0.05)
+    wall = time.perf_counter() - started
+    assert proc.returncode == 0, f"supervise exited {proc.returncode}"
+    loaded = load_config(cfg)
+    with Database.open(loaded.db_path) as db:
+        n, first, last, not_done = db.conn.execute(
+            "SELECT count(*), min(started_at), max(finished_at), sum(status != 'done') FROM jobs").fetchall()[0]
+    assert not not_done, f"{not_done} jobs not done"
+    return n / (last - first), wall, rss
+
+
+def latency(cfg: Path, samples: int) -> tuple[float, float, float]:
+    """enqueue -> start with idle workers, in ms: (p50, p99, max)."""
+    loaded = load_config(cfg)
+    env = {**os.environ, "CARDQ_CONFIG": str(cfg)}
+    proc = subprocess.Popen([CARDQ, "supervise"], env=env, cwd=cfg.parent, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    rng = random.Random(1)
+    delays = []
+    try:
+        with Database.open(loaded.db_path, create=True) as db:
+            deadline = time.monotonic() + 30
+            while not [r for r in db.read(store_processes.read) if r["state"] == "idle"]:
+                assert time.monotonic() < deadline, "workers never became idle"
+                time.sleep(0.05)
+            for _ in range(samples):
+                time.sleep(rng.uniform(0.01, 0.03))  # pacing between samples: every job finds idle workers
+                [jid] = submit(db, [NewJob(PAYLOAD)], user_id="lat", plan="enterprise",
+                               configured=loaded.limit_values()).ids
+                while True:
+                    row = db.conn.execute("SELECT created_at, started_at FROM jobs WHERE id = ?", (jid,)).fetchall()
+                    if row[0][1] is not None:
+                        delays.append((row[0][1] - row[0][0]) * 1000)
+                        break
+                    time.sleep(0.0005)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    delays.sort()
+    return statistics.median(delays), delays[int(len(delays) * 0.99) - 1], delays[-1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=50_000)
+    parser.add_argument("--latency-samples", type=int, default=300)
+    args = parser.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="cardq-bench-"))
+    try:
+        floor1 = raw_floor(base, min(args.jobs, 20_000), 1)
+        floor32 = raw_floor(base, args.jobs, 32)
+        results = {}
+        for prefetch in (32, 1):
+            cfg = deployment(base / f"p{prefetch}", prefetch)
+            fill(cfg, args.jobs if prefetch == 32 else min(args.jobs, 20_000))
+            results[prefetch] = run_burst(cfg)
+        p50, p99, worst = latency(deployment(base / "lat", 1), args.latency_samples)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+    rate32, wall32, rss = results[32]
+    rate1, _, _ = results[1]
+    print(f"cardq supervise, no-op handler, 2 workers, {args.jobs:,} jobs (first claim -> last completion)\n")
+    print("| figure | cardq | raw floor (1 process, same run) | ratio | target |")
+    print("|---|---:|---:|---:|---|")
+    print(f"| throughput, prefetch 32 | {rate32:,.0f} jobs/s | {floor32:,.0f} jobs/s (claim 32 + complete, 1 tx) "
+          f"| {rate32 / floor32:.2f} | >= 20,000 jobs/s: {'PASS' if rate32 >= 20_000 else 'FAIL'} |")
+    print(f"| throughput, prefetch 1 | {rate1:,.0f} jobs/s | {floor1:,.0f} jobs/s (claim 1 + complete, 2 tx) "
+          f"| {rate1 / floor1:.2f} | (context) |")
+    print(f"| enqueue -> start, idle workers ({args.latency_samples} samples) | p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
+          f"max {worst:.1f} ms | | | p50 <= 5 ms: {'PASS' if p50 <= 5 else 'FAIL'}, "
+          f"p99 <= 25 ms: {'PASS' if p99 <= 25 else 'FAIL'} |")
+    print(f"\nwhole `cardq supervise --burst` command (spawning, draining, stopping): {wall32:.2f} s")
+    print("peak RSS: " + ", ".join(f"{name} {kib / 1024:.1f} MiB" for name, kib in sorted(rss.items())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
