@@ -64,7 +64,7 @@ def parse_items(text: str, name: str, fmt: str = "auto", key_field: str | None =
             if key_field not in obj or obj[key_field] in (None, ""):
                 raise InputError(f"{where}: no {key_field!r} field, which --idempotency-key-field names")
             value = obj[key_field]
-            if not isinstance(value, str | int):
+            if isinstance(value, bool) or not isinstance(value, str | int):
                 raise InputError(f"{where}: {key_field!r} is {type(value).__name__}; expected a string or number")
             key = str(value)
         items.append(Item(orjson.dumps(obj), key, where))
@@ -115,14 +115,15 @@ def _csv(text: str, name: str) -> Iterator[tuple[str, dict]]:
         if dupes or "" in header:
             problem = f"duplicate column {dupes[0]!r}" if dupes else "an empty column name"
             raise InputError(f"{name} line 1: CSV header has {problem}; expected unique column names")
+        lineno = reader.line_num + 1  # a record spanning lines (a quoted newline) is named by its first line
         for row in reader:
-            lineno = reader.line_num
+            start, lineno = lineno, reader.line_num + 1
             if not any(cell.strip() for cell in row):
                 continue
             if len(row) != len(header):
                 raise InputError(
-                    f"{name} line {lineno}: {len(row)} fields; expected {len(header)} as in the header")
-            yield f"{name} line {lineno}", {h: v for h, v in zip(header, row, strict=True) if v != ""}
+                    f"{name} line {start}: {len(row)} fields; expected {len(header)} as in the header")
+            yield f"{name} line {start}", {h: v for h, v in zip(header, row, strict=True) if v != ""}
     except csv.Error as e:
         raise InputError(f"{name} line {reader.line_num}: invalid CSV ({e})") from None
 

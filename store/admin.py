@@ -76,7 +76,7 @@ def retry(db: Database, job_id: int | None = None, *, status: str | None = None,
         for jid, user, priority, was in rows:
             groups[(user, priority)].append(jid)
             reactivated[user] += was != "scheduled"  # scheduled jobs already count as active
-        day = usage.day_key(now, db.tz)
+        day = db.days.key(now)
         for (user, priority), ids in groups.items():
             load = usage.load(c, user, day)
             assigned_max = c.execute("SELECT vt FROM sched WHERE id = 1").fetchall()[0][0]

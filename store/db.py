@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import apsw
 
-from store import schema
+from store import schema, usage
 from store.errors import StoreBusy, StoreError
 
 T = TypeVar("T")
@@ -42,6 +42,7 @@ class Database:
         self.path = path
         self.busy_retries = busy_retries
         self.tz = zoneinfo.ZoneInfo(timezone)
+        self.days = usage.DayClock(self.tz)  # the local day (limits.timezone) of a time, cached per day
         self._rng = rng or random.Random()
 
     @classmethod

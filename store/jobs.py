@@ -90,8 +90,8 @@ def finish_and_claim(db: Database, done: list[tuple[int, int, Any]], owner: str,
     now = time.time() if now is None else now
     token = secrets.randbits(62) + 1
     until = now + lease_s
-    batch = _encode_done(done)
-    day = usage.day_key(now, db.tz)
+    batch = _encode_done(done) if done else ""
+    day = db.days.key(now) if done else ""
 
     def tx(c: apsw.Connection) -> tuple[list[int], list[tuple]]:
         lost = _complete_tx(c, done, batch, now, day) if done else []
@@ -140,7 +140,7 @@ def complete_many(db: Database, done: list[tuple[int, int, Any]], *, now: float 
     Also counts each done job in its user's usage for the local day (the daily plan limits).
     """
     now = time.time() if now is None else now
-    day = usage.day_key(now, db.tz)
+    day = db.days.key(now)
     batch = _encode_done(done)
     return db.write(lambda c: _complete_tx(c, done, batch, now, day), "complete")
 
@@ -213,7 +213,7 @@ def _fail_held(c: apsw.Connection, db: Database, job_id: int, attempts: int, max
             " lease_owner = NULL, lease_token = NULL, lease_until = NULL WHERE id = ?",
             (outcome.status, run_at, error, orjson.dumps(history).decode(), now, job_id),
         )
-    usage.record_failure(c, usage.day_key(now, db.tz), dead=outcome.status == "dead")
+    usage.record_failure(c, db.days.key(now), dead=outcome.status == "dead")
     return outcome
 
 

@@ -46,6 +46,15 @@ def effective(conn: apsw.Connection, configured: Mapping[str, tuple[int, str]]) 
     return out
 
 
+def values(conn: apsw.Connection, configured: Mapping[str, tuple[int, str]]) -> dict[str, int]:
+    """Just the effective numbers (what a submit checks against); `effective` says where each comes from."""
+    out = {key: value for key, (value, _source) in configured.items()}
+    for key, value in conn.execute("SELECT key, value FROM limits"):
+        if key in out:
+            out[key] = value
+    return out
+
+
 def validate(configured: Mapping[str, tuple[int, str]], key: str, value: str | int) -> int:
     """Check an operator's KEY VALUE; returns the value as int or raises InputError naming what is expected."""
     check_key(configured, key)

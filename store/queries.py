@@ -12,7 +12,6 @@ import orjson
 
 from cardq.errors import InputError
 from store import limits as limits_mod
-from store import usage
 from store.db import Database
 from store.errors import JobNotFound
 from store.schema import STATUSES
@@ -64,7 +63,7 @@ def stats(db: Database, configured: Mapping[str, tuple[int, str]], *, top_users:
           now: float | None = None) -> dict[str, Any]:
     """The `cardq status` summary, from one snapshot."""
     now = time.time() if now is None else now
-    day = usage.day_key(now, db.tz)
+    day = db.days.key(now)
 
     def tx(c: apsw.Connection) -> dict[str, Any]:
         by_status = dict.fromkeys(STATUSES, 0)

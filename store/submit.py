@@ -60,10 +60,10 @@ def submit(db: Database, items: Sequence[NewJob], *, user_id: str, plan: str, ki
         raise InputError(f"unknown plan {plan!r}; expected one of: {plans}")
     if not items:
         raise InputError("empty batch: expected at least one item")
-    day = usage.day_key(now, db.tz)
+    day = db.days.key(now)
 
     def tx(c: apsw.Connection) -> SubmitResult:
-        lim = {key: limit.value for key, limit in limits.effective(c, configured).items()}
+        lim = limits.values(c, configured)
         _check_batch(items, lim)
         ids, fresh = _dedupe(c, items, user_id)
         if fresh:
@@ -72,12 +72,12 @@ def submit(db: Database, items: Sequence[NewJob], *, user_id: str, plan: str, ki
             first_id, assigned_max = c.execute("SELECT next_job_id, vt FROM sched WHERE id = 1").fetchall()[0]
             first_vt = fairness.start_vt(c, priority, active=load.active, last_vt=load.last_vt,
                                          assigned_max=assigned_max)
-            rows = []
-            for n, i in enumerate(fresh):
-                ids[i] = first_id + n
-                item = items[i]
-                rows.append((first_id + n, user_id, plan, kind, item.payload.decode(), priority, first_vt + n,
-                             max_attempts, now, now, now, item.idempotency_key))
+            new_ids = range(first_id, first_id + len(fresh))
+            for i, job_id in zip(fresh, new_ids, strict=True):
+                ids[i] = job_id
+            rows = [(job_id, user_id, plan, kind, items[i].payload.decode(), priority, job_id - first_id + first_vt,
+                     max_attempts, now, now, now, items[i].idempotency_key) for i, job_id in zip(fresh, new_ids,
+                                                                                                 strict=True)]
             for start in range(0, len(rows), _CHUNK):
                 c.executemany(_INSERT, rows[start:start + _CHUNK])
                 if progress is not None:
@@ -108,6 +108,8 @@ def _check_batch(items: Sequence[NewJob], lim: Mapping[str, int]) -> None:
             f"batch rejected: {len(items)} items, batch_max_items_per_request is {cap}; nothing was submitted",
         )
     max_bytes = lim["max_payload_bytes"]
+    if max(map(len, (item.payload for item in items))) <= max_bytes:
+        return
     for n, item in enumerate(items, 1):
         if len(item.payload) > max_bytes:
             where = item.where or f"item {n}"
@@ -121,6 +123,8 @@ def _dedupe(c: apsw.Connection, items: Sequence[NewJob], user_id: str) -> tuple[
     """ids (0 = to insert) and the indexes of items to insert. A key repeated within the batch is inserted once."""
     ids = [0] * len(items)
     keyed = {it.idempotency_key for it in items if it.idempotency_key is not None}
+    if not keyed:
+        return ids, list(range(len(items)))
     known: dict[str, int] = {}
     for key in keyed:
         rows = c.execute(

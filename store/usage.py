@@ -27,6 +27,24 @@ def day_key(now: float, tz: zoneinfo.ZoneInfo) -> str:
     return dt.datetime.fromtimestamp(now, tz).date().isoformat()
 
 
+class DayClock:
+    """day_key with the current day's bounds cached: a claim or completion asks for it on every call, and a
+    time-zone conversion costs more than the rest of the Python around a claim."""
+
+    def __init__(self, tz: zoneinfo.ZoneInfo):
+        self.tz = tz
+        self._start = self._end = 0.0
+        self._key = ""
+
+    def key(self, now: float) -> str:
+        if not self._start <= now < self._end:
+            self._key = day_key(now, self.tz)
+            self._end = next_day_start(now, self.tz)
+            local = dt.datetime.fromtimestamp(now, self.tz)
+            self._start = dt.datetime.combine(local.date(), dt.time(), tzinfo=self.tz).timestamp()
+        return self._key
+
+
 def next_day_start(now: float, tz: zoneinfo.ZoneInfo) -> float:
     """Epoch time of the next local midnight after `now` (when the daily limits start again)."""
     local = dt.datetime.fromtimestamp(now, tz)

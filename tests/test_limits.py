@@ -161,3 +161,19 @@ def test_concurrent_submits_never_overshoot_the_user_limit(db, configured):
         p.join(timeout=30)
         assert p.exitcode == 0
     assert accepted == count(db, "u") == 99  # 33 batches of 3; the 34th would make 102
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Moscow", "America/New_York", "Australia/Lord_Howe"])
+def test_cached_day_clock_agrees_with_day_key_across_dst(zone):
+    """The cached day bounds give the same day as a fresh conversion, in any order, across DST changes."""
+    import random
+
+    from store.usage import DayClock
+
+    tz = zoneinfo.ZoneInfo(zone)
+    clock = DayClock(tz)
+    rng = random.Random(zone)
+    start = dt.datetime(2026, 3, 1, tzinfo=dt.UTC).timestamp()
+    times = sorted(start + rng.uniform(0, 300 * 86400) for _ in range(3000))
+    for t in times + rng.sample(times, 500):  # forwards, then jumping around
+        assert clock.key(t) == day_key(t, tz)
