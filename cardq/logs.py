@@ -54,9 +54,10 @@ class LineSink:
                     self._write(orjson.dumps({"event": "log.dropped", "lines": dropped, "level": "warning"}))
                 self._write(line)
             except (OSError, ValueError, EOFError):
-                # The destination is gone (a closed pipe, a full disk): lose lines, not the process.
+                # The destination is gone (a closed pipe, a full disk): lose lines, not the process, and keep
+                # counting them (the earlier count goes back too: its note was not written either).
                 with self._lock:
-                    self.dropped += 1
+                    self.dropped += dropped + 1
 
     def close(self, timeout: float = 2.0) -> None:
         """Flush what is queued (up to `timeout`) and stop the thread."""
