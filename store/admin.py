@@ -48,7 +48,8 @@ def cancel(db: Database, job_id: int, *, now: float | None = None) -> str:
 
 def retry(db: Database, job_id: int | None = None, *, status: str | None = None, user_id: str | None = None,
           kind: str | None = None, now: float | None = None) -> list[int]:
-    """Queue again, to run now with a full set of attempts: one job by id, or every job matching the filter
+    """Queue again, to run now with a full set of attempts (and its poison kill count reset): one job by id, or
+    every job matching the filter
     (status, default dead; user; kind). The error history is kept. Returns the ids queued again."""
     now = time.time() if now is None else now
     if status is not None and status not in RETRYABLE:
@@ -86,7 +87,7 @@ def retry(db: Database, job_id: int | None = None, *, status: str | None = None,
             c.execute("UPDATE sched SET vt = max(vt, ?) WHERE id = 1", (last_vt,))
             usage.add_jobs(c, user, reactivated.pop(user, 0), last_vt)
             c.executemany(
-                "UPDATE jobs SET status = 'queued', attempts = 0, run_at = ?, vt = ?, finished_at = NULL,"
+                "UPDATE jobs SET status = 'queued', attempts = 0, kills = 0, run_at = ?, vt = ?, finished_at = NULL,"
                 " updated_at = ? WHERE id = ?",
                 [(now, first_vt + n, now, jid) for n, jid in enumerate(ids)],
             )

@@ -9,6 +9,10 @@ submit, so a claim writes nothing extra).
 So when user A has 300 jobs queued and user B submits 5, B's jobs interleave with A's remaining ones one for one,
 rather than waiting behind all 300 (the old CardMaker's global FIFO, whose "processed in turn" claim was false).
 A user idle for a while gains no credit: they start at the head, not in the past. Fairness is per priority level.
+
+Bound (property-tested): with m users holding queued jobs, at most 2(m-1) claims of others come between two claims
+of one user — m-1 when each user submitted one batch. (Ties in virtual time go by job id, so a user's later batch
+can order differently within a round.)
 """
 
 from __future__ import annotations
