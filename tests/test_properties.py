@@ -27,7 +27,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from hypothesis import Phase, example, given, note, settings
+from hypothesis import example, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
