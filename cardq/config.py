@@ -52,6 +52,8 @@ class WorkersConfig(_Section):
     backoff_base_s: Annotated[float, Meta(ge=0)] = 2.0
     backoff_max_s: Annotated[float, Meta(ge=0)] = 300.0
     prefetch: Annotated[int, Meta(ge=1, le=1000)] = 1
+    gate: str = "generation"
+    gate_by_kind: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class SupervisorConfig(_Section):
@@ -62,6 +64,51 @@ class SupervisorConfig(_Section):
     timeout_grace_s: Annotated[float, Meta(ge=0)] = 5.0
     poison_kills: Annotated[int, Meta(ge=1)] = 3
     recover_interval_s: PositiveFloat = 10.0
+
+
+class ActorsConfig(_Section):
+    run_dir: str = "./run"
+    ask_timeout_ms: Annotated[int, Meta(ge=1, le=600_000)] = 2000
+    counter_shards: Annotated[int, Meta(ge=0, le=64)] = 1
+    ratelimit_shards: Annotated[int, Meta(ge=0, le=64)] = 1
+    paths_shards: Annotated[int, Meta(ge=0, le=64)] = 1
+    max_frame_bytes: Annotated[int, Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+
+
+class RatePolicy(_Section):
+    limit: PositiveInt
+    window_s: PositiveFloat
+    burst: Annotated[int, Meta(ge=0)] = 0  # 0: the limit
+
+
+class RateLimitConfig(_Section):
+    default_limit: PositiveInt = 60
+    default_window_s: PositiveFloat = 60.0
+    default_burst: Annotated[int, Meta(ge=0)] = 0  # 0: the limit
+    policies: dict[str, RatePolicy] = msgspec.field(default_factory=dict)
+
+
+class GateConfig(_Section):
+    max_concurrency: Annotated[int, Meta(ge=1, le=100_000)] = 4
+    max_queue: Annotated[int, Meta(ge=0, le=1_000_000)] = 64
+    queue_timeout_ms: Annotated[int, Meta(ge=0, le=3_600_000)] = 12000
+
+
+def _default_gates() -> dict[str, GateConfig]:
+    return {"generation": GateConfig()}
+
+
+class PathsConfig(_Section):
+    enabled: bool = True
+    sampling_rate: Annotated[float, Meta(gt=0, le=1)] = 1.0
+    max_batch_size: Annotated[int, Meta(ge=1, le=10_000)] = 100
+    max_batch_wait_ms: Annotated[int, Meta(ge=0, le=60_000)] = 50
+    max_paths_per_hour: Annotated[int, Meta(ge=1)] = 1000
+    id_rules: list[list[str]] = msgspec.field(default_factory=lambda: [
+        ["^[0-9]+$", ":id"],
+        ["^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$", ":uuid"],
+        ["^[0-9a-fA-F]{16,}$", ":hex"],
+    ])
 
 
 class LogConfig(_Section):
@@ -95,6 +142,10 @@ class Config(_Section):
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     cards: CardsConfig = msgspec.field(default_factory=CardsConfig)
+    actors: ActorsConfig = msgspec.field(default_factory=ActorsConfig)
+    ratelimit: RateLimitConfig = msgspec.field(default_factory=RateLimitConfig)
+    gates: dict[str, GateConfig] = msgspec.field(default_factory=_default_gates)
+    paths: PathsConfig = msgspec.field(default_factory=PathsConfig)
 
 
 @dataclass(frozen=True)
@@ -110,6 +161,15 @@ class LoadedConfig:
     def db_path(self) -> Path:
         """The database path; a relative path is taken relative to the config file's folder (else the cwd)."""
         p = Path(self.config.store.path).expanduser()
+        if p.is_absolute():
+            return p
+        base = self.path.parent if self.path is not None else Path.cwd()
+        return (base / p).resolve()
+
+    @property
+    def run_dir(self) -> Path:
+        """Actors' sockets and the key file; relative to the config file's folder (else the cwd)."""
+        p = Path(self.config.actors.run_dir).expanduser()
         if p.is_absolute():
             return p
         base = self.path.parent if self.path is not None else Path.cwd()
@@ -206,7 +266,8 @@ def _parse(data: bytes, name: str) -> tuple[Config, dict[str, Any]]:
     # [limits.daily] adds plans to (or changes) the built-in ones, like every other key: a missing one keeps its
     # default. Set a plan to 0 to refuse its jobs.
     daily = {**_default_daily(), **cfg.limits.daily}
-    cfg = msgspec.structs.replace(cfg, limits=msgspec.structs.replace(cfg.limits, daily=daily))
+    cfg = msgspec.structs.replace(cfg, limits=msgspec.structs.replace(cfg.limits, daily=daily),
+                                  gates={**_default_gates(), **cfg.gates})  # same rule for the built-in gate
     _check_semantics(name, cfg)
     return cfg, raw
 
@@ -284,6 +345,20 @@ def _check_semantics(name: str, cfg: Config) -> None:
             f'{name}: limits.timezone = {_toml_repr(lim.timezone)}: expected an IANA time zone such as "UTC" or '
             '"Europe/Moscow"'
         ) from None
+    for gate in [w.gate, *w.gate_by_kind.values()]:
+        if gate and gate not in cfg.gates:
+            raise ConfigError(f"{name}: workers gate {_toml_repr(gate)}: no [gates.{gate}] section; expected one of: "
+                              f"{', '.join(cfg.gates) or '(none)'} or \"\" for no gate")
+    for n, rule in enumerate(cfg.paths.id_rules):
+        try:
+            if len(rule) != 2:
+                raise ValueError("expected [pattern, replacement]")
+            re.compile(rule[0])
+        except (re.error, ValueError) as e:
+            raise ConfigError(f"{name}: paths.id_rules[{n}] = {_toml_repr(rule)}: {e}") from None
+    for pattern in cfg.ratelimit.policies:
+        if not pattern:
+            raise ConfigError(f'{name}: ratelimit.policies."": expected a key pattern such as "user:*"')
     for plan in lim.daily:
         if not PLAN_RE.match(plan):
             raise ConfigError(

@@ -115,6 +115,80 @@ MIGRATIONS: list[str] = [
         info         TEXT    NOT NULL DEFAULT '{}'
     ) WITHOUT ROWID;
     """,
+    # v3: actors. Each table is owned by one actor (its single writer, like a Durable Object's storage), except
+    # that the job store moves `usage:` counters (user_load) too, in its own transactions.
+    """
+    CREATE TABLE counters (
+        key        TEXT PRIMARY KEY,
+        value      INTEGER NOT NULL,
+        updated_at REAL    NOT NULL
+    ) WITHOUT ROWID;
+    -- op ids already applied, with the answer given, so a retried ask is applied once (pruned after a day).
+    CREATE TABLE counter_ops (
+        op_id TEXT PRIMARY KEY,
+        ok    INTEGER NOT NULL,
+        value INTEGER NOT NULL,
+        at    REAL    NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE rate_limits (
+        key TEXT PRIMARY KEY,
+        tat REAL NOT NULL  -- GCRA theoretical arrival time
+    ) WITHOUT ROWID;
+    CREATE TABLE gate_permits (
+        permit_id   TEXT PRIMARY KEY,
+        gate        TEXT    NOT NULL,
+        pid         INTEGER NOT NULL,
+        acquired_at REAL    NOT NULL
+    ) WITHOUT ROWID;
+    -- Messages that made their actor fail 3 times: kept here instead of crash-looping the actor.
+    CREATE TABLE actor_dead_letters (
+        id          INTEGER PRIMARY KEY,
+        actor       TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        message     TEXT NOT NULL,
+        error       TEXT NOT NULL,
+        failures    INTEGER NOT NULL,
+        at          REAL NOT NULL
+    );
+    CREATE TABLE actor_failures (
+        fingerprint TEXT PRIMARY KEY,
+        actor       TEXT    NOT NULL,
+        failures    INTEGER NOT NULL,
+        last_error  TEXT    NOT NULL,
+        at          REAL    NOT NULL
+    ) WITHOUT ROWID;
+    -- Traffic events, idempotent by id ("<ts_ms>-<8 hex>"); client IPs only as a keyed hash.
+    CREATE TABLE traffic_events (
+        id          TEXT PRIMARY KEY,
+        ts_ms       INTEGER NOT NULL,
+        path        TEXT    NOT NULL,
+        method      TEXT    NOT NULL,
+        status      INTEGER NOT NULL,
+        response_ms REAL    NOT NULL,
+        client      TEXT    NOT NULL,
+        bytes       INTEGER
+    ) WITHOUT ROWID;
+    CREATE TABLE path_stats_hourly (
+        path        TEXT    NOT NULL,
+        hour        INTEGER NOT NULL,  -- epoch seconds of the hour's start (UTC)
+        requests    REAL    NOT NULL,
+        status_4xx  REAL    NOT NULL,
+        status_5xx  REAL    NOT NULL,
+        bytes       REAL    NOT NULL,
+        ms_sum      REAL    NOT NULL,
+        ms_min      REAL    NOT NULL,
+        ms_max      REAL    NOT NULL,
+        latency     BLOB    NOT NULL,  -- KLL quantile sketch (Apache DataSketches), mergeable
+        clients     BLOB    NOT NULL,  -- HLL sketch of client hashes: exact while small
+        estimated   INTEGER NOT NULL,  -- 1 when counts are scaled up from a sample (sampling_rate < 1)
+        PRIMARY KEY (hour, path)
+    ) WITHOUT ROWID;
+    -- Events written here when the collector is unavailable; it drains them when it is back.
+    CREATE TABLE traffic_inbox (
+        id    INTEGER PRIMARY KEY,
+        event TEXT NOT NULL
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
