@@ -26,6 +26,8 @@ from typing import Any
 
 import msgspec
 
+from actors import keys
+from actors import server as actor_server
 from cardq import app, children, logs
 from cardq.children import EXIT_CONFIG, EXIT_STORE, Channel, ChildSpec
 from cardq.config import LoadedConfig, load_config
@@ -100,6 +102,7 @@ class Supervisor:
     def start(self) -> None:
         self.lock.acquire()
         try:
+            keys.ensure_run_dir(self.loaded.run_dir)
             self.db = app.open_db(self.loaded, create=True)
             orphans = jobs.recover_orphans(self.db, owner_prefix=OWNER_PREFIX, current_prefix=self.prefix)
             expired = jobs.recover(self.db, processing_timeout_s=self._processing_timeout())
@@ -191,6 +194,7 @@ class Supervisor:
                 self._on_exit(child, now)
         if self.exit_code is not None:
             return self._step_shutdown(now)
+        self._ensure_actors()
         self._scale()
         self._start_due(now)
         self._enforce_timeouts(now)
@@ -245,6 +249,17 @@ class Supervisor:
 
     # ---- children ---------------------------------------------------------------------------------------
 
+    def _ensure_actors(self) -> None:
+        """One permanent child per actor shard (shard counts apply at start: a reload that changes them is
+        logged as needing a restart)."""
+        for actor, shards in actor_shards(self.loaded).items():
+            for shard in range(shards):
+                name = f"{actor}-{shard}"
+                if name not in self.children:
+                    spec = ChildSpec(name=name, role="actor", target="actors.server:main",
+                                     args={"actor": actor, "shard": shard})
+                    self.children[name] = ChildState(spec, restart_at=0.0)
+
     def _scale(self) -> None:
         for slot in range(1, self.desired + 1):
             name = f"worker-{slot}"
@@ -256,7 +271,7 @@ class Supervisor:
                 child.retiring = False  # scaled back up before it finished stopping: keep it
         for name, child in self.children.items():
             slot = int(name.rsplit("-", 1)[1])
-            if slot > self.desired and not child.retiring:
+            if child.spec.role == "worker" and slot > self.desired and not child.retiring:
                 child.retiring = True
                 if child.alive:
                     child.state = "stopping"
@@ -308,6 +323,9 @@ class Supervisor:
 
     def _release(self, child: ChildState, code: int | None, reason: str) -> None:
         """Take back whatever the dead child held, by owner name (works even if none of its messages arrived)."""
+        if child.spec.role == "actor":
+            self._record_actor_death(child, code, reason)
+            return
         sup = self.loaded.config.supervisor
         running = child.current_job
         killed = False
@@ -327,6 +345,17 @@ class Supervisor:
         if out.failed is not None or out.given_back:
             self.log.info("child.jobs_released", child=child.spec.name, job_id=running,
                           job_now=out.failed.status if out.failed else None, given_back=out.given_back)
+
+    def _record_actor_death(self, child: ChildState, code: int | None, reason: str) -> None:
+        """An actor that died while handling a message (its slot names it) counts one failure for that message:
+        at 3 the restarted actor dead-letters it instead of dying on it again."""
+        fp = child.current_job
+        if fp is None or code == 0:
+            return
+        fingerprint = f"{fp:012x}"
+        self._store_call("actor_failure", lambda: self.db.write(lambda c: actor_server.record_failure(
+            c, child.spec.args["actor"], fingerprint, f"killed its actor: {reason}"), "record actor failure"))
+        self.log.warning("actor.died_in_message", child=child.spec.name, fingerprint=fingerprint, reason=reason)
 
     def _schedule_restart(self, child: ChildState, now: float, reason: str) -> None:
         sup = self.loaded.config.supervisor
@@ -449,7 +478,7 @@ class Supervisor:
                 child.channel.send({"cmd": "wake"})
 
     def _drained(self) -> bool:
-        workers = [c for c in self.children.values() if not c.retiring]
+        workers = [c for c in self.children.values() if not c.retiring and c.spec.role == "worker"]
         if not workers or any(not c.alive or c.state != "idle" for c in workers):
             return False
         active = self.db.conn.execute("SELECT coalesce(sum(active), 0) FROM user_load").fetchall()[0][0]
@@ -488,6 +517,9 @@ class Supervisor:
             self._publish()
             return
         changes = diff_configs(self.loaded.config, new.config)
+        if actor_shards(new) != actor_shards(self.loaded):
+            self.log.warning("config.restart_needed", reason="actor shard counts apply at the next start",
+                             keys=[k for k in changes if k.startswith(("actors.", "paths.enabled"))])
         if new.config.store != self.loaded.config.store:
             self.log.warning("config.restart_needed", keys=[k for k in changes if k.startswith("store.")],
                              reason="store settings apply at the next start; the rest applies now")
@@ -523,6 +555,12 @@ class Supervisor:
                 state=child.state, current_job=child.current_job, jobs_done=child.jobs_done,
                 restarts=child.restarts, last_exit=child.last_exit, started_at=child.started_at))
         self._store_call("publish", lambda: processes.publish(self.db, rows))
+
+
+def actor_shards(loaded: LoadedConfig) -> dict[str, int]:
+    a = loaded.config.actors
+    return {"counter": a.counter_shards, "ratelimit": a.ratelimit_shards,
+            "paths": a.paths_shards if loaded.config.paths.enabled else 0}
 
 
 def describe_exit(code: int | None, kill_reason: str | None) -> str:

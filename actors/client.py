@@ -1,0 +1,258 @@
+"""The client every process uses to talk to the actors: workers, the CLI, and apps on the same VM.
+
+    from actors.client import Client
+    with Client.from_config(loaded) as cq:
+        cq.ratelimit.check("user:42")             # {"allowed", "limit", "remaining", "retry_after_s", "reset_after_s"}
+        with cq.gate("generation"):               # at most max_concurrency at once, across every process
+            ...
+        cq.counter.incr("cards:made", 1)          # exactly once, even if retried after a timeout
+        cq.events.record(path="/cards/17", status=200, response_ms=12.5, client_ip="10.0.0.7", request_id="r1")
+
+One Client per thread: it holds one connection per actor shard and is not thread-safe. An ask never hangs: it
+reconnects to a restarting actor and resends until its deadline, then raises ActorUnavailable (never
+connected) or ActorTimeout (sent, no answer). Asks that change state carry an op id, so a resent one is
+applied once.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.connection as mpc
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from actors import keys, protocol
+from actors.protocol import ActorError, ActorTimeout, ActorUnavailable, Overloaded
+from actors.server import socket_path
+from cardq.config import LoadedConfig
+
+RECONNECT_PAUSE_S = 0.02
+
+
+class Client:
+    def __init__(self, run_dir: Path, *, shards: dict[str, int], timeout_s: float = 2.0, name: str = "",
+                 loaded: LoadedConfig | None = None):
+        self.run_dir = run_dir
+        self.shards = shards
+        self.timeout_s = timeout_s
+        self.name = name
+        self.loaded = loaded
+        self.secret = keys.load_secret(run_dir)
+        self.authkey = keys.authkey(self.secret)
+        self._links: dict[tuple[str, int], mpc.Connection] = {}
+        self._next_id = 0
+        self.counter = CounterAPI(self)
+        self.ratelimit = RateLimitAPI(self)
+        self._events: Any = None
+        self._unreleased: list[tuple[str, str]] = []
+
+    @classmethod
+    def from_config(cls, loaded: LoadedConfig, name: str = "") -> Client:
+        a = loaded.config.actors
+        shards = {"counter": a.counter_shards, "ratelimit": a.ratelimit_shards, "paths": a.paths_shards}
+        return cls(loaded.run_dir, shards=shards, timeout_s=a.ask_timeout_ms / 1000, name=name, loaded=loaded)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._events is not None:
+            self._events.close()
+        for conn in self._links.values():
+            conn.close()
+        self._links.clear()
+
+    @property
+    def events(self) -> Any:
+        """The buffered traffic-event recorder (actors.recorder.EventRecorder), created on first use."""
+        if self._events is None:
+            from actors.recorder import EventRecorder
+
+            if self.loaded is None:
+                raise ActorError("events need a client made with Client.from_config")
+            self._events = EventRecorder(self.loaded, name=self.name)
+        return self._events
+
+    # ---- asks and tells ------------------------------------------------------------------------------------
+
+    def ask(self, actor: str, key: str, op: str, args: dict[str, Any], *, timeout: float | None = None) -> Any:
+        """One request; its result, or the actor's error raised."""
+        return self.ask_many(actor, [(key, op, args)], timeout=timeout)[0]
+
+    def ask_many(self, actor: str, requests: list[tuple[str, str, dict[str, Any]]], *,
+                 timeout: float | None = None, raise_errors: bool = True) -> list[Any]:
+        """Send every request (pipelined), then collect every answer, in order. With raise_errors=False an
+        actor's refusal comes back as an ActorError in its place instead of being raised."""
+        deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
+        n_shards = self._shards(actor)
+        pending: dict[int, tuple[int, int, dict[str, Any]]] = {}  # msg id -> (position, shard, frame)
+        for pos, (key, op, args) in enumerate(requests):
+            self._next_id += 1
+            pending[self._next_id] = (pos, protocol.shard_of(key, n_shards), {"id": self._next_id, "op": op,
+                                                                              "a": args})
+        results: list[Any] = [None] * len(requests)
+        by_shard: dict[int, list[int]] = {}
+        for msg_id, (_, shard, _) in pending.items():
+            by_shard.setdefault(shard, []).append(msg_id)
+        for shard, ids in by_shard.items():
+            self._exchange(actor, shard, ids, pending, results, deadline)
+        if raise_errors:
+            for r in results:
+                if isinstance(r, ActorError):
+                    raise r
+        return results
+
+    def tell(self, actor: str, key: str, op: str, args: dict[str, Any]) -> None:
+        """Fire and forget: sent if the actor can be reached within the ask timeout, no answer awaited."""
+        shard = protocol.shard_of(key, self._shards(actor))
+        deadline = time.monotonic() + self.timeout_s
+        frame = protocol.encode({"op": op, "a": args})
+        while True:
+            conn = self._link(actor, shard, deadline)
+            try:
+                conn.send_bytes(frame)
+                return
+            except (OSError, ValueError):
+                self._forget(actor, shard)
+
+    def _exchange(self, actor: str, shard: int, ids: list[int], pending: dict[int, tuple[int, int, dict]],
+                  results: list[Any], deadline: float) -> None:
+        waiting = set(ids)
+        sent = False
+        while waiting:
+            conn = self._link(actor, shard, deadline)
+            try:
+                if not sent:
+                    for msg_id in sorted(waiting):
+                        conn.send_bytes(protocol.encode(pending[msg_id][2]))
+                    sent = True
+                while waiting:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not conn.poll(left):
+                        raise ActorTimeout(f"{actor} shard {shard}: no answer within "
+                                           f"{self.timeout_s:g}s ({len(waiting)} of {len(ids)} pending)", "timeout")
+                    answer = protocol.decode(conn.recv_bytes())
+                    msg_id = answer.get("id")
+                    if msg_id not in waiting:
+                        continue  # a late answer to an ask that already timed out
+                    waiting.discard(msg_id)
+                    results[pending[msg_id][0]] = _result(answer)
+            except (EOFError, OSError, protocol.BadFrame):
+                # The actor went away (crash, restart) mid-exchange: reconnect and send what is unanswered
+                # again. State-changing asks carry op ids, so a resent one is applied once.
+                self._forget(actor, shard)
+                sent = False
+                if time.monotonic() >= deadline:
+                    raise ActorTimeout(f"{actor} shard {shard}: connection lost, no answer within "
+                                       f"{self.timeout_s:g}s", "timeout") from None
+
+    def _shards(self, actor: str) -> int:
+        n = self.shards.get(actor, 0)
+        if n < 1:
+            raise ActorUnavailable(f"actor {actor!r} is turned off ([actors] {actor}_shards = 0)", "unavailable")
+        return n
+
+    def _link(self, actor: str, shard: int, deadline: float) -> mpc.Connection:
+        conn = self._links.get((actor, shard))
+        if conn is not None:
+            return conn
+        path = socket_path(self.run_dir, actor, shard)
+        while True:
+            try:
+                conn = mpc.Client(str(path), family="AF_UNIX", authkey=self.authkey)
+                conn.send_bytes(protocol.encode({"pid": os.getpid(), "name": self.name}))
+                self._links[(actor, shard)] = conn
+                return conn
+            except mpc.AuthenticationError:
+                raise ActorUnavailable(f"{path}: the actor refused our key (is {self.run_dir}/cardq.key the one "
+                                       "its supervisor uses?)", "unavailable") from None
+            except (OSError, EOFError) as e:
+                if time.monotonic() + RECONNECT_PAUSE_S >= deadline:
+                    raise ActorUnavailable(f"{actor} shard {shard} is not reachable at {path} "
+                                           f"({type(e).__name__}); is `cardq supervise` running?",
+                                           "unavailable") from None
+                time.sleep(RECONNECT_PAUSE_S)
+
+    def _forget(self, actor: str, shard: int) -> None:
+        conn = self._links.pop((actor, shard), None)
+        if conn is not None:
+            conn.close()
+
+    @contextmanager
+    def gate(self, name: str, *, pid: int | None = None) -> Iterator[str]:
+        """Hold a permit of gate `name` for the block: waits in the gate's bounded queue (up to its
+        queue_timeout_ms); raises Overloaded at once when the queue is full."""
+        permit = uuid.uuid4().hex
+        wait_s = self.timeout_s
+        if self.loaded is not None and name in self.loaded.config.gates:
+            wait_s += self.loaded.config.gates[name].queue_timeout_ms / 1000
+        self._release_leftovers()
+        self.ask("ratelimit", f"gate:{name}", "acquire", {"gate": name, "permit": permit,
+                                                          "pid": pid or os.getpid()}, timeout=wait_s)
+        try:
+            yield permit
+        finally:
+            try:
+                self.ask("ratelimit", f"gate:{name}", "release", {"gate": name, "permit": permit})
+            except ActorError:
+                # Unreachable for the whole ask timeout: released on our next gate call (a dead holder's
+                # permits are released by the actor itself).
+                self._unreleased.append((name, permit))
+
+    def _release_leftovers(self) -> None:
+        while self._unreleased:
+            name, permit = self._unreleased[0]
+            self.ask("ratelimit", f"gate:{name}", "release", {"gate": name, "permit": permit})
+            self._unreleased.pop(0)
+
+
+def _result(answer: dict[str, Any]) -> Any:
+    if answer.get("ok"):
+        return answer.get("r")
+    code = str(answer.get("code", "error"))
+    cls = Overloaded if code == "overloaded" else ActorTimeout if code == "timeout" else ActorError
+    return cls(str(answer.get("err", "the actor refused the request")), code)
+
+
+class CounterAPI:
+    def __init__(self, client: Client):
+        self._c = client
+
+    def incr(self, key: str, n: int = 1, op_id: str | None = None) -> int:
+        """Add n; the new value. Retried with the same op_id (made here if not given), applied once."""
+        return self._c.ask("counter", key, "incr", {"key": key, "n": n, "op_id": op_id or uuid.uuid4().hex})
+
+    def get(self, key: str) -> int:
+        return self._c.ask("counter", key, "get", {"key": key})
+
+    def incr_if_below(self, key: str, n: int, limit: int, op_id: str | None = None) -> dict[str, Any]:
+        """Add n only if the result stays <= limit: {"ok": bool, "value": int}."""
+        return self._c.ask("counter", key, "incr_if_below",
+                           {"key": key, "n": n, "limit": limit, "op_id": op_id or uuid.uuid4().hex})
+
+
+class RateLimitAPI:
+    def __init__(self, client: Client):
+        self._c = client
+
+    def check(self, key: str, cost: int = 1) -> dict[str, Any]:
+        return self._c.ask("ratelimit", key, "check", {"key": key, "cost": cost})
+
+    def check_many(self, keys_: list[str], cost: int = 1) -> list[dict[str, Any]]:
+        """Pipelined: every check sent before the first answer is read."""
+        return self._c.ask_many("ratelimit", [(k, "check", {"key": k, "cost": cost}) for k in keys_])
+
+    def gate_stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for shard in range(self._c._shards("ratelimit")):
+            key = next(f"gate:{i}" for i in range(10_000)
+                       if protocol.shard_of(f"gate:{i}", self._c.shards["ratelimit"]) == shard)
+            out.update(self._c.ask("ratelimit", key, "gate_stats", {}))
+        return out

@@ -1,0 +1,56 @@
+"""The run directory's key file (0600): the secret clients authenticate with, and the key of the client-IP
+hash. Created by `cardq init` (or the first supervisor); never logged."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+from cardq.errors import CardqError
+
+KEY_FILE = "cardq.key"
+
+
+def ensure_run_dir(run_dir: Path) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = run_dir / KEY_FILE
+    if not key.exists():
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, secrets.token_hex(32).encode() + b"\n")
+        finally:
+            os.close(fd)
+    return key
+
+
+def load_secret(run_dir: Path) -> bytes:
+    key = run_dir / KEY_FILE
+    try:
+        st = key.stat()
+        data = key.read_bytes().strip()
+    except FileNotFoundError:
+        raise CardqError(f"{key}: no key file; run `cardq init` (or start `cardq supervise`) first") from None
+    except OSError as e:
+        raise CardqError(f"{key}: cannot read the key file: {e.strerror}") from None
+    if st.st_mode & 0o077:
+        raise CardqError(f"{key}: key file is readable by others (mode {st.st_mode & 0o777:o}); expected 0600")
+    if len(data) < 32:
+        raise CardqError(f"{key}: key file is too short; expected 64 hex characters")
+    return data
+
+
+def authkey(secret: bytes) -> bytes:
+    return hashlib.sha256(b"cardq-auth:" + secret).digest()
+
+
+def ip_hasher(secret: bytes):
+    """client IP -> 16 hex characters of HMAC-SHA256 under a key derived from the secret (never the raw IP)."""
+    key = hashlib.sha256(b"cardq-ip:" + secret).digest()
+
+    def hash_ip(ip: str) -> str:
+        return hmac.new(key, ip.encode(), hashlib.sha256).hexdigest()[:16]
+
+    return hash_ip

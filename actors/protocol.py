@@ -1,0 +1,65 @@
+"""Frames on the wire: orjson bytes only, never pickle.
+
+Request: {"id": n, "op": "incr", "a": {...}} (an ask; "id" absent for a tell).
+Answer:  {"id": n, "ok": true, "r": result} or {"id": n, "ok": false, "code": "...", "err": "one line"}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from typing import Any
+
+import orjson
+
+from cardq.errors import CardqError
+
+
+class ActorError(CardqError):
+    """The actor answered with an error (bad arguments, dead-lettered message, ...)."""
+
+    def __init__(self, message: str, code: str = "error"):
+        super().__init__(message)
+        self.code = code
+
+
+class ActorTimeout(ActorError):
+    """Sent, but no answer within the ask timeout. The request may or may not have been applied; retry with
+    the same op_id to have it applied exactly once."""
+
+
+class ActorUnavailable(ActorError):
+    """No connection to the actor could be made within the ask timeout (not running, restarting, wrong key)."""
+
+
+class Overloaded(ActorError):
+    """A gate's wait queue is full: the soft "we're overloaded, retry" answer."""
+
+
+class BadFrame(Exception):
+    pass
+
+
+def encode(msg: dict[str, Any]) -> bytes:
+    return orjson.dumps(msg)
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    try:
+        msg = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise BadFrame(f"not JSON: {e}") from None
+    if not isinstance(msg, dict):
+        raise BadFrame("a frame must be a JSON object")
+    return msg
+
+
+def shard_of(key: str, shards: int) -> int:
+    """A key's shard: crc32, stable across processes and restarts (unlike Python's hash())."""
+    return zlib.crc32(key.encode()) % shards if shards > 1 else 0
+
+
+def fingerprint(actor: str, op: str, args: Any) -> str:
+    """Identifies a message across retries and restarts (for dead-lettering poison messages)."""
+    body = orjson.dumps([actor, op, args], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(body).hexdigest()[:12]  # 48 bits: fits exactly in the shared-memory slot (a double)

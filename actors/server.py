@@ -1,0 +1,322 @@
+"""The actor process: one shard of one actor, a serial mailbox on its own Unix socket.
+
+Loop: wait for any client connection (or a new one, or a deadline); read every frame that is ready into one
+batch; apply the batch in ONE SQLite transaction (each message under its own savepoint); commit; only then send
+the answers — an actor never answers for a state change that is not committed (the Durable Object output gate),
+and one commit serves many messages (group commit).
+
+Robustness:
+- connections are accepted and authenticated (multiprocessing.connection's HMAC challenge, both ways) on a
+  short-lived thread with socket timeouts, so a client that connects and says nothing delays no one;
+- a wrong key, a frame that is not a JSON object, or one over max_frame_bytes closes that connection and is
+  logged; everyone else keeps being served;
+- a message that fails its handler (an exception) is rolled back alone; one that fails 3 times — or whose
+  handling killed the actor process 3 times, as the supervisor records from the actor's shared-memory slot — is
+  moved to actor_dead_letters and answered with an error instead of crash-looping the actor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge, wait
+from pathlib import Path
+from typing import Any
+
+import apsw
+import msgspec
+
+from actors import keys, protocol
+from cardq import app, logs
+from cardq.children import EXIT_STOPPED, ChildContext
+from cardq.config import LoadedConfig
+
+MAX_FAILURES = 3
+HANDSHAKE_TIMEOUT_S = 2.0
+SEND_TIMEOUT_S = 1.0
+READ_BATCH = 512  # frames read from one connection per loop turn, so one busy client cannot starve the rest
+DEFER = object()  # a handler's answer that will come later (a gate waiter)
+
+
+def socket_path(run_dir: Path, actor: str, shard: int) -> Path:
+    return run_dir / f"{actor}-{shard}.sock"
+
+
+@dataclass(eq=False)
+class Client:
+    conn: Connection
+    pid: int
+    name: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def send(self, frame: bytes) -> bool:
+        try:
+            self.conn.send_bytes(frame)
+            return True
+        except (OSError, ValueError):
+            return False
+
+
+class Behaviour:
+    """What an actor does. Subclasses define `ops` = {op: (msgspec Struct of arguments or None, method)}; a
+    method runs inside the batch's transaction as method(c, client, args, msg_id) and returns the answer (or
+    DEFER). State kept in memory must be rebuilt from SQLite in __init__: after a crash the process starts anew."""
+
+    name = "actor"
+    ops: dict[str, tuple[type | None, str]] = {}
+
+    def __init__(self, loaded: LoadedConfig, db: Any, shard: int):
+        self.loaded, self.db, self.shard = loaded, db, shard
+        self.log = logs.get(actor=self.name, shard=shard)
+
+    def tick(self, c: apsw.Connection, now: float) -> list[tuple[Client, int, dict[str, Any]]]:
+        """Periodic work inside a write transaction; returns deferred answers now due."""
+        return []
+
+    def next_tick(self, now: float) -> float:
+        """When tick() next wants to run (epoch seconds)."""
+        return now + 1.0
+
+    def on_disconnect(self, client: Client) -> None:
+        pass
+
+
+class ActorServer:
+    def __init__(self, ctx: ChildContext, behaviour_cls: type[Behaviour]):
+        self.ctx = ctx
+        self.loaded = ctx.loaded
+        self.actor, self.shard = ctx.spec.args["actor"], ctx.spec.args["shard"]
+        self.run_dir = self.loaded.run_dir
+        self.path = socket_path(self.run_dir, self.actor, self.shard)
+        self.authkey = keys.authkey(keys.load_secret(self.run_dir))
+        self.max_frame = self.loaded.config.actors.max_frame_bytes
+        self.db = app.open_db(self.loaded, autocheckpoint=False)
+        self.behaviour = behaviour_cls(self.loaded, self.db, self.shard)
+        self.clients: dict[Connection, Client] = {}
+        self.new_clients: queue.SimpleQueue[Client] = queue.SimpleQueue()
+        self.wake_r, self.wake_w = os.pipe()
+        self.log = logs.get(actor=self.actor, shard=self.shard)
+        self.failures = dict(self.db.conn.execute(
+            "SELECT fingerprint, failures FROM actor_failures WHERE actor = ?", (self.actor,)).fetchall())
+
+    # ---- sockets --------------------------------------------------------------------------------------------
+
+    def listen(self) -> socket.socket:
+        self.path.unlink(missing_ok=True)  # a dead predecessor's socket file: we are its successor
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # created 0600: no window in which another user could connect
+        try:
+            sock.bind(str(self.path))
+        finally:
+            os.umask(old)
+        sock.listen(256)
+        sock.setblocking(False)
+        return sock
+
+    def accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            threading.Thread(target=self._handshake, args=(sock,), daemon=True, name="handshake").start()
+
+    def _handshake(self, sock: socket.socket) -> None:
+        sock.setblocking(True)
+        timeval = struct.pack("ll", int(HANDSHAKE_TIMEOUT_S), 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(SEND_TIMEOUT_S), 0))
+        conn = Connection(sock.detach())
+        try:
+            deliver_challenge(conn, self.authkey)
+            answer_challenge(conn, self.authkey)
+            hello = protocol.decode(conn.recv_bytes(4096))
+            pid = hello.get("pid")
+            if not isinstance(pid, int):
+                raise protocol.BadFrame("hello without a pid")
+        except Exception as e:  # wrong key, garbage, silence: refuse this one connection, serve everyone else
+            self.log.warning("gateway.refused", reason=f"{type(e).__name__}: {e}"[:200])
+            conn.close()
+            return
+        self.new_clients.put(Client(conn, pid, str(hello.get("name", ""))[:64]))
+        with contextlib.suppress(OSError):
+            os.write(self.wake_w, b"x")
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        listener = self.listen()
+        self.log.info("actor.started", socket=str(self.path))
+        next_tick = 0.0
+        try:
+            while not self.ctx.stopping:
+                now = time.time()
+                timeout = max(0.0, min(next_tick - now, 0.5))
+                ready = wait([listener, self.wake_r, self.ctx.channel.conn, *self.clients], timeout)
+                batch: list[tuple[Client, dict[str, Any]]] = []
+                for r in ready:
+                    if r is listener:
+                        self.accept(listener)
+                    elif r == self.wake_r:
+                        os.read(self.wake_r, 4096)
+                    elif r is self.ctx.channel.conn:
+                        self._commands()
+                    else:
+                        self._read(self.clients[r], batch)
+                while not self.new_clients.empty():
+                    client = self.new_clients.get()
+                    self.clients[client.conn] = client
+                now = time.time()
+                due = now >= next_tick
+                if batch or due:
+                    self.process(batch, tick=due)
+                    if due:
+                        next_tick = self.behaviour.next_tick(now)
+        finally:
+            listener.close()
+            self.path.unlink(missing_ok=True)
+            for client in list(self.clients.values()):
+                client.conn.close()
+            self.db.close()
+        return EXIT_STOPPED
+
+    def _commands(self) -> None:
+        while self.ctx.channel.poll(0):
+            msg = self.ctx.channel.recv()
+            if msg is None or msg.get("cmd") == "stop":
+                self.ctx.stop_requested[0] = True
+                return
+
+    def _read(self, client: Client, batch: list[tuple[Client, dict[str, Any]]]) -> None:
+        conn = client.conn
+        for _ in range(READ_BATCH):
+            try:
+                if not conn.poll(0):
+                    return
+                data = conn.recv_bytes(self.max_frame)
+            except (EOFError, OSError) as e:
+                if not isinstance(e, EOFError):
+                    self.log.warning("gateway.refused", pid=client.pid, reason=f"frame: {e} (max_frame_bytes="
+                                     f"{self.max_frame})")
+                self._drop(client)
+                return
+            try:
+                msg = protocol.decode(data)
+                if not isinstance(msg.get("op"), str) or not isinstance(msg.get("a", {}), dict):
+                    raise protocol.BadFrame('expected {"op": name, "a": {...}}')
+            except protocol.BadFrame as e:
+                self.log.warning("gateway.refused", pid=client.pid, reason=f"bad frame: {e}")
+                self._drop(client)
+                return
+            batch.append((client, msg))
+
+    def _drop(self, client: Client) -> None:
+        self.clients.pop(client.conn, None)
+        client.conn.close()
+        self.behaviour.on_disconnect(client)
+
+    def process(self, batch: list[tuple[Client, dict[str, Any]]], *, tick: bool) -> None:
+        """Apply a batch in one transaction, commit, then answer."""
+        now = time.time()
+
+        def tx(c: apsw.Connection) -> list[tuple[Client, int, dict[str, Any]]]:
+            answers = []
+            for client, msg in batch:
+                answer = self._handle(c, client, msg)
+                if answer is not None and msg.get("id") is not None:
+                    answers.append((client, msg["id"], answer))
+            if tick:
+                answers += self.behaviour.tick(c, now)
+            return answers
+
+        # A store failure here (database locked past every retry, disk full) ends the process: the supervisor
+        # restarts it, memory is rebuilt from SQLite, and unanswered asks are retried by their clients.
+        answers = self.db.write(tx, f"{self.actor} batch")
+        for client, msg_id, answer in answers:
+            if client.conn in self.clients and not client.send(protocol.encode({"id": msg_id, **answer})):
+                self._drop(client)
+
+    def _handle(self, c: apsw.Connection, client: Client, msg: dict[str, Any]) -> dict[str, Any] | None:
+        op, args = msg["op"], msg.get("a", {})
+        spec = self.behaviour.ops.get(op)
+        if spec is None:
+            return _error("bad_request", f"unknown op {op!r} for {self.actor}; expected one of: "
+                                         f"{', '.join(self.behaviour.ops)}")
+        struct_type, method = spec
+        if struct_type is not None:
+            try:
+                args = msgspec.convert(args, struct_type, strict=True)
+            except msgspec.ValidationError as e:
+                return _error("bad_request", f"{op}: {e}")
+        fp = protocol.fingerprint(self.actor, op, msg.get("a", {}))
+        if self.failures.get(fp, 0) >= MAX_FAILURES:
+            return self._dead_letter(c, fp, msg, "moved to the dead-letter table after failing 3 times")
+        c.execute("SAVEPOINT msg")
+        self.ctx.slot.begin(int(fp, 16), time.time())
+        try:
+            result = getattr(self.behaviour, method)(c, client, args, msg.get("id"))
+            c.execute("RELEASE msg")
+        except protocol.ActorError as e:  # a refusal (bad argument): an answer, not a failure
+            c.execute("ROLLBACK TO msg")
+            c.execute("RELEASE msg")
+            return _error(e.code, str(e))
+        except Exception as e:  # the handler failed on this message: roll it back alone and count it
+            c.execute("ROLLBACK TO msg")
+            c.execute("RELEASE msg")
+            return self._failed(c, fp, msg, f"{type(e).__name__}: {e}")
+        finally:
+            self.ctx.slot.end()
+        if result is DEFER:
+            return None
+        return {"ok": True, "r": result}
+
+    def _failed(self, c: apsw.Connection, fp: str, msg: dict[str, Any], error: str) -> dict[str, Any]:
+        count = record_failure(c, self.actor, fp, error)
+        self.failures[fp] = count
+        self.log.error("actor.message_failed", op=msg.get("op"), fingerprint=fp, failures=count, error=error[:300])
+        if count >= MAX_FAILURES:
+            return self._dead_letter(c, fp, msg, error)
+        return _error("failed", f"{msg.get('op')} failed ({count} of {MAX_FAILURES}): {error}"[:500])
+
+    def _dead_letter(self, c: apsw.Connection, fp: str, msg: dict[str, Any], error: str) -> dict[str, Any]:
+        c.execute(
+            "INSERT INTO actor_dead_letters (actor, fingerprint, message, error, failures, at) VALUES (?, ?, ?, ?, ?,"
+            " ?)", (self.actor, fp, protocol.encode({"op": msg.get("op"), "a": msg.get("a", {})}).decode(),
+                    error[:500], self.failures.get(fp, MAX_FAILURES), time.time()))
+        self.log.error("actor.dead_letter", op=msg.get("op"), fingerprint=fp)
+        return _error("dead_letter", f"{msg.get('op')}: this message failed {MAX_FAILURES} times and was moved to "
+                                     "the dead-letter table (actor_dead_letters)")
+
+
+def record_failure(c: apsw.Connection, actor: str, fp: str, error: str) -> int:
+    """Count one failure of a message (also called by the supervisor when a message killed its actor)."""
+    return c.execute(
+        "INSERT INTO actor_failures (fingerprint, actor, failures, last_error, at) VALUES (?, ?, 1, ?, ?)"
+        " ON CONFLICT (fingerprint) DO UPDATE SET failures = failures + 1, last_error = excluded.last_error,"
+        " at = excluded.at RETURNING failures", (fp, actor, error[:500], time.time())).fetchall()[0][0]
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"ok": False, "code": code, "err": message}
+
+
+BEHAVIOURS = {
+    "counter": "actors.counter:Counter",
+    "ratelimit": "actors.ratelimit:RateLimiter",
+    "paths": "actors.paths:PathCollector",
+}
+
+
+def main(ctx: ChildContext) -> int:
+    """Child target ("actors.server:main"); spec args {"actor": name, "shard": n}."""
+    import importlib
+
+    module, _, cls = BEHAVIOURS[ctx.spec.args["actor"]].partition(":")
+    behaviour = getattr(importlib.import_module(module), cls)
+    return ActorServer(ctx, behaviour).run()
