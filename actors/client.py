@@ -31,6 +31,7 @@ from actors.server import socket_path
 from cardq.config import LoadedConfig
 
 RECONNECT_PAUSE_S = 0.02
+WINDOW = 128  # most asks one client has unanswered on one connection
 
 
 class Client:
@@ -124,16 +125,20 @@ class Client:
 
     def _exchange(self, actor: str, shard: int, ids: list[int], pending: dict[int, tuple[int, int, dict]],
                   results: list[Any], deadline: float) -> None:
+        """Send `ids` with at most WINDOW unanswered at a time (reading answers while sending, so neither side's
+        socket buffer can fill up and stall the other), until every one is answered."""
         waiting = set(ids)
-        sent = False
         while waiting:
             conn = self._link(actor, shard, deadline)
+            to_send = sorted(waiting)
+            in_flight = 0
             try:
-                if not sent:
-                    for msg_id in sorted(waiting):
-                        conn.send_bytes(protocol.encode(pending[msg_id][2]))
-                    sent = True
                 while waiting:
+                    if to_send and in_flight < WINDOW:
+                        conn.send_bytes(protocol.encode(pending[to_send.pop(0)][2]))
+                        in_flight += 1
+                        if not conn.poll(0):
+                            continue
                     left = deadline - time.monotonic()
                     if left <= 0 or not conn.poll(left):
                         raise ActorTimeout(f"{actor} shard {shard}: no answer within "
@@ -143,12 +148,12 @@ class Client:
                     if msg_id not in waiting:
                         continue  # a late answer to an ask that already timed out
                     waiting.discard(msg_id)
+                    in_flight -= 1
                     results[pending[msg_id][0]] = _result(answer)
             except (EOFError, OSError, protocol.BadFrame):
                 # The actor went away (crash, restart) mid-exchange: reconnect and send what is unanswered
                 # again. State-changing asks carry op ids, so a resent one is applied once.
                 self._forget(actor, shard)
-                sent = False
                 if time.monotonic() >= deadline:
                     raise ActorTimeout(f"{actor} shard {shard}: connection lost, no answer within "
                                        f"{self.timeout_s:g}s", "timeout") from None

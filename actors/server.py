@@ -35,7 +35,7 @@ import msgspec
 from actors import keys, protocol
 from cardq import app, logs
 from cardq.children import EXIT_STOPPED, ChildContext
-from cardq.config import LoadedConfig
+from cardq.config import LoadedConfig, parse_config
 
 MAX_FAILURES = 3
 HANDSHAKE_TIMEOUT_S = 2.0
@@ -85,6 +85,14 @@ class Behaviour:
 
     def on_disconnect(self, client: Client) -> None:
         pass
+
+    def drain_answers(self) -> list[tuple[Client, int, dict[str, Any]]]:
+        """Answers to earlier (deferred) asks that this batch made due; sent after the commit."""
+        return []
+
+    def apply_config(self, loaded: LoadedConfig) -> None:
+        """A reloaded config (SIGHUP), already validated by the supervisor."""
+        self.loaded = loaded
 
 
 class ActorServer:
@@ -192,6 +200,11 @@ class ActorServer:
             if msg is None or msg.get("cmd") == "stop":
                 self.ctx.stop_requested[0] = True
                 return
+            if msg.get("cmd") == "config":
+                config = parse_config(msg["text"].encode(), msg.get("path") or "config.toml")
+                self.loaded = LoadedConfig(config, self.loaded.path, msg["digest"], self.loaded.explicit)
+                self.behaviour.apply_config(self.loaded)
+                self.log.info("actor.config_applied", digest=msg["digest"])
 
     def _read(self, client: Client, batch: list[tuple[Client, dict[str, Any]]]) -> None:
         conn = client.conn
@@ -233,6 +246,7 @@ class ActorServer:
                     answers.append((client, msg["id"], answer))
             if tick:
                 answers += self.behaviour.tick(c, now)
+            answers += self.behaviour.drain_answers()
             return answers
 
         # A store failure here (database locked past every retry, disk full) ends the process: the supervisor
