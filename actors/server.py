@@ -90,6 +90,9 @@ class Behaviour:
         """Answers to earlier (deferred) asks that this batch made due; sent after the commit."""
         return []
 
+    def on_rollback(self) -> None:
+        """A message's changes were rolled back: drop whatever in-memory state it may have touched."""
+
     def apply_config(self, loaded: LoadedConfig) -> None:
         """A reloaded config (SIGHUP), already validated by the supervisor."""
         self.loaded = loaded
@@ -283,6 +286,7 @@ class ActorServer:
         except Exception as e:  # the handler failed on this message: roll it back alone and count it
             c.execute("ROLLBACK TO msg")
             c.execute("RELEASE msg")
+            self.behaviour.on_rollback()
             return self._failed(c, fp, msg, f"{type(e).__name__}: {e}")
         finally:
             self.ctx.slot.end()

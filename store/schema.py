@@ -186,8 +186,10 @@ MIGRATIONS: list[str] = [
     -- Events written here when the collector is unavailable; it drains them when it is back.
     CREATE TABLE traffic_inbox (
         id    INTEGER PRIMARY KEY,
-        event TEXT NOT NULL
+        shard INTEGER NOT NULL,  -- the collector shard that owns the event's (normalized) path
+        event TEXT    NOT NULL
     );
+    CREATE INDEX traffic_inbox_shard ON traffic_inbox (shard, id);
     """,
 ]
 

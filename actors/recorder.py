@@ -1,0 +1,119 @@
+"""Recording traffic events from an app's request path: buffered, never blocking, never lost.
+
+record() validates the event, computes its idempotent id and the keyed hash of the client IP, and puts it on an
+in-memory queue; a background thread sends batches (max_batch_size, at least every max_batch_wait_ms) to the
+PathCollector shard that owns each path and waits for the answer, which comes after the commit. A batch the
+collector cannot take (not running, restarting, timed out) is written to the durable traffic_inbox table, which
+the collector drains when it is back; a batch sent twice counts once (idempotent ids). Only if the in-memory queue
+itself is full does record() write to the inbox directly.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Any
+
+import orjson
+
+from actors import keys, protocol
+from actors.protocol import ActorError
+from actors.traffic import PathNormalizer, make_event
+from cardq import app
+from cardq.config import LoadedConfig
+
+QUEUE_MAX = 100_000
+
+
+class EventRecorder:
+    def __init__(self, loaded: LoadedConfig, name: str = ""):
+        self.loaded = loaded
+        cfg = loaded.config.paths
+        self.enabled = cfg.enabled and loaded.config.actors.paths_shards > 0
+        self.shards = max(1, loaded.config.actors.paths_shards)
+        self.max_batch, self.max_wait_s = cfg.max_batch_size, cfg.max_batch_wait_ms / 1000
+        self.normalize = PathNormalizer(cfg.id_rules)
+        self.hash_ip = keys.ip_hasher(keys.load_secret(loaded.run_dir))
+        self.name = name
+        self.queue: queue.Queue[dict[str, Any] | None] = queue.Queue(QUEUE_MAX)
+        self.sent = self.to_inbox = 0
+        self._idle = threading.Event()
+        self._idle.set()
+        self._db_lock = threading.Lock()
+        self._db = None
+        self._thread = threading.Thread(target=self._run, name="cardq-events", daemon=True)
+        self._thread.start()
+
+    def record(self, **fields: Any) -> str:
+        """Queue one event; returns its idempotent id. Raises InputError for an event that cannot be one."""
+        event = make_event(normalize=self.normalize, hash_ip=self.hash_ip, **fields)
+        if not self.enabled:
+            return event["id"]
+        self._idle.clear()
+        try:
+            self.queue.put_nowait(event)
+        except queue.Full:
+            self._inbox([event])
+        return event["id"]
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every queued event was taken by the collector or written to the inbox."""
+        deadline = time.monotonic() + timeout
+        while not (self.queue.empty() and self._idle.is_set()):
+            if time.monotonic() > deadline:
+                return False
+            self._idle.wait(0.01)
+        return True
+
+    def close(self) -> None:
+        self.flush()
+        self.queue.put(None)
+        self._thread.join(5)
+        if self._db is not None:
+            self._db.close()
+
+    def _run(self) -> None:
+        from actors.client import Client
+
+        client = Client.from_config(self.loaded, name=f"{self.name}-events")
+        while True:
+            first = self.queue.get()
+            if first is None:
+                client.close()
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                try:
+                    item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    self.queue.put(None)
+                    break
+                batch.append(item)
+            self._send(client, batch)
+            if self.queue.empty():
+                self._idle.set()
+
+    def _send(self, client: Any, batch: list[dict[str, Any]]) -> None:
+        by_shard: dict[int, list[dict[str, Any]]] = {}
+        for event in batch:
+            by_shard.setdefault(protocol.shard_of(event["path"], self.shards), []).append(event)
+        for shard_events in by_shard.values():
+            try:
+                client.ask("paths", shard_events[0]["path"], "record", {"events": shard_events})
+                self.sent += len(shard_events)
+            except ActorError:
+                self._inbox(shard_events)
+
+    def _inbox(self, events: list[dict[str, Any]]) -> None:
+        with self._db_lock:
+            if self._db is None:
+                self._db = app.open_db(self.loaded)
+            self._db.write(lambda c: c.executemany(
+                "INSERT INTO traffic_inbox (shard, event) VALUES (?, ?)",
+                [(protocol.shard_of(e["path"], self.shards), orjson.dumps(e).decode()) for e in events]),
+                "traffic inbox")
+        self.to_inbox += len(events)
