@@ -12,6 +12,7 @@ supervisor by owner name — so this loop stays single-threaded and a crash at a
 
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
 import time
@@ -20,6 +21,8 @@ from typing import Any
 import orjson
 import structlog
 
+from actors.client import Client
+from actors.protocol import ActorError
 from cardq import app, logs
 from cardq.children import EXIT_CONFIG, EXIT_STOPPED, EXIT_STORE, ChildContext
 from cardq.config import LoadedConfig, parse_config
@@ -50,6 +53,7 @@ class Worker:
         self.handler: Handler = load_handler(self.loaded.config.workers.handler)
         self.rng = random.Random()
         self.log = logs.get()
+        self.client: Client | None = None  # to the actors, made on first use
         self.pending: list[tuple[int, int, Any]] = []  # finished, not yet committed: (id, token, result)
         self.pending_since = 0.0
 
@@ -107,6 +111,17 @@ class Worker:
         self.handler = handler
         self.log.info("worker.config_applied", digest=msg["digest"])
 
+    def gate(self, kind: str) -> Any:
+        """The concurrency gate configured for this job kind, held around the handler call so the limit on
+        concurrent upstream calls holds across every worker (none: a no-op)."""
+        w = self.loaded.config.workers
+        name = w.gate_by_kind.get(kind, w.gate)
+        if not name or self.loaded.config.actors.ratelimit_shards < 1:
+            return contextlib.nullcontext()
+        if self.client is None:
+            self.client = Client.from_config(self.loaded, name=self.owner)
+        return self.client.gate(name)
+
     def run_one(self, claimed: jobs.Claimed) -> None:
         w = self.loaded.config.workers
         self.ctx.slot.begin(claimed.id, time.time())
@@ -142,15 +157,18 @@ class Worker:
             payload = orjson.loads(claimed.payload)
             job = Job(claimed.id, claimed.user_id, claimed.plan, claimed.kind, payload, claimed.attempt,
                       claimed.max_attempts, self.loaded.config)
-            signal.setitimer(signal.ITIMER_REAL, timeout_s)
-            try:
-                result = self.handler(job)
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
+            with self.gate(claimed.kind):
+                signal.setitimer(signal.ITIMER_REAL, timeout_s)
+                try:
+                    result = self.handler(job)
+                finally:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
         except JobTimeout:
             return self._fail(claimed, f"timeout: the handler ran longer than job_timeout_s={timeout_s:g}")
         except PermanentError as e:
             return self._fail(claimed, f"permanent: {e}", permanent=True)
+        except ActorError as e:  # the gate could not be had (overloaded, or its actor unreachable): retry later
+            return self._fail(claimed, f"gate: {e}")
         except Exception as e:  # the handler's failure is data (the job's error), not the worker's
             return self._fail(claimed, f"{type(e).__name__}: {e}")
         try:

@@ -211,7 +211,7 @@ def test_every_log_line_names_its_process_and_job(deploy):
     lines = d.log_lines()
     assert lines and all({"role", "pid", "event", "level", "timestamp"} <= line.keys() for line in lines)
     roles = {line["role"] for line in lines}
-    assert roles == {"supervisor", "worker"}
+    assert roles == {"supervisor", "worker", "actor"}
     failed = [line for line in lines if line["event"] == "job.failed"]
     assert failed and failed[0]["job_id"] == ids[1] and failed[0]["next"] == "dead"
     assert failed[0]["error"] == "permanent: nope"
