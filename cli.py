@@ -14,7 +14,7 @@ import click
 import orjson
 
 from cardq import app, render
-from cardq.errors import EXIT_FAILURE, EXIT_USAGE, CardqError, ConfigError, InputError
+from cardq.errors import EXIT_FAILURE, EXIT_LIMIT, EXIT_USAGE, CardqError, ConfigError, InputError
 from cardq.inputs import FORMATS, parse_items, read_text
 from cardq.running import supervisor_summary
 from store import admin, processes, queries
@@ -111,6 +111,9 @@ def init(config_path: str | None) -> None:
     loaded = app.load(target)
     with app.open_db(loaded, create=True) as db:
         click.echo(f"database: {db.path} ready (schema v{db.conn.execute('PRAGMA user_version').fetchall()[0][0]})")
+    from actors import keys
+
+    click.echo(f"key file: {keys.ensure_run_dir(loaded.run_dir)} (mode 0600; apps authenticate with it)")
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -179,6 +182,7 @@ def status(as_json: bool, top: int, config_path: str | None) -> None:
         raise
     data["config"] = {"file": loaded.source, "digest": loaded.digest, "error": config_error}
     data["supervisor"] = supervisor_summary(loaded, data["processes"])
+    data["gates"] = _gate_stats(loaded) if data["supervisor"]["running"] else None
     if as_json:
         emit_json(data)
     else:
@@ -187,6 +191,19 @@ def status(as_json: bool, top: int, config_path: str | None) -> None:
         # Shown anyway (a running supervisor keeps its last good config), but a script must notice.
         click.echo(f"cardq: {config_error} (status shown with built-in limits)", err=True)
         sys.exit(EXIT_USAGE)
+
+
+def _gate_stats(loaded) -> dict | str:
+    """The running gates, or why they cannot be shown (status must work even when the actors do not)."""
+    from actors.client import Client
+    from actors.protocol import ActorError
+
+    try:
+        with Client.from_config(loaded, name="status") as client:
+            client.timeout_s = 0.5
+            return client.ratelimit.gate_stats()
+    except (ActorError, CardqError) as e:
+        return f"unavailable: {e}"
 
 
 @cli.group(epilog=EXIT_CODES_HELP)
@@ -383,6 +400,105 @@ def selftest(config_path: str | None) -> None:
         click.echo(f"{'ok  ' if check.ok else 'FAIL'}  {check.name:<10}  {check.detail}")
     if not all(c.ok for c in checks):
         sys.exit(EXIT_FAILURE)
+
+
+def _client(config_path: str | None):
+    from actors.client import Client
+
+    return Client.from_config(app.load(config_path), name="cli")
+
+
+@cli.group(epilog=EXIT_CODES_HELP)
+def ratelimit() -> None:
+    """Rate limits (GCRA, per key; policies from [ratelimit])."""
+
+
+@ratelimit.command("check")
+@click.argument("key")
+@click.option("--cost", default=1, show_default=True, type=click.IntRange(1, 1_000_000), help="Units to spend.")
+@json_option
+@config_option
+def ratelimit_check(key: str, cost: int, as_json: bool, config_path: str | None) -> None:
+    """Spend COST of KEY's limit if allowed; exit 3 when not. Example: cardq ratelimit check user:42"""
+    with _client(config_path) as client:
+        r = client.ratelimit.check(key, cost)
+    if as_json:
+        emit_json(r)
+    else:
+        click.echo(f"{'allowed' if r['allowed'] else 'DENIED'}: limit {r['limit']}, remaining {r['remaining']}, "
+                   f"retry after {r['retry_after_s']:.3f}s, full again after {r['reset_after_s']:.3f}s")
+    if not r["allowed"]:
+        sys.exit(EXIT_LIMIT)
+
+
+@cli.group(epilog=EXIT_CODES_HELP)
+def counter() -> None:
+    """Named counters, exactly once (usage:<user> is a user's jobs done today)."""
+
+
+@counter.command("get")
+@click.argument("key")
+@config_option
+def counter_get(key: str, config_path: str | None) -> None:
+    """Print KEY's value. Example: cardq counter get usage:u42"""
+    with _client(config_path) as client:
+        click.echo(client.counter.get(key))
+
+
+@counter.command("incr", context_settings={"ignore_unknown_options": True})
+@click.argument("key")
+@click.argument("n", default=1, type=int)
+@click.option("--op-id", help="Makes a retry apply once: the same op id is never applied twice.")
+@config_option
+def counter_incr(key: str, n: int, op_id: str | None, config_path: str | None) -> None:
+    """Add N (default 1) to KEY and print the new value. Example: cardq counter incr cards:made 5"""
+    with _client(config_path) as client:
+        click.echo(client.counter.incr(key, n, op_id))
+
+
+@cli.group(epilog=EXIT_CODES_HELP)
+def event() -> None:
+    """Traffic events for the path collector."""
+
+
+@event.command("record")
+@click.option("--path", "path", required=True, help="Request path (query string dropped, ids normalized).")
+@click.option("--status", required=True, type=int, help="HTTP status.")
+@click.option("--ms", "response_ms", required=True, type=float, help="Response time in milliseconds.")
+@click.option("--method", default="GET", show_default=True)
+@click.option("--ip", "client_ip", default="", help="Client IP (stored only as a keyed hash).")
+@click.option("--request-id", default="", help="Request id (part of the idempotent event id).")
+@click.option("--bytes", "size", type=int, help="Response size in bytes.")
+@click.option("--id", "idempotent_id", help="The event's id, <13-digit ts_ms>-<8 hex>, if the caller has one.")
+@config_option
+def event_record(path: str, status: int, response_ms: float, method: str, client_ip: str, request_id: str,
+                 size: int | None, idempotent_id: str | None, config_path: str | None) -> None:
+    """Record one event and wait until the collector (or, if it is down, the inbox) has it."""
+    with _client(config_path) as client:
+        event_id = client.events.record(path=path, status=status, response_ms=response_ms, method=method,
+                                        client_ip=client_ip, request_id=request_id, bytes=size,
+                                        idempotent_id=idempotent_id)
+        client.events.flush()
+        where = "collector" if client.events.sent else "inbox (the collector is not reachable)"
+    click.echo(f"{event_id} -> {where}")
+
+
+@cli.group(epilog=EXIT_CODES_HELP)
+def diag() -> None:
+    """Diagnostics of the running actors (the old /admin/diag)."""
+
+
+@diag.command("gates")
+@json_option
+@config_option
+def diag_gates(as_json: bool, config_path: str | None) -> None:
+    """Each gate: active, queued, dropped_since_boot, avg/p95 wait, last drop, and the limits in effect."""
+    with _client(config_path) as client:
+        stats = client.ratelimit.gate_stats()
+    if as_json:
+        emit_json(stats)
+    else:
+        click.echo(render.gates(stats))
 
 
 def main() -> None:

@@ -110,6 +110,18 @@ class Client:
                     raise r
         return results
 
+    def ask_shard(self, actor: str, shard: int, op: str, args: dict[str, Any], *,
+                  timeout: float | None = None) -> Any:
+        """An ask to one given shard (for questions every shard answers about itself)."""
+        deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
+        self._next_id += 1
+        pending = {self._next_id: (0, shard, {"id": self._next_id, "op": op, "a": args})}
+        results: list[Any] = [None]
+        self._exchange(actor, shard, [self._next_id], pending, results, deadline)
+        if isinstance(results[0], ActorError):
+            raise results[0]
+        return results[0]
+
     def tell(self, actor: str, key: str, op: str, args: dict[str, Any]) -> None:
         """Fire and forget: sent if the actor can be reached within the ask timeout, no answer awaited."""
         shard = protocol.shard_of(key, self._shards(actor))
@@ -255,9 +267,8 @@ class RateLimitAPI:
         return self._c.ask_many("ratelimit", [(k, "check", {"key": k, "cost": cost}) for k in keys_])
 
     def gate_stats(self) -> dict[str, Any]:
+        """Every gate's figures and limits in effect, from every shard."""
         out: dict[str, Any] = {}
         for shard in range(self._c._shards("ratelimit")):
-            key = next(f"gate:{i}" for i in range(10_000)
-                       if protocol.shard_of(f"gate:{i}", self._c.shards["ratelimit"]) == shard)
-            out.update(self._c.ask("ratelimit", key, "gate_stats", {}))
+            out.update(self._c.ask_shard("ratelimit", shard, "gate_stats", {}))
         return out

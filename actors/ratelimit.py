@@ -25,6 +25,7 @@ from typing import Any
 import apsw
 import msgspec
 
+from actors import protocol
 from actors.protocol import ActorError
 from actors.server import DEFER, Behaviour, Client
 from cardq.config import GateConfig, LoadedConfig
@@ -186,7 +187,10 @@ class RateLimiter(Behaviour):
         return {"released": held}
 
     def gate_stats(self, c: apsw.Connection, client: Client, a: Any, msg_id: int | None) -> dict[str, Any]:
-        return {name: {**gate.stats(), "config": self.config_digest} for name, gate in self.gates.items()}
+        """The gates this shard serves (a gate lives on the shard its name hashes to)."""
+        shards = self.loaded.config.actors.ratelimit_shards
+        return {name: {**gate.stats(), "config": self.config_digest} for name, gate in self.gates.items()
+                if protocol.shard_of(f"gate:{name}", shards) == self.shard}
 
     def _grant(self, c: apsw.Connection, gate: Gate, permit: str, pid: int, since: float, now: float) -> None:
         c.execute("INSERT INTO gate_permits (permit_id, gate, pid, acquired_at) VALUES (?, ?, ?, ?)",

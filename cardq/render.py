@@ -50,6 +50,9 @@ def status(data: dict[str, Any]) -> str:
     sup = data.get("supervisor")
     if sup is not None:
         out += ["", _supervisor(sup)]
+    gates = data.get("gates")
+    if gates:
+        out += ["", "gates:", gates if isinstance(gates, str) else globals()["gates"](gates)]
     if data["users"]:
         out += ["", "busiest users:", table(["user", "queued", "processing"],
                                             ([u["user_id"], u["queued"], u["processing"]] for u in data["users"]))]
@@ -83,6 +86,16 @@ def job_table(rows: list[dict[str, Any]]) -> str:
         ([r["id"], r["user_id"], r["plan"], r["kind"], r["status"], f"{r['attempts']}/{r['max_attempts']}",
           age(now - r["created_at"]), (r["last_error"] or "")[:60]] for r in rows),
     )
+
+
+def gates(stats: dict[str, dict[str, Any]]) -> str:
+    return table(
+        ["gate", "active", "queued", "max_concurrency", "max_queue", "dropped", "avg_wait_ms", "p95_wait_ms",
+         "last_drop"],
+        ([name, g["active"], g["queued"], g["max_concurrency"], g["max_queue"], g["dropped_since_boot"],
+          g["avg_wait_ms"], g["p95_wait_ms"],
+          time.strftime("%H:%M:%S", time.localtime(g["last_drop_at"])) if g["last_drop_at"] else "-"]
+         for name, g in stats.items()))
 
 
 def limits_table(limits: Iterable[Limit], config_source: str) -> str:
