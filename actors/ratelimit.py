@@ -62,6 +62,19 @@ class Policy:
         return self.window_s / self.limit
 
 
+def gcra(tat: float | None, now: float, cost: int, p: Policy) -> tuple[dict[str, Any], float]:
+    """One GCRA decision: (answer, the key's TAT if allowed). Pure, so its guarantees are property-tested."""
+    t = p.interval
+    tat = now if tat is None or tat < now else tat
+    new_tat = tat + cost * t
+    allow_at = new_tat - p.burst * t
+    if allow_at <= now + 1e-9:
+        return {"allowed": True, "limit": p.limit, "remaining": int((now - allow_at) / t + 1e-9),
+                "retry_after_s": 0.0, "reset_after_s": round(new_tat - now, 6)}, new_tat
+    return {"allowed": False, "limit": p.limit, "remaining": 0, "retry_after_s": allow_at - now,
+            "reset_after_s": round(tat - now, 6)}, tat
+
+
 @dataclass
 class Waiter:
     client: Client
@@ -142,18 +155,12 @@ class RateLimiter(Behaviour):
             raise ActorError(f"cost {a.cost}: expected 1 to {p.burst} (the burst of policy {p.pattern!r})",
                              "bad_request")
         now = time.time()
-        t = p.interval
-        tat = max(self.tat.get(a.key, now), now)
-        new_tat = tat + a.cost * t
-        allow_at = new_tat - p.burst * t
-        if allow_at <= now + 1e-9:
+        answer, new_tat = gcra(self.tat.get(a.key), now, a.cost, p)
+        if answer["allowed"]:
             self.tat[a.key] = new_tat
             c.execute("INSERT INTO rate_limits (key, tat) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET"
                       " tat = excluded.tat", (a.key, new_tat))
-            return {"allowed": True, "limit": p.limit, "remaining": int((now - allow_at) / t + 1e-9),
-                    "retry_after_s": 0.0, "reset_after_s": round(new_tat - now, 6)}
-        return {"allowed": False, "limit": p.limit, "remaining": 0, "retry_after_s": round(allow_at - now, 6),
-                "reset_after_s": round(tat - now, 6)}
+        return answer
 
     # ---- gates ------------------------------------------------------------------------------------------------
 
