@@ -93,11 +93,11 @@ class Client:
         actor's refusal comes back as an ActorError in its place instead of being raised."""
         deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
         n_shards = self._shards(actor)
-        pending: dict[int, tuple[int, int, dict[str, Any]]] = {}  # msg id -> (position, shard, frame)
+        pending: dict[int, tuple[int, int, bytes]] = {}  # msg id -> (position, shard, frame)
         for pos, (key, op, args) in enumerate(requests):
             self._next_id += 1
-            pending[self._next_id] = (pos, protocol.shard_of(key, n_shards), {"id": self._next_id, "op": op,
-                                                                              "a": args})
+            pending[self._next_id] = (pos, protocol.shard_of(key, n_shards),
+                                      _frame({"id": self._next_id, "op": op, "a": args}))
         results: list[Any] = [None] * len(requests)
         by_shard: dict[int, list[int]] = {}
         for msg_id, (_, shard, _) in pending.items():
@@ -115,7 +115,7 @@ class Client:
         """An ask to one given shard (for questions every shard answers about itself)."""
         deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
         self._next_id += 1
-        pending = {self._next_id: (0, shard, {"id": self._next_id, "op": op, "a": args})}
+        pending = {self._next_id: (0, shard, _frame({"id": self._next_id, "op": op, "a": args}))}
         results: list[Any] = [None]
         self._exchange(actor, shard, [self._next_id], pending, results, deadline)
         if isinstance(results[0], ActorError):
@@ -126,7 +126,7 @@ class Client:
         """Fire and forget: sent if the actor can be reached within the ask timeout, no answer awaited."""
         shard = protocol.shard_of(key, self._shards(actor))
         deadline = time.monotonic() + self.timeout_s
-        frame = protocol.encode({"op": op, "a": args})
+        frame = _frame({"op": op, "a": args})
         while True:
             conn = self._link(actor, shard, deadline)
             try:
@@ -135,7 +135,7 @@ class Client:
             except (OSError, ValueError):
                 self._forget(actor, shard)
 
-    def _exchange(self, actor: str, shard: int, ids: list[int], pending: dict[int, tuple[int, int, dict]],
+    def _exchange(self, actor: str, shard: int, ids: list[int], pending: dict[int, tuple[int, int, bytes]],
                   results: list[Any], deadline: float) -> None:
         """Send `ids` with at most WINDOW unanswered at a time (reading answers while sending, so neither side's
         socket buffer can fill up and stall the other), until every one is answered."""
@@ -147,7 +147,7 @@ class Client:
             try:
                 while waiting:
                     if to_send and in_flight < WINDOW:
-                        conn.send_bytes(protocol.encode(pending[to_send.pop(0)][2]))
+                        conn.send_bytes(pending[to_send.pop(0)][2])
                         in_flight += 1
                         if not conn.poll(0):
                             continue
@@ -228,6 +228,13 @@ class Client:
             name, permit = self._unreleased[0]
             self.ask("ratelimit", f"gate:{name}", "release", {"gate": name, "permit": permit})
             self._unreleased.pop(0)
+
+
+def _frame(msg: dict[str, Any]) -> bytes:
+    try:
+        return protocol.encode(msg)
+    except TypeError as e:  # orjson: not JSON (an object, an integer beyond 64 bits, ...)
+        raise ActorError(f"{msg.get('op')}: arguments cannot be sent: {e}", "bad_request") from None
 
 
 def _result(answer: dict[str, Any]) -> Any:

@@ -33,13 +33,22 @@ BASE_CONFIG: dict[str, dict[str, Any]] = {
 }
 
 
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{orjson.dumps(str(k)).decode()} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return orjson.dumps(value).decode()
+
+
 def toml(config: dict[str, dict[str, Any]]) -> str:
     lines = []
     for section, values in config.items():
         lines.append(f"[{section}]")
         for key, value in values.items():
-            text = str(value).lower() if isinstance(value, bool) else orjson.dumps(value).decode()
-            lines.append(f"{key} = {text}")
+            lines.append(f"{orjson.dumps(key).decode()} = {toml_value(value)}")
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,366 @@
+"""The actors with real processes: a supervisor running Counter, RateLimiter and PathCollector shards, real
+client processes, real SIGKILLs. Every wait is a condition with a deadline."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import random
+import signal
+import socket
+import time
+from collections import defaultdict
+from multiprocessing.connection import AuthenticationError
+from multiprocessing.connection import Client as RawClient
+from pathlib import Path
+
+import actor_clients
+import datasketches as ds
+import orjson
+import pytest
+from conftest import wait_for
+from supervision import Deployment
+
+from actors import keys, protocol
+from actors.client import Client
+from actors.protocol import ActorError
+from actors.server import socket_path
+from cardq.config import load_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+CTX = mp.get_context("spawn")
+
+
+@pytest.fixture
+def make(tmp_path):
+    made: list[Deployment] = []
+
+    def factory(**overrides) -> Deployment:
+        overrides.setdefault("workers", {"count": 0})
+        overrides.setdefault("supervisor", {"max_restarts": 10_000, "restart_backoff_max_s": 0.05})
+        d = Deployment(tmp_path, **overrides)
+        made.append(d)
+        return d
+
+    yield factory
+    for d in made:
+        d.close()
+
+
+def up(d: Deployment, *names: str) -> Client:
+    """Start the supervisor, wait until the named actors listen, and return a client."""
+    d.start()
+    loaded = load_config(d.config_path)
+    wait_for(lambda: all(socket_path(loaded.run_dir, *n.rsplit("-", 1)[:1], int(n.rsplit("-", 1)[1])).exists()
+                         for n in names), 30, what=f"actors {names} listening")
+    return Client.from_config(loaded, name="test")
+
+
+def actor_pid(d: Deployment, name: str) -> int:
+    return wait_for(lambda: next((r["pid"] for r in d.db.read(__import__("store").processes.read)
+                                  if r["name"] == name and r["pid"]), None), 30, what=f"{name} pid")
+
+
+def read_json(path: str) -> dict:
+    return orjson.loads(Path(path).read_bytes())
+
+
+def spawn(target, *args) -> mp.process.BaseProcess:
+    p = CTX.Process(target=target, args=args)
+    p.start()
+    return p
+
+
+def test_counter_exactly_once_while_the_actor_is_killed(make, tmp_path):
+    """100,000 increments from 4 processes while the counter actor is SIGKILLed at random: the value is exact."""
+    d = make()
+    client = up(d, "counter-0")
+    outs = [str(tmp_path / f"incr-{i}.json") for i in range(4)]
+    procs = [spawn(actor_clients.incr_loop, str(d.config_path), "hits", 25_000, 100, out) for out in outs]
+    rng = random.Random(7)
+    kills = 0
+    while any(p.is_alive() for p in procs):
+        time.sleep(rng.uniform(0.3, 1.0))  # the kill schedule itself, not a wait for a condition
+        try:
+            os.kill(actor_pid(d, "counter-0"), signal.SIGKILL)
+            kills += 1
+        except ProcessLookupError:
+            pass
+    for p in procs:
+        p.join(10)
+        assert p.exitcode == 0
+    assert kills >= 3
+    assert client.counter.get("hits") == 100_000
+    retried = sum(read_json(o)["retries"] for o in outs)
+    assert retried >= 1  # some asks really were cut off by a kill and sent again
+    client.close()
+
+
+def test_counter_incr_if_below_and_the_usage_number(make):
+    d = make()
+    client = up(d, "counter-0")
+    assert client.counter.incr_if_below("seats", 3, 5, op_id="a") == {"ok": True, "value": 3}
+    assert client.counter.incr_if_below("seats", 3, 5, op_id="b") == {"ok": False, "value": 3}
+    assert client.counter.incr_if_below("seats", 3, 5, op_id="a") == {"ok": True, "value": 3}  # a retry of "a"
+    d.submit([{"n": 1}, {"n": 2}], user="ann", plan="free")  # 2 jobs queued for ann
+    assert client.counter.get("usage:ann") == 0
+    # An app making cards outside the queue moves the same number the daily plan limit reads (free: 5/day):
+    assert client.counter.incr_if_below("usage:ann", 3, 5)["ok"]  # 0 done + 2 active + 3 <= 5
+    assert not client.counter.incr_if_below("usage:ann", 1, 5)["ok"]
+    with pytest.raises(Exception, match="plan free allows 5 a day"):
+        d.submit([{"n": 3}], user="ann", plan="free")
+    client.close()
+
+
+def test_rate_limit_policy_and_state_survive_an_actor_restart(make):
+    d = make(ratelimit={"policies": {"t:*": {"limit": 5, "window_s": 10.0, "burst": 5}}})
+    client = up(d, "ratelimit-0")
+    answers = client.ratelimit.check_many(["t:1"] * 6)
+    assert [a["allowed"] for a in answers] == [True] * 5 + [False]
+    assert answers[4]["remaining"] == 0 and 1.9 < answers[5]["retry_after_s"] <= 2.0  # one every 2 s
+    assert client.ratelimit.check("other")["limit"] == 60  # the default policy
+    os.kill(actor_pid(d, "ratelimit-0"), signal.SIGKILL)
+    assert client.ratelimit.check("t:1")["allowed"] is False  # its TAT was committed before it answered
+    with pytest.raises(ActorError, match="cost 6: expected 1 to 5"):
+        client.ratelimit.check("t:1", cost=6)
+    client.close()
+
+
+def test_gate_bounds_concurrency_and_counts_overflow(make, tmp_path):
+    """20 concurrent acquirers, max 4 at once and 8 waiting: never more than 4 inside; the rest overloaded."""
+    d = make(gates={"t": {"max_concurrency": 4, "max_queue": 8, "queue_timeout_ms": 20_000}})
+    client = up(d, "ratelimit-0")
+    outs = [str(tmp_path / f"gate-{i}.json") for i in range(20)]
+    procs = [spawn(actor_clients.hold_gate, str(d.config_path), "t", 1.0, out) for out in outs]
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    results = [read_json(o) for o in outs]
+    inside = [r for r in results if "enter" in r]
+    overloaded = [r for r in results if "overloaded" in r]
+    assert len(inside) + len(overloaded) == 20 and len(inside) >= 12
+    events = sorted([(r["enter"], 1) for r in inside] + [(r["exit"], -1) for r in inside], key=lambda e: (e[0], e[1]))
+    level, peak = 0, 0
+    for _, step in events:
+        level += step
+        peak = max(peak, level)
+    assert peak == 4
+    stats = client.ratelimit.gate_stats()["t"]
+    assert stats["dropped_since_boot"] == len(overloaded) and stats["active"] == 0
+    assert stats["max_concurrency"] == 4 and stats["p95_wait_ms"] > 500  # queued acquirers really waited
+    client.close()
+
+
+def test_permits_of_a_killed_holder_come_back(make, tmp_path):
+    d = make(gates={"t": {"max_concurrency": 1, "max_queue": 4, "queue_timeout_ms": 20_000}})
+    client = up(d, "ratelimit-0")
+    ready = tmp_path / "held"
+    holder = spawn(actor_clients.hold_gate, str(d.config_path), "t", 60.0, str(tmp_path / "h.json"), str(ready))
+    wait_for(ready.exists, 30, what="permit held")
+    assert client.ratelimit.gate_stats()["t"]["active"] == 1
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join(10)
+    with client.gate("t"):  # waits in the queue until the dead holder's permit is released
+        assert client.ratelimit.gate_stats()["t"]["active"] == 1
+    client.close()
+
+
+def _events(n_unique: int, dup_share: float, rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """Unique events over 12 paths and 6 past hours, then duplicates and replays, shuffled (out of order)."""
+    base = 1_790_000_000_000
+    unique = []
+    for i in range(n_unique):
+        path = f"/cards/{i % 12}/view" if i % 3 else f"/api/v{i % 4}/items?page={i}"
+        unique.append({"path": path, "status": rng.choice([200] * 8 + [404, 503]),
+                       "response_ms": round(rng.lognormvariate(3, 0.8), 3), "client_ip": f"10.{i % 9}.{i % 211}.1",
+                       "request_id": f"r{i}", "ts_ms": base + rng.randrange(6 * 3_600_000),
+                       "bytes": rng.randrange(5000)})
+    dups = [dict(rng.choice(unique)) for _ in range(int(n_unique * dup_share / (1 - dup_share)))]
+    everything = unique + dups
+    rng.shuffle(everything)
+    return unique, everything
+
+
+def test_path_collector_counts_equal_ground_truth_despite_duplicates_and_kills(make, tmp_path):
+    """200,000 events, 30% duplicates and replays, past hours out of order, the collector SIGKILLed mid-batch
+    at random: every count equals the ground truth from the unique events; p95 within the sketch's error bound;
+    unique clients within 2%."""
+    d = make(actors={"ask_timeout_ms": 1000})
+    client = up(d, "paths-0")
+    rng = random.Random(11)
+    unique, everything = _events(140_000, 0.30, rng)
+    assert len(everything) == 200_000
+    chunks = [everything[i::2] for i in range(2)]
+    outs = [str(tmp_path / f"ev-{i}.json") for i in range(2)]
+    procs = [spawn(actor_clients.send_events, str(d.config_path), chunk, out) for chunk, out in zip(chunks, outs,
+                                                                                                     strict=True)]
+    kills = 0
+    while any(p.is_alive() for p in procs):
+        time.sleep(rng.uniform(0.5, 1.5))  # the kill schedule itself
+        try:
+            os.kill(actor_pid(d, "paths-0"), signal.SIGKILL)
+            kills += 1
+        except ProcessLookupError:
+            pass
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert kills >= 2
+    wait_for(lambda: d.db.conn.execute("SELECT count(*) FROM traffic_inbox").fetchall()[0][0] == 0, 60,
+             what="inbox drained")
+    truth: dict[tuple[int, str], dict] = defaultdict(lambda: {"n": 0, "4xx": 0, "5xx": 0, "bytes": 0, "ms": [],
+                                                              "clients": set()})
+    from actors.traffic import PathNormalizer
+
+    normalize = PathNormalizer(load_config(d.config_path).config.paths.id_rules)
+    for e in unique:
+        t = truth[(e["ts_ms"] // 3_600_000 * 3600, normalize(e["path"]))]
+        t["n"] += 1
+        t["4xx"] += 400 <= e["status"] < 500
+        t["5xx"] += e["status"] >= 500
+        t["bytes"] += e["bytes"]
+        t["ms"].append(e["response_ms"])
+        t["clients"].add(e["client_ip"])
+    assert d.db.conn.execute("SELECT count(*) FROM traffic_events").fetchall()[0][0] == len(unique)
+    rows = d.db.conn.execute("SELECT hour, path, requests, status_4xx, status_5xx, bytes, ms_sum, latency, clients"
+                             " FROM path_stats_hourly").fetchall()
+    assert {(r[0], r[1]) for r in rows} == set(truth)
+    for hour, path, req, s4, s5, by, ms_sum, lat, cli in rows:
+        t = truth[(hour, path)]
+        assert (req, s4, s5, by) == (t["n"], t["4xx"], t["5xx"], t["bytes"]), (hour, path)
+        assert ms_sum == pytest.approx(sum(t["ms"]), rel=1e-9)
+        kll = ds.kll_floats_sketch.deserialize(lat)
+        p95 = kll.get_quantile(0.95)
+        ms = sorted(t["ms"])
+        rank = sum(1 for v in ms if v <= p95) / len(ms)
+        assert abs(rank - 0.95) <= kll.normalized_rank_error(False) + 1 / len(ms), (path, rank)
+        uniques = ds.hll_sketch.deserialize(cli).get_estimate()
+        assert abs(uniques - len(t["clients"])) <= 0.02 * len(t["clients"]), (path, uniques, len(t["clients"]))
+    client.close()
+
+
+def test_events_wait_in_the_inbox_while_the_collector_is_down(make, tmp_path):
+    d = make(actors={"ask_timeout_ms": 300})
+    from store import Database
+
+    Database.open(d.loaded.db_path, create=True).close()
+    keys.ensure_run_dir(d.loaded.run_dir)
+    client = Client.from_config(load_config(d.config_path), name="test")
+    for i in range(50):
+        client.events.record(path=f"/x/{i % 5}", status=200, response_ms=1.0, client_ip="1.1.1.1", request_id=str(i))
+    assert client.events.flush(30) and client.events.to_inbox == 50 and client.events.sent == 0
+    assert d.db.conn.execute("SELECT count(*) FROM traffic_inbox").fetchall()[0][0] == 50
+    d.start()  # the collector comes back and drains the inbox
+    wait_for(lambda: d.db.conn.execute("SELECT count(*) FROM traffic_inbox").fetchall()[0][0] == 0, 30)
+    total = d.db.conn.execute("SELECT sum(requests) FROM path_stats_hourly WHERE path = '/x/:id'").fetchall()
+    assert total[0][0] == 50
+    client.close()
+
+
+def test_sampling_scales_counts_and_marks_them_estimates(make):
+    d = make(paths={"sampling_rate": 0.5})
+    client = up(d, "paths-0")
+    for i in range(4000):
+        client.events.record(path="/s", status=200, response_ms=1.0, client_ip=str(i), request_id=str(i),
+                             ts_ms=1_790_000_000_000 + i)
+    assert client.events.flush(60)
+    kept = d.db.conn.execute("SELECT count(*) FROM traffic_events").fetchall()[0][0]
+    requests, estimated = d.db.conn.execute("SELECT requests, estimated FROM path_stats_hourly").fetchall()[0]
+    assert 1800 < kept < 2200 and requests == kept * 2 and estimated == 1
+    client.close()
+
+
+def test_gateway_refuses_bad_clients_without_disturbing_the_others(make, tmp_path):
+    d = make()
+    client = up(d, "counter-0")
+    path = str(socket_path(d.loaded.run_dir, "counter", 0))
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    assert oct(os.stat(d.loaded.run_dir / "cardq.key").st_mode & 0o777) == "0o600"
+    good = keys.authkey(keys.load_secret(d.loaded.run_dir))
+    client.counter.incr("ok", 1)
+
+    with pytest.raises((AuthenticationError, EOFError, OSError)):  # a wrong key is refused at the handshake
+        RawClient(path, family="AF_UNIX", authkey=b"wrong key" * 4)
+    silent = socket.socket(socket.AF_UNIX)  # connects and says nothing: must not hold anyone up
+    silent.connect(path)
+    raw = socket.socket(socket.AF_UNIX)  # garbage instead of a handshake
+    raw.connect(path)
+    raw.sendall(os.urandom(4096))
+    assert client.counter.incr("ok", 1) == 2
+
+    garbage = RawClient(path, family="AF_UNIX", authkey=good)
+    garbage.send_bytes(protocol.encode({"pid": os.getpid()}))
+    garbage.send_bytes(b"\x80\x04\x95 a pickle, not JSON")
+    with pytest.raises((EOFError, OSError)):
+        garbage.recv_bytes()  # the actor closed that connection
+    huge = RawClient(path, family="AF_UNIX", authkey=good)
+    huge.send_bytes(protocol.encode({"pid": os.getpid()}))
+    with pytest.raises((OSError, EOFError)):
+        huge.send_bytes(b"x" * 100_000_000)  # 100 MB frame: refused as soon as its length is read
+        huge.recv_bytes()
+    assert client.counter.incr("ok", 1) == 3  # everyone else still served
+    refused = [line for line in d.log_lines() if line["event"] == "gateway.refused"]
+    assert len(refused) >= 3
+    silent.close()
+    raw.close()
+    client.close()
+
+
+def test_a_message_that_keeps_failing_is_dead_lettered(make):
+    d = make()
+    client = up(d, "counter-0")
+    with pytest.raises(ActorError, match="cannot be sent") as e:
+        client.counter.incr("big", 2**70)  # not even JSON: refused before it leaves the client
+    assert e.value.code == "bad_request"
+    assert client.counter.incr("big", 2**62) == 2**62
+    for attempt in range(1, 4):
+        with pytest.raises(ActorError) as e:
+            client.counter.incr("big", 2**62, op_id="same")  # 2**63 is too big for SQLite: the handler raises
+        assert e.value.code == ("failed" if attempt < 3 else "dead_letter")
+    with pytest.raises(ActorError, match="dead-letter table") as e:
+        client.counter.incr("big", 2**62, op_id="same")
+    assert e.value.code == "dead_letter"
+    assert client.counter.incr("small", 1) == 1  # the actor kept serving
+    rows = d.db.conn.execute("SELECT actor, error FROM actor_dead_letters").fetchall()
+    assert rows and rows[0][0] == "counter" and "OverflowError" in rows[0][1]
+    client.close()
+
+
+@pytest.mark.timeout(300)
+def test_channel_safety_random_sigkills_under_load(make, tmp_path):
+    """SIGKILL a random process of the tree every 50 ms for 20 s under load: no survivor blocks for more than
+    1 s (beyond its own ask timeout), every ask either answers or fails with an ActorError."""
+    d = make(workers={"count": 2, "handler": "handlers_for_tests:behave", "max_attempts": 1000},
+             supervisor={"max_restarts": 100_000, "restart_backoff_max_s": 0.05, "poison_kills": 1000},
+             actors={"ask_timeout_ms": 1000})
+    d.submit([{"sleep": 0.01} for _ in range(3000)])
+    client = up(d, "counter-0", "ratelimit-0", "paths-0")
+    stop = tmp_path / "stop"
+    outs = [str(tmp_path / f"chaos-{i}.json") for i in range(2)]
+    askers = [spawn(actor_clients.ask_forever, str(d.config_path), str(stop), out) for out in outs]
+    rng = random.Random(3)
+    deadline = time.monotonic() + 20
+    kills = 0
+    supervisor = d.procs[0]
+    while time.monotonic() < deadline:
+        rows = [r for r in d.db.read(__import__("store").processes.read) if r["role"] != "supervisor" and r["pid"]]
+        if rows:
+            try:
+                os.kill(rng.choice(rows)["pid"], signal.SIGKILL)
+                kills += 1
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)  # the kill schedule itself
+        assert supervisor.poll() is None, d.output()
+    stop.touch()
+    for p in askers:
+        p.join(30)
+        assert p.exitcode == 0  # no asker was wedged
+    results = [read_json(o) for o in outs]
+    assert kills >= 100
+    for r in results:
+        assert r["answered"] > 0
+        assert r["longest_s"] < 1.0 + 1.0  # the ask timeout (1 s) plus at most 1 s of anything else
+    # After the storm, everything answers again at once.
+    assert client.counter.incr("after", 1) == 1
+    client.close()
