@@ -50,6 +50,7 @@ class Client:
         self.ratelimit = RateLimitAPI(self)
         self._events: Any = None
         self._unreleased: list[tuple[str, str]] = []
+        self.resent = 0  # asks sent again after their connection broke (for tests and diagnostics)
 
     @classmethod
     def from_config(cls, loaded: LoadedConfig, name: str = "") -> Client:
@@ -166,6 +167,7 @@ class Client:
                 # The actor went away (crash, restart) mid-exchange: reconnect and send what is unanswered
                 # again. State-changing asks carry op ids, so a resent one is applied once.
                 self._forget(actor, shard)
+                self.resent += len(waiting)
                 if time.monotonic() >= deadline:
                     raise ActorTimeout(f"{actor} shard {shard}: connection lost, no answer within "
                                        f"{self.timeout_s:g}s", "timeout") from None

@@ -32,8 +32,9 @@ def incr_loop(config_path: str, key: str, n: int, batch: int, out: str) -> None:
                 break
             except ActorError:
                 retries += 1
+    resent = client.resent
     client.close()
-    Path(out).write_bytes(orjson.dumps({"done": n, "retries": retries}))
+    Path(out).write_bytes(orjson.dumps({"done": n, "retries": retries + resent}))
 
 
 def hold_gate(config_path: str, gate: str, hold_s: float, out: str, ready: str | None = None) -> None:
