@@ -126,7 +126,7 @@ def test_sighup_with_broken_config_keeps_the_old_one_and_says_so(deploy):
     wait_for(lambda: d.supervisor_row(), 30)
     before = d.supervisor_row()["info"]
     good = d.config_path.read_text()
-    d.config_path.write_text(good.replace("count = 2", 'count = "many"'))
+    d.write_config(workers={"count": "many"})
     refused = d.cardq("reload")  # the CLI checks the file before signalling, and says what is wrong
     assert refused.returncode == 2 and 'workers.count = "many"' in refused.stderr
     os.kill(proc.pid, signal.SIGHUP)  # a raw SIGHUP (systemd's ExecReload) reaches the supervisor anyway
