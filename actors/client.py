@@ -32,6 +32,7 @@ from cardq.config import LoadedConfig
 
 RECONNECT_PAUSE_S = 0.02
 WINDOW = 128  # most asks one client has unanswered on one connection
+FRAME_BUDGET = 256 * 1024  # bytes of asks packed into one frame (well under the actors' max_frame_bytes)
 
 
 class Client:
@@ -148,21 +149,28 @@ class Client:
             try:
                 while waiting:
                     if to_send and in_flight < WINDOW:
-                        conn.send_bytes(pending[to_send.pop(0)][2])
-                        in_flight += 1
-                        if not conn.poll(0):
+                        chunk, size = [], 0
+                        while to_send and in_flight + len(chunk) < WINDOW and size < FRAME_BUDGET:
+                            frame = pending[to_send.pop(0)][2]
+                            chunk.append(frame)
+                            size += len(frame)
+                        # several asks travel as one frame: one write here, one read there
+                        conn.send_bytes(chunk[0] if len(chunk) == 1 else b'{"m":[' + b",".join(chunk) + b"]}")
+                        in_flight += len(chunk)
+                        if to_send and not conn.poll(0):
                             continue
                     left = deadline - time.monotonic()
                     if left <= 0 or not conn.poll(left):
                         raise ActorTimeout(f"{actor} shard {shard}: no answer within "
                                            f"{self.timeout_s:g}s ({len(waiting)} of {len(ids)} pending)", "timeout")
-                    answer = protocol.decode(conn.recv_bytes())
-                    msg_id = answer.get("id")
-                    if msg_id not in waiting:
-                        continue  # a late answer to an ask that already timed out
-                    waiting.discard(msg_id)
-                    in_flight -= 1
-                    results[pending[msg_id][0]] = _result(answer)
+                    frame = protocol.decode(conn.recv_bytes())
+                    for answer in frame.get("m", [frame]):
+                        msg_id = answer.get("id")
+                        if msg_id not in waiting:
+                            continue  # a late answer to an ask that already timed out
+                        waiting.discard(msg_id)
+                        in_flight -= 1
+                        results[pending[msg_id][0]] = _result(answer)
             except (EOFError, OSError, protocol.BadFrame):
                 # The actor went away (crash, restart) mid-exchange: reconnect and send what is unanswered
                 # again. State-changing asks carry op ids, so a resent one is applied once.

@@ -18,7 +18,7 @@ import apsw
 import msgspec
 
 from actors.protocol import ActorError
-from actors.server import Behaviour, Client
+from actors.server import SINGLE, Behaviour, Client
 
 OP_RETENTION_S = 86400
 USAGE = "usage:"
@@ -43,7 +43,7 @@ class IncrIfBelow(msgspec.Struct, forbid_unknown_fields=True):
 
 class Counter(Behaviour):
     name = "counter"
-    ops = {"incr": (Incr, "incr"), "get": (Get, "get"), "incr_if_below": (IncrIfBelow, "incr_if_below")}
+    ops = {"incr": (Incr, "incr"), "get": (Get, "get", SINGLE), "incr_if_below": (IncrIfBelow, "incr_if_below")}
 
     def incr(self, c: apsw.Connection, client: Client, a: Incr, msg_id: int | None) -> int:
         seen = self._seen(c, a.op_id)

@@ -71,6 +71,7 @@ class PathCollector(Behaviour):
     def __init__(self, loaded: LoadedConfig, db: Any, shard: int):
         super().__init__(loaded, db, shard)
         self.cache: dict[tuple[int, str], Agg] = {}
+        self.dirty: set[tuple[int, str]] = set()  # folded into since the transaction began
         self.paths_by_hour: dict[int, set[str]] = {}
         self.apply_config(loaded)
 
@@ -85,26 +86,26 @@ class PathCollector(Behaviour):
         return self.ingest(c, a.events)
 
     def ingest(self, c: apsw.Connection, events: list[Event]) -> dict[str, Any]:
-        accepted = duplicates = sampled_out = 0
+        """Insert the new events in one statement, then fold exactly the ones it reports as inserted into the
+        in-memory aggregates (pure Python that cannot fail on a validated event, so a failed insert leaves them
+        untouched); before_commit writes the touched aggregates once per transaction."""
         rejected: list[list[Any]] = []
-        touched: set[tuple[int, str]] = set()
-        scale = 1.0 / self.rate
+        keep: dict[str, Event] = {}
+        sampled_out = 0
         for i, e in enumerate(events):
             problem = _check(e)
             if problem:
                 rejected.append([i, problem])
-                continue
-            if self.rate < 1.0 and int(e.id[-8:], 16) / 2**32 >= self.rate:
+            elif self.rate < 1.0 and int(e.id[-8:], 16) / 2**32 >= self.rate:
                 sampled_out += 1
-                continue
-            inserted = c.execute(
-                "INSERT INTO traffic_events (id, ts_ms, path, method, status, response_ms, client, bytes)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING RETURNING 1",
-                (e.id, e.ts_ms, e.path, e.method, e.status, e.response_ms, e.client, e.bytes)).fetchall()
-            if not inserted:
-                duplicates += 1
-                continue
-            accepted += 1
+            else:
+                keep.setdefault(e.id, e)
+        inserted = [row[0] for row in c.execute(_INSERT, (orjson.dumps(
+            [[e.id, e.ts_ms, e.path, e.method, e.status, e.response_ms, e.client, e.bytes] for e in keep.values()]
+        ).decode(),))] if keep else []
+        scale = 1.0 / self.rate
+        for event_id in inserted:
+            e = keep[event_id]
             hour = e.ts_ms // 3_600_000 * 3600
             key = (hour, self._capped(c, hour, e.path))
             agg = self._agg(c, key)
@@ -118,10 +119,14 @@ class PathCollector(Behaviour):
             agg.latency.update(e.response_ms)
             agg.clients.update(e.client)
             agg.estimated = agg.estimated or self.rate < 1.0
-            touched.add(key)
-        for key in touched:
+            self.dirty.add(key)
+        return {"accepted": len(inserted), "duplicates": len(events) - len(rejected) - sampled_out - len(inserted),
+                "sampled_out": sampled_out, "rejected": rejected}
+
+    def before_commit(self, c: apsw.Connection) -> None:
+        for key in self.dirty:
             self._write(c, key, self.cache[key])
-        return {"accepted": accepted, "duplicates": duplicates, "sampled_out": sampled_out, "rejected": rejected}
+        self.dirty.clear()
 
     def _capped(self, c: apsw.Connection, hour: int, path: str) -> str:
         known = self.paths_by_hour.get(hour)
@@ -162,9 +167,7 @@ class PathCollector(Behaviour):
              agg.latency.serialize(), agg.clients.serialize_compact(), int(agg.estimated)))
 
     def on_rollback(self) -> None:
-        """A message failed and was rolled back: forget cached aggregates (reloaded from the transaction's view)."""
-        self.cache.clear()
-        self.paths_by_hour.clear()
+        """Nothing to undo: a message folds only after its one insert succeeded (see ingest)."""
 
     # ---- housekeeping ---------------------------------------------------------------------------------------
 
@@ -178,6 +181,7 @@ class PathCollector(Behaviour):
             self.log.info("paths.inbox_drained", events=len(rows), accepted=result["accepted"],
                           duplicates=result["duplicates"])
         oldest = int(now // 3600 * 3600) - 3600 * (HOURS_IN_MEMORY - 1)
+        self.before_commit(c)  # the inbox's folds, before older hours leave the cache
         for key in [k for k in self.cache if k[0] < oldest]:
             del self.cache[key]
         for hour in [h for h in self.paths_by_hour if h < oldest]:
@@ -191,6 +195,13 @@ class PathCollector(Behaviour):
         return read_stats(c, **(a or {}))
 
 
+_INSERT = (
+    "INSERT INTO traffic_events (id, ts_ms, path, method, status, response_ms, client, bytes)"
+    " SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, value ->> 7"
+    " FROM json_each(?) WHERE true ON CONFLICT (id) DO NOTHING RETURNING id"
+)
+
+
 def _check(e: Event) -> str | None:
     if not ID_RE.match(e.id):
         return f"id {e.id!r}: expected <13-digit ts_ms>-<8 lowercase hex>"
@@ -198,8 +209,8 @@ def _check(e: Event) -> str | None:
         return f"path {e.path[:80]!r}: expected a path starting with / of at most {MAX_PATH} characters"
     if not 100 <= e.status <= 599:
         return f"status {e.status}: expected 100 to 599"
-    if e.response_ms < 0:
-        return f"response_ms {e.response_ms}: expected >= 0"
+    if not 0 <= e.response_ms < 1e9:  # also refuses NaN and infinity, which a sketch must never see
+        return f"response_ms {e.response_ms}: expected a duration >= 0"
     return None
 
 

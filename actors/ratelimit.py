@@ -27,7 +27,7 @@ import msgspec
 
 from actors import protocol
 from actors.protocol import ActorError
-from actors.server import DEFER, Behaviour, Client
+from actors.server import DEFER, SINGLE, Behaviour, Client
 from cardq.config import GateConfig, LoadedConfig
 
 REAP_EVERY_S = 1.0
@@ -108,8 +108,8 @@ class Gate:
 
 class RateLimiter(Behaviour):
     name = "ratelimit"
-    ops = {"check": (Check, "check"), "acquire": (Acquire, "acquire"), "release": (Release, "release"),
-           "gate_stats": (None, "gate_stats")}
+    ops = {"check": (Check, "check", SINGLE), "acquire": (Acquire, "acquire"), "release": (Release, "release"),
+           "gate_stats": (None, "gate_stats", SINGLE)}
 
     def __init__(self, loaded: LoadedConfig, db: Any, shard: int):
         super().__init__(loaded, db, shard)

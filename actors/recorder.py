@@ -10,6 +10,7 @@ itself is full does record() write to the inbox directly.
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -33,8 +34,9 @@ class EventRecorder:
         self.enabled = cfg.enabled and loaded.config.actors.paths_shards > 0
         self.shards = max(1, loaded.config.actors.paths_shards)
         self.max_batch, self.max_wait_s = cfg.max_batch_size, cfg.max_batch_wait_ms / 1000
-        self.normalize = PathNormalizer(cfg.id_rules)
-        self.hash_ip = keys.ip_hasher(keys.load_secret(loaded.run_dir))
+        # Request paths and client IPs repeat: remember recent answers (bounded) instead of recomputing them.
+        self.normalize = functools.lru_cache(maxsize=65_536)(PathNormalizer(cfg.id_rules))
+        self.hash_ip = functools.lru_cache(maxsize=65_536)(keys.ip_hasher(keys.load_secret(loaded.run_dir)))
         self.name = name
         self.queue: queue.Queue[dict[str, Any] | None] = queue.Queue(QUEUE_MAX)
         self.sent = self.to_inbox = 0

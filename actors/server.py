@@ -42,6 +42,7 @@ HANDSHAKE_TIMEOUT_S = 2.0
 SEND_TIMEOUT_S = 1.0
 READ_BATCH = 512  # frames read from one connection per loop turn, so one busy client cannot starve the rest
 DEFER = object()  # a handler's answer that will come later (a gate waiter)
+SINGLE = "single"  # ops flag: the handler writes at most one statement, as its last step (no savepoint needed)
 
 
 def socket_path(run_dir: Path, actor: str, shard: int) -> Path:
@@ -69,7 +70,7 @@ class Behaviour:
     DEFER). State kept in memory must be rebuilt from SQLite in __init__: after a crash the process starts anew."""
 
     name = "actor"
-    ops: dict[str, tuple[type | None, str]] = {}
+    ops: dict[str, tuple] = {}  # op -> (arguments Struct or None, method name[, SINGLE])
 
     def __init__(self, loaded: LoadedConfig, db: Any, shard: int):
         self.loaded, self.db, self.shard = loaded, db, shard
@@ -89,6 +90,9 @@ class Behaviour:
     def drain_answers(self) -> list[tuple[Client, int, dict[str, Any]]]:
         """Answers to earlier (deferred) asks that this batch made due; sent after the commit."""
         return []
+
+    def before_commit(self, c: apsw.Connection) -> None:
+        """Last writes of the batch's transaction (state folded in memory by several messages, written once)."""
 
     def on_rollback(self) -> None:
         """A message's changes were rolled back: drop whatever in-memory state it may have touched."""
@@ -223,14 +227,19 @@ class ActorServer:
                 self._drop(client)
                 return
             try:
-                msg = protocol.decode(data)
-                if not isinstance(msg.get("op"), str) or not isinstance(msg.get("a", {}), dict):
-                    raise protocol.BadFrame('expected {"op": name, "a": {...}}')
+                frame = protocol.decode(data)
+                msgs = frame.get("m", [frame])  # a pipelined window travels as one frame
+                if not isinstance(msgs, list):
+                    raise protocol.BadFrame('"m" must be a list of messages')
+                for msg in msgs:
+                    if not isinstance(msg, dict) or not isinstance(msg.get("op"), str) \
+                            or not isinstance(msg.get("a", {}), dict):
+                        raise protocol.BadFrame('expected {"op": name, "a": {...}}')
             except protocol.BadFrame as e:
                 self.log.warning("gateway.refused", pid=client.pid, reason=f"bad frame: {e}")
                 self._drop(client)
                 return
-            batch.append((client, msg))
+            batch.extend((client, msg) for msg in msgs)
 
     def _drop(self, client: Client) -> None:
         self.clients.pop(client.conn, None)
@@ -250,13 +259,18 @@ class ActorServer:
             if tick:
                 answers += self.behaviour.tick(c, now)
             answers += self.behaviour.drain_answers()
+            self.behaviour.before_commit(c)
             return answers
 
         # A store failure here (database locked past every retry, disk full) ends the process: the supervisor
         # restarts it, memory is rebuilt from SQLite, and unanswered asks are retried by their clients.
         answers = self.db.write(tx, f"{self.actor} batch")
+        by_client: dict[Client, list[dict[str, Any]]] = {}
         for client, msg_id, answer in answers:
-            if client.conn in self.clients and not client.send(protocol.encode({"id": msg_id, **answer})):
+            by_client.setdefault(client, []).append({"id": msg_id, **answer})
+        for client, out in by_client.items():  # one frame per client per batch: one write, one read
+            frame = protocol.encode(out[0] if len(out) == 1 else {"m": out})
+            if client.conn in self.clients and not client.send(frame):
                 self._drop(client)
 
     def _handle(self, c: apsw.Connection, client: Client, msg: dict[str, Any]) -> dict[str, Any] | None:
@@ -265,7 +279,7 @@ class ActorServer:
         if spec is None:
             return _error("bad_request", f"unknown op {op!r} for {self.actor}; expected one of: "
                                          f"{', '.join(self.behaviour.ops)}")
-        struct_type, method = spec
+        struct_type, method, *flags = spec
         if struct_type is not None:
             try:
                 args = msgspec.convert(args, struct_type, strict=True)
@@ -274,18 +288,21 @@ class ActorServer:
         fp = protocol.fingerprint(self.actor, op, msg.get("a", {}))
         if self.failures.get(fp, 0) >= MAX_FAILURES:
             return self._dead_letter(c, fp, msg, "moved to the dead-letter table after failing 3 times")
-        c.execute("SAVEPOINT msg")
+        # An op whose handler makes at most one write, as its last step (flag SINGLE), needs no savepoint:
+        # SQLite makes one statement atomic, and a failure before it wrote nothing.
+        savepoint = SINGLE not in flags
+        if savepoint:
+            c.execute("SAVEPOINT msg")
         self.ctx.slot.begin(int(fp, 16), time.time())
         try:
             result = getattr(self.behaviour, method)(c, client, args, msg.get("id"))
-            c.execute("RELEASE msg")
+            if savepoint:
+                c.execute("RELEASE msg")
         except protocol.ActorError as e:  # a refusal (bad argument): an answer, not a failure
-            c.execute("ROLLBACK TO msg")
-            c.execute("RELEASE msg")
+            self._rollback(c, savepoint)
             return _error(e.code, str(e))
         except Exception as e:  # the handler failed on this message: roll it back alone and count it
-            c.execute("ROLLBACK TO msg")
-            c.execute("RELEASE msg")
+            self._rollback(c, savepoint)
             self.behaviour.on_rollback()
             return self._failed(c, fp, msg, f"{type(e).__name__}: {e}")
         finally:
@@ -293,6 +310,12 @@ class ActorServer:
         if result is DEFER:
             return None
         return {"ok": True, "r": result}
+
+    @staticmethod
+    def _rollback(c: apsw.Connection, savepoint: bool) -> None:
+        if savepoint:
+            c.execute("ROLLBACK TO msg")
+            c.execute("RELEASE msg")
 
     def _failed(self, c: apsw.Connection, fp: str, msg: dict[str, Any], error: str) -> dict[str, Any]:
         count = record_failure(c, self.actor, fp, error)
