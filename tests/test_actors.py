@@ -364,3 +364,33 @@ def test_channel_safety_random_sigkills_under_load(make, tmp_path):
     # After the storm, everything answers again at once.
     assert client.counter.incr("after", 1) == 1
     client.close()
+
+
+def test_cli_reload_and_a_restarted_actor_reached_by_running_workers(make):
+    """The actor commands of the CLI; SIGHUP changes a gate live; workers holding the gate around every job
+    keep working across a kill of the rate-limit actor, without being restarted themselves."""
+    d = make(workers={"count": 2, "handler": "handlers_for_tests:behave"},
+             ratelimit={"policies": {"cli:*": {"limit": 1, "window_s": 60.0, "burst": 1}}})
+    ids = d.submit([{"sleep": 0.02} for _ in range(200)])
+    client = up(d, "counter-0", "ratelimit-0", "paths-0")
+    assert d.cardq("counter", "incr", "made", "5").stdout.strip() == "5"
+    assert d.cardq("counter", "get", "made").stdout.strip() == "5"
+    first, second = d.cardq("ratelimit", "check", "cli:a"), d.cardq("ratelimit", "check", "cli:a")
+    assert first.returncode == 0 and first.stdout.startswith("allowed")
+    assert second.returncode == 3 and second.stdout.startswith("DENIED")
+    rec = d.cardq("event", "record", "--path", "/cards/9?x=1", "--status", "200", "--ms", "12.5", "--ip", "1.2.3.4")
+    assert rec.returncode == 0 and rec.stdout.strip().endswith("-> collector")
+    gates = orjson.loads(d.cardq("diag", "gates", "--json").stdout)
+    assert gates["generation"]["max_concurrency"] == 4
+
+    wait_for(lambda: d.statuses(ids).get("done", 0) >= 20, 30, what="jobs flowing through the gate")
+    os.kill(actor_pid(d, "ratelimit-0"), signal.SIGKILL)
+    wait_for(lambda: d.statuses(ids) == {"done": 200}, 60, what="every job done across the actor's restart")
+    assert all(w["restarts"] == 0 for w in d.workers()), d.workers()
+
+    d.write_config(gates={"generation": {"max_concurrency": 2, "max_queue": 10, "queue_timeout_ms": 5000}})
+    assert d.cardq("reload").returncode == 0
+    wait_for(lambda: client.ratelimit.gate_stats()["generation"]["max_concurrency"] == 2, 10, what="gate resized")
+    status = orjson.loads(d.cardq("status", "--json").stdout)
+    assert status["gates"]["generation"]["max_queue"] == 10
+    client.close()
