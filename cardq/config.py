@@ -159,17 +159,16 @@ class LoadedConfig:
 
     @property
     def db_path(self) -> Path:
-        """The database path; a relative path is taken relative to the config file's folder (else the cwd)."""
-        p = Path(self.config.store.path).expanduser()
-        if p.is_absolute():
-            return p
-        base = self.path.parent if self.path is not None else Path.cwd()
-        return (base / p).resolve()
+        return self._resolve(self.config.store.path)
 
     @property
     def run_dir(self) -> Path:
-        """Actors' sockets and the key file; relative to the config file's folder (else the cwd)."""
-        p = Path(self.config.actors.run_dir).expanduser()
+        """Actors' sockets and the key file."""
+        return self._resolve(self.config.actors.run_dir)
+
+    def _resolve(self, configured: str) -> Path:
+        """A configured path; a relative one is relative to the config file's folder (else the cwd)."""
+        p = Path(configured).expanduser()
         if p.is_absolute():
             return p
         base = self.path.parent if self.path is not None else Path.cwd()

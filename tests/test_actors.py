@@ -61,6 +61,23 @@ def actor_pid(d: Deployment, name: str) -> int:
                                   if r["name"] == name and r["pid"]), None), 30, what=f"{name} pid")
 
 
+def kill_while_running(d: Deployment, actor: str, procs: list, rng: random.Random, lo: float, hi: float) -> int:
+    """SIGKILL the actor every lo..hi seconds (at random) until every client process has finished cleanly;
+    returns how many kills landed."""
+    kills = 0
+    while any(p.is_alive() for p in procs):
+        time.sleep(rng.uniform(lo, hi))  # the kill schedule itself, not a wait for a condition
+        try:
+            os.kill(actor_pid(d, actor), signal.SIGKILL)
+            kills += 1
+        except ProcessLookupError:
+            pass
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    return kills
+
+
 def read_json(path: str) -> dict:
     return orjson.loads(Path(path).read_bytes())
 
@@ -77,18 +94,7 @@ def test_counter_exactly_once_while_the_actor_is_killed(make, tmp_path):
     client = up(d, "counter-0")
     outs = [str(tmp_path / f"incr-{i}.json") for i in range(4)]
     procs = [spawn(actor_clients.incr_loop, str(d.config_path), "hits", 25_000, 100, out) for out in outs]
-    rng = random.Random(7)
-    kills = 0
-    while any(p.is_alive() for p in procs):
-        time.sleep(rng.uniform(0.3, 1.0))  # the kill schedule itself, not a wait for a condition
-        try:
-            os.kill(actor_pid(d, "counter-0"), signal.SIGKILL)
-            kills += 1
-        except ProcessLookupError:
-            pass
-    for p in procs:
-        p.join(10)
-        assert p.exitcode == 0
+    kills = kill_while_running(d, "counter-0", procs, random.Random(7), 0.3, 1.0)
     assert kills >= 3
     assert client.counter.get("hits") == 100_000
     retried = sum(read_json(o)["retries"] for o in outs)
@@ -194,17 +200,7 @@ def test_path_collector_counts_equal_ground_truth_despite_duplicates_and_kills(m
     outs = [str(tmp_path / f"ev-{i}.json") for i in range(2)]
     procs = [spawn(actor_clients.send_events, str(d.config_path), chunk, out) for chunk, out in zip(chunks, outs,
                                                                                                      strict=True)]
-    kills = 0
-    while any(p.is_alive() for p in procs):
-        time.sleep(rng.uniform(0.5, 1.5))  # the kill schedule itself
-        try:
-            os.kill(actor_pid(d, "paths-0"), signal.SIGKILL)
-            kills += 1
-        except ProcessLookupError:
-            pass
-    for p in procs:
-        p.join(30)
-        assert p.exitcode == 0
+    kills = kill_while_running(d, "paths-0", procs, rng, 0.5, 1.5)
     assert kills >= 2
     wait_for(lambda: d.db.conn.execute("SELECT count(*) FROM traffic_inbox").fetchall()[0][0] == 0, 60,
              what="inbox drained")
