@@ -157,9 +157,9 @@ class RateLimiter(Behaviour):
         now = time.time()
         answer, new_tat = gcra(self.tat.get(a.key), now, a.cost, p)
         if answer["allowed"]:
-            self.tat[a.key] = new_tat
             c.execute("INSERT INTO rate_limits (key, tat) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET"
                       " tat = excluded.tat", (a.key, new_tat))
+            self.tat[a.key] = new_tat  # only once the write went through: memory never runs ahead of SQLite
         return answer
 
     # ---- gates ------------------------------------------------------------------------------------------------

@@ -265,6 +265,7 @@ class ActorServer:
         # A store failure here (database locked past every retry, disk full) ends the process: the supervisor
         # restarts it, memory is rebuilt from SQLite, and unanswered asks are retried by their clients.
         answers = self.db.write(tx, f"{self.actor} batch")
+        self.ctx.slot.idle()
         by_client: dict[Client, list[dict[str, Any]]] = {}
         for client, msg_id, answer in answers:
             by_client.setdefault(client, []).append({"id": msg_id, **answer})

@@ -460,7 +460,7 @@ class Supervisor:
             return None
 
     def _wake_idle(self, now: float) -> None:
-        idle = [c for c in self.children.values() if c.alive and c.state == "idle"]
+        idle = [c for c in self.children.values() if c.alive and c.state == "idle" and c.spec.role == "worker"]
         if not idle:
             return
         version = self.db.conn.execute("PRAGMA data_version").fetchall()[0][0]
@@ -485,7 +485,7 @@ class Supervisor:
         return active == 0
 
     def _any_idle(self) -> bool:
-        return any(c.state == "idle" for c in self.children.values())
+        return any(c.state == "idle" and c.spec.role == "worker" for c in self.children.values())
 
     def _processing_timeout(self) -> float:
         """job_processing_timeout_seconds in effect (a database override applies too)."""
