@@ -213,16 +213,27 @@ class Client:
             conn.close()
 
     @contextmanager
-    def gate(self, name: str, *, pid: int | None = None) -> Iterator[str]:
+    def gate(self, name: str) -> Iterator[str]:
         """Hold a permit of gate `name` for the block: waits in the gate's bounded queue (up to its
-        queue_timeout_ms); raises Overloaded at once when the queue is full."""
+        queue_timeout_ms); raises Overloaded at once when the queue is full. The holder is this process: if it
+        dies, the actor releases the permit within a second."""
         permit = uuid.uuid4().hex
-        wait_s = self.timeout_s
+        queue_s = 60.0
         if self.loaded is not None and name in self.loaded.config.gates:
-            wait_s += self.loaded.config.gates[name].queue_timeout_ms / 1000
+            queue_s = self.loaded.config.gates[name].queue_timeout_ms / 1000
         self._release_leftovers()
-        self.ask("ratelimit", f"gate:{name}", "acquire", {"gate": name, "permit": permit,
-                                                          "pid": pid or os.getpid()}, timeout=wait_s)
+        try:
+            # The actor never keeps us waiting longer than we wait for its answer (wait_ms).
+            self.ask("ratelimit", f"gate:{name}", "acquire",
+                     {"gate": name, "permit": permit, "wait_ms": int(queue_s * 1000)},
+                     timeout=queue_s + self.timeout_s)
+        except ActorTimeout:
+            # We gave up: take the request out of the queue (or give the permit back, if it came too late).
+            try:
+                self.ask("ratelimit", f"gate:{name}", "release", {"gate": name, "permit": permit})
+            except ActorError:
+                self._unreleased.append((name, permit))  # released on our next gate call
+            raise
         try:
             yield permit
         finally:

@@ -17,6 +17,7 @@ Events that could not reach the collector wait in traffic_inbox; the shard that 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +74,11 @@ class PathCollector(Behaviour):
         self.cache: dict[tuple[int, str], Agg] = {}
         self.dirty: set[tuple[int, str]] = set()  # folded into since the transaction began
         self.paths_by_hour: dict[int, set[str]] = {}
+        self.next_prune = 0.0
+        shards = loaded.config.actors.paths_shards
+        # Each shard folds its overflow into its own row: two shards updating one "(other)" row would
+        # overwrite each other's counts.
+        self.other = OTHER if shards <= 1 else f"{OTHER}#{shard}"
         self.apply_config(loaded)
 
     def apply_config(self, loaded: LoadedConfig) -> None:
@@ -136,8 +142,8 @@ class PathCollector(Behaviour):
         if path in known:
             return path
         if len(known) >= self.max_paths:
-            known.add(OTHER)
-            return OTHER
+            known.add(self.other)
+            return self.other
         known.add(path)
         return path
 
@@ -169,17 +175,38 @@ class PathCollector(Behaviour):
     def on_rollback(self) -> None:
         """Nothing to undo: a message folds only after its one insert succeeded (see ingest)."""
 
+    def on_tick_failed(self) -> None:
+        """The inbox drain (a transaction of its own) was rolled back: forget what it folded."""
+        self.cache.clear()
+        self.dirty.clear()
+        self.paths_by_hour.clear()
+
     # ---- housekeeping ---------------------------------------------------------------------------------------
 
     def tick(self, c: apsw.Connection, now: float) -> list:
         rows = c.execute("SELECT id, event FROM traffic_inbox WHERE shard = ? ORDER BY id LIMIT ?",
                          (self.shard, INBOX_BATCH)).fetchall()
         if rows:
-            events = [msgspec.convert(orjson.loads(e), Event) for _, e in rows]
+            events, bad = [], 0
+            for _row_id, text in rows:  # each row on its own: one bad row must not stop the rest (or the actor)
+                try:
+                    events.append(msgspec.convert(orjson.loads(text), Event))
+                except (msgspec.ValidationError, orjson.JSONDecodeError) as e:
+                    bad += 1
+                    c.execute("INSERT INTO actor_dead_letters (actor, fingerprint, message, error, failures, at)"
+                              " VALUES ('paths', 'inbox', ?, ?, 1, ?)", (text[:4000], f"bad inbox row: {e}"[:500],
+                                                                          time.time()))
             result = self.ingest(c, events)
             c.execute(f"DELETE FROM traffic_inbox WHERE id IN ({','.join(str(r[0]) for r in rows)})")
             self.log.info("paths.inbox_drained", events=len(rows), accepted=result["accepted"],
-                          duplicates=result["duplicates"])
+                          duplicates=result["duplicates"], dead_lettered=bad + len(result["rejected"]))
+        if now >= self.next_prune:
+            # Detail rows older than the retention go (the hourly aggregates stay); a bounded chunk per tick.
+            self.next_prune = now + 60
+            cutoff_ms = int((now - self.loaded.config.paths.retention_days * 86400) * 1000)
+            # ids start with the 13-digit ts_ms, so id order is time order: the primary key finds them.
+            c.execute("DELETE FROM traffic_events WHERE id IN (SELECT id FROM traffic_events WHERE id < ?"
+                      " LIMIT 50000)", (f"{cutoff_ms:013d}-",))
         oldest = int(now // 3600 * 3600) - 3600 * (HOURS_IN_MEMORY - 1)
         self.before_commit(c)  # the inbox's folds, before older hours leave the cache
         for key in [k for k in self.cache if k[0] < oldest]:

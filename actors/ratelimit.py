@@ -13,14 +13,13 @@ are rows, so they survive an actor restart; a permit whose holder process has di
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from fnmatch import translate
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import apsw
 import msgspec
@@ -39,13 +38,19 @@ class Check(msgspec.Struct, forbid_unknown_fields=True):
     cost: int = 1
 
 
+PID_MAX = 4_194_304  # Linux's highest possible pid_max
+
+
 class Acquire(msgspec.Struct, forbid_unknown_fields=True):
     gate: str
     permit: str
-    pid: int
+    pid: Annotated[int, msgspec.Meta(ge=1, le=PID_MAX)] | None = None  # ignored: the holder is the connection's
+    wait_ms: Annotated[int, msgspec.Meta(ge=0)] | None = None  # how long the caller will wait for an answer
 
 
 class Release(msgspec.Struct, forbid_unknown_fields=True):
+    """Give a permit back — or, if it is still waiting (its caller gave up), take it out of the queue."""
+
     gate: str
     permit: str
 
@@ -89,7 +94,7 @@ class Waiter:
 class Gate:
     name: str
     cfg: GateConfig
-    permits: dict[str, tuple[int, float]] = field(default_factory=dict)  # permit -> (pid, acquired_at)
+    permits: dict[str, tuple[int, int, float]] = field(default_factory=dict)  # permit -> (pid, started, at)
     waiters: deque[Waiter] = field(default_factory=deque)
     dropped: int = 0
     last_drop_at: float | None = None
@@ -117,9 +122,14 @@ class RateLimiter(Behaviour):
         self.gates: dict[str, Gate] = {}
         self.answers: list[tuple[Client, int, dict[str, Any]]] = []
         self.apply_config(loaded)
-        for permit, gate, pid, at in db.conn.execute("SELECT permit_id, gate, pid, acquired_at FROM gate_permits"):
-            self._gate(gate).permits[permit] = (pid, at)
+        for permit, gate, pid, started, at in db.conn.execute(
+                "SELECT permit_id, gate, pid, pid_started, acquired_at FROM gate_permits").fetchall():
+            if gate in self.loaded.config.gates:
+                self._gate(gate).permits[permit] = (pid, started, at)
+            else:  # a gate renamed or removed from config.toml: its permits mean nothing any more
+                db.write(lambda c, p=permit: c.execute("DELETE FROM gate_permits WHERE permit_id = ?", (p,)))
         self.next_reap = 0.0
+        self.resized = False
 
     def apply_config(self, loaded: LoadedConfig) -> None:
         self.loaded = loaded
@@ -130,6 +140,7 @@ class RateLimiter(Behaviour):
         self.config_digest = loaded.digest
         for name, cfg in loaded.config.gates.items():
             self._gate(name).cfg = cfg
+        self.resized = True  # a larger max_concurrency admits waiters at the next tick
 
     def _gate(self, name: str) -> Gate:
         gate = self.gates.get(name)
@@ -175,10 +186,14 @@ class RateLimiter(Behaviour):
                     w.client, w.msg_id = client, msg_id  # answer the retry, not the lost connection
             return DEFER
         if len(gate.permits) < gate.cfg.max_concurrency and not gate.waiters:
-            self._grant(c, gate, a.permit, a.pid, now, now)
+            self._grant(c, gate, a.permit, client.pid, now, now)
             return {"permit": a.permit, "waited_ms": 0.0}
         if len(gate.waiters) < gate.cfg.max_queue:
-            gate.waiters.append(Waiter(client, msg_id, a.permit, a.pid, now, now + gate.cfg.queue_timeout_ms / 1000))
+            # Never wait longer than the caller will: a permit granted after it gave up would be held by no one.
+            wait_s = gate.cfg.queue_timeout_ms / 1000
+            if a.wait_ms is not None:
+                wait_s = min(wait_s, a.wait_ms / 1000)
+            gate.waiters.append(Waiter(client, msg_id, a.permit, client.pid, now, now + wait_s))
             return DEFER
         gate.dropped += 1
         gate.last_drop_at = now
@@ -191,6 +206,8 @@ class RateLimiter(Behaviour):
         if held:
             c.execute("DELETE FROM gate_permits WHERE permit_id = ?", (a.permit,))
             self._admit(c, gate, time.time())
+        else:
+            gate.waiters = deque(w for w in gate.waiters if w.permit != a.permit)
         return {"released": held}
 
     def gate_stats(self, c: apsw.Connection, client: Client, a: Any, msg_id: int | None) -> dict[str, Any]:
@@ -200,12 +217,14 @@ class RateLimiter(Behaviour):
                 if protocol.shard_of(f"gate:{name}", shards) == self.shard}
 
     def _grant(self, c: apsw.Connection, gate: Gate, permit: str, pid: int, since: float, now: float) -> None:
-        c.execute("INSERT INTO gate_permits (permit_id, gate, pid, acquired_at) VALUES (?, ?, ?, ?)",
-                  (permit, gate.name, pid, now))
-        gate.permits[permit] = (pid, now)
+        started = process_start(pid)
+        c.execute("INSERT INTO gate_permits (permit_id, gate, pid, pid_started, acquired_at) VALUES (?, ?, ?, ?, ?)",
+                  (permit, gate.name, pid, started, now))
+        gate.permits[permit] = (pid, started, now)
         gate.waits_ms.append((now - since) * 1000)
 
     def _admit(self, c: apsw.Connection, gate: Gate, now: float) -> None:
+        self._expire(gate, now)  # never grant to a waiter whose caller has given up
         while gate.waiters and len(gate.permits) < gate.cfg.max_concurrency:
             w = gate.waiters.popleft()
             self._grant(c, gate, w.permit, w.pid, w.since, now)
@@ -213,17 +232,28 @@ class RateLimiter(Behaviour):
                 self.answers.append((w.client, w.msg_id, {"ok": True, "r": {
                     "permit": w.permit, "waited_ms": round((now - w.since) * 1000, 3)}}))
 
+    def _expire(self, gate: Gate, now: float) -> None:
+        """Answer every waiter whose time is up (wherever it stands in the queue) and take it out."""
+        if not any(w.deadline <= now for w in gate.waiters):
+            return
+        keep = deque()
+        for w in gate.waiters:
+            if w.deadline > now:
+                keep.append(w)
+                continue
+            gate.dropped += 1
+            gate.last_drop_at = now
+            if w.msg_id is not None:
+                self.answers.append((w.client, w.msg_id, {"ok": False, "code": "overloaded", "err": (
+                    f"gate {gate.name}: no permit within {round((w.deadline - w.since) * 1000)} ms; retry later")}))
+        gate.waiters = keep
+
     def tick(self, c: apsw.Connection, now: float) -> list[tuple[Client, int, dict[str, Any]]]:
         for gate in self.gates.values():
-            while gate.waiters and gate.waiters[0].deadline <= now:
-                w = gate.waiters.popleft()
-                gate.dropped += 1
-                gate.last_drop_at = now
-                if w.msg_id is not None:
-                    self.answers.append((w.client, w.msg_id, {"ok": False, "code": "overloaded", "err": (
-                        f"gate {gate.name}: no permit within queue_timeout_ms={gate.cfg.queue_timeout_ms}; retry "
-                        "later")}))
-            gate.waiters = deque(w for w in gate.waiters if w.deadline > now)
+            self._expire(gate, now)
+            if self.resized:
+                self._admit(c, gate, now)
+        self.resized = False
         if now >= self.next_reap:
             self.next_reap = now + REAP_EVERY_S
             self._reap(c, now)
@@ -245,7 +275,7 @@ class RateLimiter(Behaviour):
     def _reap(self, c: apsw.Connection, now: float) -> None:
         """Release permits whose holder process is gone."""
         for gate in self.gates.values():
-            dead = [p for p, (pid, _) in gate.permits.items() if not _alive(pid)]
+            dead = [p for p, (pid, started, _) in gate.permits.items() if not holder_alive(pid, started)]
             for permit in dead:
                 del gate.permits[permit]
                 c.execute("DELETE FROM gate_permits WHERE permit_id = ?", (permit,))
@@ -253,27 +283,35 @@ class RateLimiter(Behaviour):
             if dead:
                 self._admit(c, gate, now)
 
+    def on_tick_failed(self) -> None:
+        """Rebuild the gates' permits from SQLite (the tick's grants and releases were rolled back)."""
+        for gate in self.gates.values():
+            gate.permits.clear()
+        for permit, gate, pid, started, at in self.db.conn.execute(
+                "SELECT permit_id, gate, pid, pid_started, acquired_at FROM gate_permits").fetchall():
+            if gate in self.gates:
+                self.gates[gate].permits[permit] = (pid, started, at)
+
     def on_disconnect(self, client: Client) -> None:
         for gate in self.gates.values():
             gate.waiters = deque(w for w in gate.waiters if w.client is not client)
-        if not _alive(client.pid):
-            self.next_reap = 0.0  # its permits go at the next tick
+        self.next_reap = 0.0  # if it died, its permits go at the next tick
 
     def next_tick(self, now: float) -> float:
         deadlines = [g.waiters[0].deadline for g in self.gates.values() if g.waiters]
         return min([now + REAP_EVERY_S, *deadlines]) if deadlines else now + REAP_EVERY_S
 
 
-def _alive(pid: int) -> bool:
-    """Is the process running? (A zombie — dead, not yet reaped by its parent — is not.)"""
+def process_start(pid: int) -> int:
+    """A process's start time (clock ticks since boot, /proc/<pid>/stat field 22); 0 if it is not running."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError, ValueError, OverflowError):
+        return 0
+    return 0 if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def holder_alive(pid: int, started: int) -> bool:
+    """Is the process that took the permit still running? A dead one, a zombie, or a new process that reuses
+    its pid (after a reboot, say) is not."""
+    return started != 0 and process_start(pid) == started

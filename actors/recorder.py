@@ -10,6 +10,7 @@ itself is full does record() write to the inbox directly.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import queue
 import threading
@@ -21,7 +22,7 @@ import orjson
 from actors import keys, protocol
 from actors.protocol import ActorError
 from actors.traffic import PathNormalizer, make_event
-from cardq import app
+from cardq import app, logs
 from cardq.config import LoadedConfig
 
 QUEUE_MAX = 100_000
@@ -39,9 +40,9 @@ class EventRecorder:
         self.hash_ip = functools.lru_cache(maxsize=65_536)(keys.ip_hasher(keys.load_secret(loaded.run_dir)))
         self.name = name
         self.queue: queue.Queue[dict[str, Any] | None] = queue.Queue(QUEUE_MAX)
-        self.sent = self.to_inbox = 0
-        self._idle = threading.Event()
-        self._idle.set()
+        self.sent = self.to_inbox = self.lost = 0
+        self._pending = 0  # recorded, not yet taken by the collector or the inbox
+        self._pending_lock = threading.Condition()
         self._db_lock = threading.Lock()
         self._db = None
         self._thread = threading.Thread(target=self._run, name="cardq-events", daemon=True)
@@ -52,27 +53,25 @@ class EventRecorder:
         event = make_event(normalize=self.normalize, hash_ip=self.hash_ip, **fields)
         if not self.enabled:
             return event["id"]
-        self._idle.clear()
+        with self._pending_lock:
+            self._pending += 1
         try:
             self.queue.put_nowait(event)
         except queue.Full:
-            self._inbox([event])
+            self._store([event])
         return event["id"]
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until every queued event was taken by the collector or written to the inbox."""
-        deadline = time.monotonic() + timeout
-        while not (self.queue.empty() and self._idle.is_set()):
-            if time.monotonic() > deadline:
-                return False
-            self._idle.wait(0.01)
-        return True
+        """Wait until every recorded event was taken by the collector or written to the inbox."""
+        with self._pending_lock:
+            return self._pending_lock.wait_for(lambda: self._pending == 0, timeout)
 
-    def close(self) -> None:
-        self.flush()
-        self.queue.put(None)
-        self._thread.join(5)
-        if self._db is not None:
+    def close(self, timeout: float = 30.0) -> None:
+        self.flush(timeout)
+        with contextlib.suppress(queue.Full):  # else the thread is stuck or gone: a daemon, it ends with us
+            self.queue.put(None, timeout=1.0)
+        self._thread.join(timeout)
+        if not self._thread.is_alive() and self._db is not None:
             self._db.close()
 
     def _run(self) -> None:
@@ -96,10 +95,9 @@ class EventRecorder:
                     break
                 batch.append(item)
             self._send(client, batch)
-            if self.queue.empty():
-                self._idle.set()
 
     def _send(self, client: Any, batch: list[dict[str, Any]]) -> None:
+        """To the collector, else to the inbox. Never raises: a dead thread would drop every later event."""
         by_shard: dict[int, list[dict[str, Any]]] = {}
         for event in batch:
             by_shard.setdefault(protocol.shard_of(event["path"], self.shards), []).append(event)
@@ -108,7 +106,31 @@ class EventRecorder:
                 client.ask("paths", shard_events[0]["path"], "record", {"events": shard_events})
                 self.sent += len(shard_events)
             except ActorError:
-                self._inbox(shard_events)
+                self._store(shard_events, done=False)
+            except Exception as e:
+                self._lose(shard_events, e)
+            finally:
+                self._done(len(shard_events))
+
+    def _done(self, n: int) -> None:
+        with self._pending_lock:
+            self._pending -= n
+            if self._pending <= 0:
+                self._pending_lock.notify_all()
+
+    def _store(self, events: list[dict[str, Any]], done: bool = True) -> None:
+        """The durable fallback: the inbox table, drained by the collector when it is back."""
+        try:
+            self._inbox(events)
+        except Exception as e:  # the database failed too (disk full, locked for good): say so, loudly
+            self._lose(events, e)
+        finally:
+            if done:
+                self._done(len(events))
+
+    def _lose(self, events: list[dict[str, Any]], error: Exception) -> None:
+        self.lost += len(events)
+        logs.get().error("events.lost", events=len(events), error=f"{type(error).__name__}: {error}"[:300])
 
     def _inbox(self, events: list[dict[str, Any]]) -> None:
         with self._db_lock:

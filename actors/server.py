@@ -36,11 +36,14 @@ from actors import keys, protocol
 from cardq import app, logs
 from cardq.children import EXIT_STOPPED, ChildContext
 from cardq.config import LoadedConfig, parse_config
+from store import StoreError
 
 MAX_FAILURES = 3
 HANDSHAKE_TIMEOUT_S = 2.0
 SEND_TIMEOUT_S = 1.0
-READ_BATCH = 512  # frames read from one connection per loop turn, so one busy client cannot starve the rest
+RECV_CHUNK = 256 * 1024  # bytes read from one connection per loop turn: no client can starve the rest, and what
+# one loop turn holds in memory stays bounded however fast clients send
+MAX_PER_FRAME = 1024
 DEFER = object()  # a handler's answer that will come later (a gate waiter)
 SINGLE = "single"  # ops flag: the handler writes at most one statement, as its last step (no savepoint needed)
 
@@ -51,10 +54,11 @@ def socket_path(run_dir: Path, actor: str, shard: int) -> Path:
 
 @dataclass(eq=False)
 class Client:
-    conn: Connection
-    pid: int
+    conn: Connection  # for sending (blocking, with a send timeout), and for wait()
+    pid: int  # the peer's real pid (SO_PEERCRED)
     name: str
-    extra: dict[str, Any] = field(default_factory=dict)
+    sock: socket.socket | None = None  # a duplicate of the connection's socket, read without blocking
+    buf: bytearray = field(default_factory=bytearray)  # bytes received, not yet a whole frame
 
     def send(self, frame: bytes) -> bool:
         try:
@@ -93,6 +97,9 @@ class Behaviour:
 
     def before_commit(self, c: apsw.Connection) -> None:
         """Last writes of the batch's transaction (state folded in memory by several messages, written once)."""
+
+    def on_tick_failed(self) -> None:
+        """The periodic work failed and its transaction was rolled back: rebuild memory from SQLite."""
 
     def on_rollback(self) -> None:
         """A message's changes were rolled back: drop whatever in-memory state it may have touched."""
@@ -147,19 +154,18 @@ class ActorServer:
         timeval = struct.pack("ll", int(HANDSHAKE_TIMEOUT_S), 0)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(SEND_TIMEOUT_S), 0))
+        # The peer's real pid, from the kernel (SO_PEERCRED): a client cannot claim to be another process.
+        peer_pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
         conn = Connection(sock.detach())
         try:
             deliver_challenge(conn, self.authkey)
             answer_challenge(conn, self.authkey)
             hello = protocol.decode(conn.recv_bytes(4096))
-            pid = hello.get("pid")
-            if not isinstance(pid, int):
-                raise protocol.BadFrame("hello without a pid")
         except Exception as e:  # wrong key, garbage, silence: refuse this one connection, serve everyone else
             self.log.warning("gateway.refused", reason=f"{type(e).__name__}: {e}"[:200])
             conn.close()
             return
-        self.new_clients.put(Client(conn, pid, str(hello.get("name", ""))[:64]))
+        self.new_clients.put(Client(conn, peer_pid, str(hello.get("name", ""))[:64]))
         with contextlib.suppress(OSError):
             os.write(self.wake_w, b"x")
 
@@ -214,23 +220,43 @@ class ActorServer:
                 self.log.info("actor.config_applied", digest=msg["digest"])
 
     def _read(self, client: Client, batch: list[tuple[Client, dict[str, Any]]]) -> None:
-        conn = client.conn
-        for _ in range(READ_BATCH):
-            try:
-                if not conn.poll(0):
+        """Take what the client has sent, without ever waiting for the rest of a frame (a client that trickles
+        bytes costs nothing), and append every complete message to the batch."""
+        if client.sock is None:
+            client.sock = socket.fromfd(client.conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            chunk = client.sock.recv(RECV_CHUNK, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(client)
+            return
+        if not chunk:
+            self._drop(client)
+            return
+        buf = client.buf
+        buf += chunk
+        while len(buf) >= 4:
+            # multiprocessing.connection framing: a big-endian int32 length (-1: an uint64 length follows)
+            size, header = struct.unpack("!i", buf[:4])[0], 4
+            if size == -1:
+                if len(buf) < 12:
                     return
-                data = conn.recv_bytes(self.max_frame)
-            except (EOFError, OSError) as e:
-                if not isinstance(e, EOFError):
-                    self.log.warning("gateway.refused", pid=client.pid, reason=f"frame: {e} (max_frame_bytes="
-                                     f"{self.max_frame})")
+                size, header = struct.unpack("!Q", buf[4:12])[0], 12
+            if not 0 <= size <= self.max_frame:
+                self.log.warning("gateway.refused", pid=client.pid,
+                                 reason=f"frame of {size} bytes (max_frame_bytes={self.max_frame})")
                 self._drop(client)
                 return
+            if len(buf) < header + size:
+                return
+            data = bytes(buf[header:header + size])
+            del buf[:header + size]
             try:
                 frame = protocol.decode(data)
                 msgs = frame.get("m", [frame])  # a pipelined window travels as one frame
-                if not isinstance(msgs, list):
-                    raise protocol.BadFrame('"m" must be a list of messages')
+                if not isinstance(msgs, list) or len(msgs) > MAX_PER_FRAME:
+                    raise protocol.BadFrame(f'"m" must be a list of at most {MAX_PER_FRAME} messages')
                 for msg in msgs:
                     if not isinstance(msg, dict) or not isinstance(msg.get("op"), str) \
                             or not isinstance(msg.get("a", {}), dict):
@@ -242,30 +268,48 @@ class ActorServer:
             batch.extend((client, msg) for msg in msgs)
 
     def _drop(self, client: Client) -> None:
-        self.clients.pop(client.conn, None)
+        if self.clients.pop(client.conn, None) is None:
+            return
+        if client.sock is not None:
+            client.sock.close()
         client.conn.close()
         self.behaviour.on_disconnect(client)
 
     def process(self, batch: list[tuple[Client, dict[str, Any]]], *, tick: bool) -> None:
-        """Apply a batch in one transaction, commit, then answer."""
-        now = time.time()
+        """Apply a batch in one transaction, commit, then answer. The periodic tick runs in a transaction of its
+        own, so that a failing tick rolls back alone and cannot take the messages (or the actor) with it."""
 
-        def tx(c: apsw.Connection) -> list[tuple[Client, int, dict[str, Any]]]:
+        def messages(c: apsw.Connection) -> list[tuple[Client, int, dict[str, Any]]]:
             answers = []
             for client, msg in batch:
                 answer = self._handle(c, client, msg)
                 if answer is not None and msg.get("id") is not None:
                     answers.append((client, msg["id"], answer))
-            if tick:
-                answers += self.behaviour.tick(c, now)
+            answers += self.behaviour.drain_answers()
+            self.behaviour.before_commit(c)
+            return answers
+
+        def periodic(c: apsw.Connection) -> list[tuple[Client, int, dict[str, Any]]]:
+            answers = self.behaviour.tick(c, time.time())
             answers += self.behaviour.drain_answers()
             self.behaviour.before_commit(c)
             return answers
 
         # A store failure here (database locked past every retry, disk full) ends the process: the supervisor
         # restarts it, memory is rebuilt from SQLite, and unanswered asks are retried by their clients.
-        answers = self.db.write(tx, f"{self.actor} batch")
+        answers = self.db.write(messages, f"{self.actor} batch") if batch else []
+        if tick:
+            try:
+                answers += self.db.write(periodic, f"{self.actor} tick")
+            except StoreError:
+                raise
+            except Exception as e:  # a bug in periodic work: log it, start its state afresh, keep serving
+                self.behaviour.on_tick_failed()
+                self.log.error("actor.tick_failed", error=f"{type(e).__name__}: {e}"[:300])
         self.ctx.slot.idle()
+        self._send(answers)
+
+    def _send(self, answers: list[tuple[Client, int, dict[str, Any]]]) -> None:
         by_client: dict[Client, list[dict[str, Any]]] = {}
         for client, msg_id, answer in answers:
             by_client.setdefault(client, []).append({"id": msg_id, **answer})
@@ -286,15 +330,19 @@ class ActorServer:
                 args = msgspec.convert(args, struct_type, strict=True)
             except msgspec.ValidationError as e:
                 return _error("bad_request", f"{op}: {e}")
-        fp = protocol.fingerprint(self.actor, op, msg.get("a", {}))
-        if self.failures.get(fp, 0) >= MAX_FAILURES:
+        # Only a message that says who it is (an op id, a permit) can be told apart from the next one: only those
+        # are counted towards the dead-letter table. (A check on a hot key must not be dead-lettered because
+        # the actor was killed three times while such checks were running.)
+        raw = msg.get("a", {})
+        fp = protocol.fingerprint(self.actor, op, raw) if ("op_id" in raw or "permit" in raw) else None
+        if fp is not None and self.failures.get(fp, 0) >= MAX_FAILURES:
             return self._dead_letter(c, fp, msg, "moved to the dead-letter table after failing 3 times")
         # An op whose handler makes at most one write, as its last step (flag SINGLE), needs no savepoint:
         # SQLite makes one statement atomic, and a failure before it wrote nothing.
         savepoint = SINGLE not in flags
         if savepoint:
             c.execute("SAVEPOINT msg")
-        self.ctx.slot.begin(int(fp, 16), time.time())
+        self.ctx.slot.begin(int(fp, 16) if fp else 0, time.time())
         try:
             result = getattr(self.behaviour, method)(c, client, args, msg.get("id"))
             if savepoint:
@@ -305,9 +353,15 @@ class ActorServer:
         except Exception as e:  # the handler failed on this message: roll it back alone and count it
             self._rollback(c, savepoint)
             self.behaviour.on_rollback()
+            if fp is None:
+                self.log.error("actor.message_failed", op=op, error=f"{type(e).__name__}: {e}"[:300])
+                return _error("failed", f"{op} failed: {type(e).__name__}: {e}"[:500])
             return self._failed(c, fp, msg, f"{type(e).__name__}: {e}")
         finally:
             self.ctx.slot.end()
+        if fp is not None and fp in self.failures:  # it succeeded after all: its count starts again
+            del self.failures[fp]
+            c.execute("DELETE FROM actor_failures WHERE fingerprint = ?", (fp,))
         if result is DEFER:
             return None
         return {"ok": True, "r": result}

@@ -8,6 +8,7 @@ leaves the recording process raw: it is replaced by a keyed hash (see actors/key
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import time
 from collections.abc import Callable
@@ -57,8 +58,14 @@ def make_event(*, path: str, status: int, response_ms: float, method: str = "GET
         raise InputError(f"path {path!r}: expected a path starting with /")
     if not isinstance(status, int) or not 100 <= status <= 599:
         raise InputError(f"status {status!r}: expected an HTTP status from 100 to 599")
-    if not isinstance(response_ms, int | float) or response_ms < 0:
-        raise InputError(f"response_ms {response_ms!r}: expected a duration >= 0 in milliseconds")
+    if isinstance(response_ms, bool) or not isinstance(response_ms, int | float) \
+            or not math.isfinite(response_ms) or not 0 <= response_ms < 1e9:
+        raise InputError(f"response_ms {response_ms!r}: expected a finite duration >= 0 in milliseconds")
+    if bytes is not None and (isinstance(bytes, bool) or not isinstance(bytes, int) or not 0 <= bytes < 2**62):
+        raise InputError(f"bytes {bytes!r}: expected a whole number of bytes >= 0 (or none)")
+    for name, value in (("client_ip", client_ip), ("request_id", request_id), ("method", method)):
+        if not isinstance(value, str) or len(value) > 256:
+            raise InputError(f"{name} {value!r}: expected text of at most 256 characters")
     if not isinstance(ts_ms, int) or not 10**12 <= ts_ms < 10**13:
         raise InputError(f"ts_ms {ts_ms!r}: expected epoch milliseconds (13 digits)")
     if idempotent_id is None:

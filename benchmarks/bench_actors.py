@@ -114,7 +114,7 @@ def pipelined_checks(client: Client, n: int) -> float:
 def _send_events(cfg: str, first: int, n: int, paths: int, out: str) -> None:
     client = Client.from_config(load_config(cfg), name=f"bench-events-{first}")
     rec = client.events
-    base = 1_790_000_000_000
+    base = int(time.time() * 1000) - 7 * 3_600_000  # recent: inside the detail retention (3 days)
     t = time.perf_counter()
     for i in range(first, first + n):
         rec.record(path=f"/cards/{i % paths}/view" if paths <= 1000 else f"/p/x{i}/view", status=200,

@@ -104,6 +104,7 @@ class PathsConfig(_Section):
     max_batch_size: Annotated[int, Meta(ge=1, le=10_000)] = 100
     max_batch_wait_ms: Annotated[int, Meta(ge=0, le=60_000)] = 50
     max_paths_per_hour: Annotated[int, Meta(ge=1)] = 1000
+    retention_days: Annotated[float, Meta(gt=0)] = 3.0
     id_rules: list[list[str]] = msgspec.field(default_factory=lambda: [
         ["^[0-9]+$", ":id"],
         ["^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$", ":uuid"],
@@ -156,6 +157,7 @@ class LoadedConfig:
     path: Path | None  # None: built-in defaults, no file
     digest: str  # short sha256 of the file's bytes ("builtin" without a file)
     explicit: frozenset[str] = frozenset()  # dotted keys the file sets (the rest are built-in defaults)
+    raw: bytes = b""  # the file's bytes, as validated (what a reload hands to the children)
 
     @property
     def db_path(self) -> Path:
@@ -217,7 +219,7 @@ def load_config(path: str | os.PathLike | None) -> LoadedConfig:
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config file: {e.strerror}") from None
     cfg, raw = _parse(data, str(p))
-    return LoadedConfig(cfg, p, hashlib.sha256(data).hexdigest()[:12], frozenset(_dotted_keys(raw)))
+    return LoadedConfig(cfg, p, hashlib.sha256(data).hexdigest()[:12], frozenset(_dotted_keys(raw)), data)
 
 
 def load_config_for_reading(path: str | os.PathLike | None) -> tuple[LoadedConfig, str | None]:

@@ -32,6 +32,7 @@ from cardq import app, children, logs
 from cardq.children import EXIT_CONFIG, EXIT_STORE, Channel, ChildSpec
 from cardq.config import LoadedConfig, load_config
 from cardq.errors import EXIT_FAILURE, EXIT_USAGE, CardqError
+from cardq.handlers import load_handler
 from cardq.lockfile import SupervisorLock
 from store import StoreError, jobs, processes
 
@@ -222,16 +223,22 @@ class Supervisor:
         timeout = 0.0 if immediate else self.loaded.config.supervisor.shutdown_timeout_s
         self.shutdown_deadline = now + timeout
         self.log.info("supervisor.stopping", reason=reason, shutdown_timeout_s=timeout)
+        # Workers first; the actors they use (gates, counters) stop once the last worker has gone.
         for child in self.children.values():
             child.retiring = True
-            if child.alive:
+            if not child.alive:
+                child.state = "stopped"
+            elif child.spec.role == "worker":
                 child.state = "stopping"
                 child.channel.send({"cmd": "stop"})
-            else:
-                child.state = "stopped"
         self._publish()
 
     def _step_shutdown(self, now: float) -> int | None:
+        if not any(c.alive and c.spec.role == "worker" for c in self.children.values()):
+            for child in self.children.values():
+                if child.alive and child.state != "stopping":
+                    child.state = "stopping"
+                    child.channel.send({"cmd": "stop"})
         live = [c for c in self.children.values() if c.alive]
         if not live:
             for child in self.children.values():
@@ -511,6 +518,7 @@ class Supervisor:
             return
         try:
             new = load_config(self.loaded.path)
+            load_handler(new.config.workers.handler)  # a handler that does not import is a broken config too
         except CardqError as e:
             self.last_reload_error = str(e)
             self.log.error("config.reload_failed", reason=str(e), kept_digest=self.loaded.digest)
@@ -530,7 +538,7 @@ class Supervisor:
         self.last_reload_error = None
         if new.config.workers.count != old_count:
             self.desired = new.config.workers.count
-        text = new.path.read_text() if new.path else ""
+        text = new.raw.decode()  # exactly the bytes validated above, not the file as it may be now
         for child in self.children.values():
             if child.alive:
                 child.channel.send({"cmd": "config", "text": text, "path": str(new.path), "digest": new.digest})

@@ -103,12 +103,21 @@ class Worker:
                 self.apply_config(msg)
 
     def apply_config(self, msg: dict[str, Any]) -> None:
-        config = parse_config(msg["text"].encode(), msg.get("path") or "config.toml")
-        handler = self.handler
-        if config.workers.handler != self.loaded.config.workers.handler:
-            handler = load_handler(config.workers.handler)
+        """A reloaded config. The supervisor validated it (handler import included); should it still not apply
+        here, keep running on the old one and say so."""
+        try:
+            config = parse_config(msg["text"].encode(), msg.get("path") or "config.toml")
+            handler = self.handler
+            if config.workers.handler != self.loaded.config.workers.handler:
+                handler = load_handler(config.workers.handler)
+        except ConfigError as e:
+            self.log.error("worker.config_rejected", reason=str(e), kept_digest=self.loaded.digest)
+            return
         self.loaded = LoadedConfig(config, self.loaded.path, msg["digest"], self.loaded.explicit)
         self.handler = handler
+        if self.client is not None:  # gate timeouts and shards come from the config: connect afresh
+            self.client.close()
+            self.client = None
         self.log.info("worker.config_applied", digest=msg["digest"])
 
     def gate(self, kind: str) -> Any:
@@ -124,7 +133,6 @@ class Worker:
 
     def run_one(self, claimed: jobs.Claimed) -> None:
         w = self.loaded.config.workers
-        self.ctx.slot.begin(claimed.id, time.time())
         structlog.contextvars.bind_contextvars(job_id=claimed.id)
         try:
             self._attempt(claimed, w.job_timeout_s)
@@ -158,6 +166,9 @@ class Worker:
             job = Job(claimed.id, claimed.user_id, claimed.plan, claimed.kind, payload, claimed.attempt,
                       claimed.max_attempts, self.loaded.config)
             with self.gate(claimed.kind):
+                # The job's clock (the supervisor's timeout, the poison-job count) starts once the gate is ours:
+                # waiting for a permit is not the handler running.
+                self.ctx.slot.begin(claimed.id, time.time())
                 signal.setitimer(signal.ITIMER_REAL, timeout_s)
                 try:
                     result = self.handler(job)

@@ -138,6 +138,7 @@ MIGRATIONS: list[str] = [
         permit_id   TEXT PRIMARY KEY,
         gate        TEXT    NOT NULL,
         pid         INTEGER NOT NULL,
+        pid_started INTEGER NOT NULL,  -- the holder's start time (/proc): a reused pid is not the holder
         acquired_at REAL    NOT NULL
     ) WITHOUT ROWID;
     -- Messages that made their actor fail 3 times: kept here instead of crash-looping the actor.

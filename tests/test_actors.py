@@ -173,7 +173,7 @@ def test_permits_of_a_killed_holder_come_back(make, tmp_path):
 
 def _events(n_unique: int, dup_share: float, rng: random.Random) -> tuple[list[dict], list[dict]]:
     """Unique events over 12 paths and 6 past hours, then duplicates and replays, shuffled (out of order)."""
-    base = 1_790_000_000_000
+    base = int(time.time() * 1000) - 7 * 3_600_000  # recent: inside the detail retention (3 days)
     unique = []
     for i in range(n_unique):
         path = f"/cards/{i % 12}/view" if i % 3 else f"/api/v{i % 4}/items?page={i}"
@@ -258,7 +258,7 @@ def test_sampling_scales_counts_and_marks_them_estimates(make):
     client = up(d, "paths-0")
     for i in range(4000):
         client.events.record(path="/s", status=200, response_ms=1.0, client_ip=str(i), request_id=str(i),
-                             ts_ms=1_790_000_000_000 + i)
+                             ts_ms=int(time.time() * 1000) - 60_000 + i)
     assert client.events.flush(60)
     kept = d.db.conn.execute("SELECT count(*) FROM traffic_events").fetchall()[0][0]
     requests, estimated = d.db.conn.execute("SELECT requests, estimated FROM path_stats_hourly").fetchall()[0]
