@@ -197,8 +197,9 @@ class ActorServer:
                 due = now >= next_tick
                 if batch or due:
                     self.process(batch, tick=due)
-                    if due:
-                        next_tick = self.behaviour.next_tick(now)
+                    # a message may have set an earlier deadline (a gate waiter's): never sleep past it
+                    upcoming = self.behaviour.next_tick(now)
+                    next_tick = upcoming if due else min(next_tick, upcoming)
         finally:
             listener.close()
             self.path.unlink(missing_ok=True)

@@ -390,3 +390,73 @@ def test_cli_reload_and_a_restarted_actor_reached_by_running_workers(make):
     status = orjson.loads(d.cardq("status", "--json").stdout)
     assert status["gates"]["generation"]["max_queue"] == 10
     client.close()
+
+
+def test_bad_events_are_refused_and_a_bad_inbox_row_cannot_crash_the_collector(make):
+    d = make()
+    client = up(d, "paths-0")
+    for args, message in ((["--ms", "nan"], "response_ms nan"), (["--ms", "inf"], "response_ms inf")):
+        out = d.cardq("event", "record", "--path", "/x", "--status", "200", *args)
+        assert out.returncode == 2 and message in out.stderr
+    from cardq.errors import InputError
+
+    with pytest.raises(InputError, match="bytes '12'"):
+        client.events.record(path="/x", status=200, response_ms=1.0, bytes="12")
+    # A row that is not an event (written by an older client, or by hand) is dead-lettered, not fatal.
+    d.db.write(lambda c: c.execute("INSERT INTO traffic_inbox (shard, event) VALUES (0, ?)",
+                                   ('{"id": "1", "ts_ms": null}',)))
+    wait_for(lambda: d.db.conn.execute("SELECT count(*) FROM traffic_inbox").fetchall()[0][0] == 0, 10)
+    assert d.db.conn.execute("SELECT count(*) FROM actor_dead_letters WHERE fingerprint = 'inbox'").fetchall() \
+        == [(1,)]
+    pid = actor_pid(d, "paths-0")
+    client.events.record(path="/after", status=200, response_ms=1.0)
+    assert client.events.flush(10) and client.events.sent == 1
+    assert actor_pid(d, "paths-0") == pid  # the same collector process: it never went down
+    client.close()
+
+
+def test_gate_leaks_nothing_to_callers_that_gave_up_and_ignores_reused_pids(make, tmp_path):
+    d = make(gates={"t": {"max_concurrency": 1, "max_queue": 8, "queue_timeout_ms": 60_000}})
+    client = up(d, "ratelimit-0")
+    impatient = Client.from_config(load_config(d.config_path), name="impatient")
+    impatient.timeout_s = 0.3  # it waits 60 s for the queue, but only 0.3 s on top: make it give up sooner
+    with client.gate("t"):
+        with pytest.raises(ActorError):
+            impatient.ask("ratelimit", "gate:t", "acquire", {"gate": "t", "permit": "p-impatient",
+                                                             "wait_ms": 200}, timeout=0.5)
+        assert client.ratelimit.gate_stats()["t"]["queued"] == 0  # its place in the queue ended with its wait
+    stats = client.ratelimit.gate_stats()["t"]
+    assert stats["active"] == 0 and stats["dropped_since_boot"] == 1  # the late permit was never granted
+    # A permit row left by a process whose pid now belongs to someone else (pid 1, another start time):
+    d.db.write(lambda c: c.execute("INSERT INTO gate_permits VALUES ('stale', 't', 1, 12345, 0)"))
+    os.kill(actor_pid(d, "ratelimit-0"), signal.SIGKILL)  # restart: it loads the row, then reaps it
+    with client.gate("t"):
+        assert client.ratelimit.gate_stats()["t"]["active"] == 1
+    impatient.close()
+    client.close()
+
+
+def test_permits_of_a_removed_gate_do_not_stop_the_actor(make):
+    d = make()
+    d.db.write(lambda c: c.execute("INSERT INTO gate_permits VALUES ('old', 'renamed-away', 1, 1, 0)"))
+    client = up(d, "ratelimit-0")
+    assert client.ratelimit.check("k")["allowed"]
+    assert d.db.conn.execute("SELECT count(*) FROM gate_permits").fetchall()[0][0] == 0
+    client.close()
+
+
+def test_a_trickling_client_does_not_stall_the_actor(make):
+    d = make()
+    client = up(d, "counter-0")
+    good = keys.authkey(keys.load_secret(d.loaded.run_dir))
+    slow = RawClient(str(socket_path(d.loaded.run_dir, "counter", 0)), family="AF_UNIX", authkey=good)
+    slow.send_bytes(protocol.encode({"pid": os.getpid()}))
+    raw = socket.socket(fileno=os.dup(slow.fileno()))
+    raw.sendall(b"\x00\x00\x01\x00{")  # a 256-byte frame announced, one byte of it sent
+    started = time.monotonic()
+    for i in range(50):
+        assert client.counter.incr("fast", 1) == i + 1
+    assert time.monotonic() - started < 5  # generous: a stalled loop would take 50 x its read timeout
+    raw.close()
+    slow.close()
+    client.close()

@@ -264,3 +264,31 @@ def test_chaos_random_worker_kills_lose_nothing(deploy, tmp_path):
     assert done_once.fetchall()[0][0] == n
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
+
+
+def test_reload_with_a_handler_that_does_not_import_is_refused(deploy):
+    d = deploy(workers={"count": 1})
+    ids = d.submit([{"sleep": 0.05} for _ in range(20)])
+    proc = d.start()
+    wait_for(lambda: d.supervisor_row(), 30)
+    d.write_config(workers={"handler": "handlers_for_tests:behavee"})
+    os.kill(proc.pid, signal.SIGHUP)
+    info = wait_for(lambda: (d.supervisor_row()["info"] if d.supervisor_row()["info"]["last_reload_error"]
+                             else None), 10, what="reload refused")
+    assert "has no function behavee" in info["last_reload_error"] and info["config_version"] == 1
+    wait_for(lambda: d.statuses(ids) == {"done": 20}, 30, what="jobs still done by the old handler")
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+
+
+def test_stop_lets_a_gated_job_finish_and_release_its_permit(deploy):
+    """Workers stop before the actors they use: a job inside the gate finishes and gives its permit back."""
+    d = deploy(workers={"count": 1})
+    [jid] = d.submit([{"sleep": 1.0}])
+    proc = d.start()
+    wait_for(lambda: d.busy_worker_on(jid), 30)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, d.output()
+    assert d.job(jid)["status"] == "done" and d.job(jid)["attempts"] == 1
+    assert d.db.conn.execute("SELECT count(*) FROM gate_permits").fetchall()[0][0] == 0
