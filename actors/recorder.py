@@ -10,11 +10,10 @@ itself is full does record() write to the inbox directly.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import queue
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import orjson
@@ -39,10 +38,14 @@ class EventRecorder:
         self.normalize = functools.lru_cache(maxsize=65_536)(PathNormalizer(cfg.id_rules))
         self.hash_ip = functools.lru_cache(maxsize=65_536)(keys.ip_hasher(keys.load_secret(loaded.run_dir)))
         self.name = name
-        self.queue: queue.Queue[dict[str, Any] | None] = queue.Queue(QUEUE_MAX)
+        # record() appends, the sender thread pops: deque's append and popleft are atomic, so the request path
+        # takes no lock at all (a queue.Queue costs a lock and a condition per event).
+        self.buffer: deque[dict[str, Any]] = deque()
+        self.wakeup = threading.Event()
         self.sent = self.to_inbox = self.lost = 0
-        self._pending = 0  # recorded, not yet taken by the collector or the inbox
-        self._pending_lock = threading.Condition()
+        self._in_flight = 0  # taken from the buffer by the sender, not yet answered or stored
+        self._settled = threading.Condition()  # notified after each batch, for flush()
+        self._closing = False
         self._db_lock = threading.Lock()
         self._db = None
         self._thread = threading.Thread(target=self._run, name="cardq-events", daemon=True)
@@ -53,23 +56,24 @@ class EventRecorder:
         event = make_event(normalize=self.normalize, hash_ip=self.hash_ip, **fields)
         if not self.enabled:
             return event["id"]
-        with self._pending_lock:
-            self._pending += 1
-        try:
-            self.queue.put_nowait(event)
-        except queue.Full:
+        if len(self.buffer) >= QUEUE_MAX:  # the collector and the inbox are both far behind: store it now
             self._store([event])
+            return event["id"]
+        self.buffer.append(event)
+        if not self.wakeup.is_set():
+            self.wakeup.set()
         return event["id"]
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every recorded event was taken by the collector or written to the inbox."""
-        with self._pending_lock:
-            return self._pending_lock.wait_for(lambda: self._pending == 0, timeout)
+        self.wakeup.set()
+        with self._settled:
+            return self._settled.wait_for(lambda: not self.buffer and self._in_flight == 0, timeout)
 
     def close(self, timeout: float = 30.0) -> None:
         self.flush(timeout)
-        with contextlib.suppress(queue.Full):  # else the thread is stuck or gone: a daemon, it ends with us
-            self.queue.put(None, timeout=1.0)
+        self._closing = True
+        self.wakeup.set()
         self._thread.join(timeout)
         if not self._thread.is_alive() and self._db is not None:
             self._db.close()
@@ -78,23 +82,27 @@ class EventRecorder:
         from actors.client import Client
 
         client = Client.from_config(self.loaded, name=f"{self.name}-events")
+        buffer = self.buffer
         while True:
-            first = self.queue.get()
-            if first is None:
-                client.close()
-                return
-            batch = [first]
+            if not buffer:
+                if self._closing:
+                    client.close()
+                    return
+                self.wakeup.wait(self.max_wait_s)
+                self.wakeup.clear()
+                continue
+            # Give a batch up to max_batch_wait_ms to fill, then send what there is.
             deadline = time.monotonic() + self.max_wait_s
-            while len(batch) < self.max_batch:
-                try:
-                    item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is None:
-                    self.queue.put(None)
-                    break
-                batch.append(item)
+            while len(buffer) < self.max_batch and time.monotonic() < deadline and not self._closing:
+                time.sleep(0.001)
+            batch = []
+            while buffer and len(batch) < self.max_batch:
+                batch.append(buffer.popleft())
+            self._in_flight = len(batch)
             self._send(client, batch)
+            with self._settled:
+                self._in_flight = 0
+                self._settled.notify_all()
 
     def _send(self, client: Any, batch: list[dict[str, Any]]) -> None:
         """To the collector, else to the inbox. Never raises: a dead thread would drop every later event."""
@@ -106,27 +114,16 @@ class EventRecorder:
                 client.ask("paths", shard_events[0]["path"], "record", {"events": shard_events})
                 self.sent += len(shard_events)
             except ActorError:
-                self._store(shard_events, done=False)
+                self._store(shard_events)
             except Exception as e:
                 self._lose(shard_events, e)
-            finally:
-                self._done(len(shard_events))
 
-    def _done(self, n: int) -> None:
-        with self._pending_lock:
-            self._pending -= n
-            if self._pending <= 0:
-                self._pending_lock.notify_all()
-
-    def _store(self, events: list[dict[str, Any]], done: bool = True) -> None:
+    def _store(self, events: list[dict[str, Any]]) -> None:
         """The durable fallback: the inbox table, drained by the collector when it is back."""
         try:
             self._inbox(events)
         except Exception as e:  # the database failed too (disk full, locked for good): say so, loudly
             self._lose(events, e)
-        finally:
-            if done:
-                self._done(len(events))
 
     def _lose(self, events: list[dict[str, Any]], error: Exception) -> None:
         self.lost += len(events)
