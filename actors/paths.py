@@ -67,7 +67,7 @@ class Agg:
 
 class PathCollector(Behaviour):
     name = "paths"
-    ops = {"record": (Record, "record"), "query": (None, "query")}
+    ops = {"record": (Record, "record")}
 
     def __init__(self, loaded: LoadedConfig, db: Any, shard: int):
         super().__init__(loaded, db, shard)
@@ -217,9 +217,6 @@ class PathCollector(Behaviour):
 
     def next_tick(self, now: float) -> float:
         return now + 1.0
-
-    def query(self, c: apsw.Connection, client: Client, a: Any, msg_id: int | None) -> list[dict[str, Any]]:
-        return read_stats(c, **(a or {}))
 
 
 _INSERT = (

@@ -204,7 +204,7 @@ class ActorServer:
             listener.close()
             self.path.unlink(missing_ok=True)
             for client in list(self.clients.values()):
-                client.conn.close()
+                self._drop(client)
             self.db.close()
         return EXIT_STOPPED
 

@@ -50,9 +50,9 @@ def status(data: dict[str, Any]) -> str:
     sup = data.get("supervisor")
     if sup is not None:
         out += ["", _supervisor(sup)]
-    gates = data.get("gates")
-    if gates:
-        out += ["", "gates:", gates if isinstance(gates, str) else globals()["gates"](gates)]
+    gate_stats = data.get("gates")
+    if gate_stats:
+        out += ["", "gates:", gate_stats if isinstance(gate_stats, str) else gates(gate_stats)]
     if data["users"]:
         out += ["", "busiest users:", table(["user", "queued", "processing"],
                                             ([u["user_id"], u["queued"], u["processing"]] for u in data["users"]))]

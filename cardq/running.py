@@ -30,8 +30,7 @@ def supervise(loaded: LoadedConfig, *, workers: int | None, burst: bool) -> int:
         loaded = with_log_level(loaded, "warning")
     sink = logs.LineSink(logs.file_writer(logs.open_destination(cfg.file)))
     logs.configure("supervisor", level=loaded.config.log.level, fmt=cfg.format, sink=sink)
-    sup = Supervisor(loaded, workers=workers, burst=burst)
-    sup.sink_put = sink.put
+    sup = Supervisor(loaded, workers=workers, burst=burst, log_sink=sink.put)
     try:
         if not progress:
             return sup.run()

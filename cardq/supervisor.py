@@ -34,7 +34,7 @@ from cardq.config import LoadedConfig, load_config
 from cardq.errors import EXIT_FAILURE, EXIT_USAGE, CardqError
 from cardq.handlers import load_handler
 from cardq.lockfile import SupervisorLock
-from store import StoreError, jobs, processes
+from store import StoreError, jobs, limits, processes
 
 EXIT_INTENSITY = 4
 OWNER_PREFIX = "cardq:"
@@ -72,8 +72,10 @@ class ChildState:
 
 class Supervisor:
     def __init__(self, loaded: LoadedConfig, *, workers: int | None = None, burst: bool = False,
-                 on_progress: Callable[[int], None] | None = None):
+                 on_progress: Callable[[int], None] | None = None,
+                 log_sink: Callable[[bytes], None] | None = None):
         self.loaded = loaded
+        self.sink_put = log_sink or (lambda line: None)  # where children's log lines go (the one writer)
         self.desired = workers if workers is not None else loaded.config.workers.count
         self.burst = burst
         self.on_progress = on_progress
@@ -434,7 +436,6 @@ class Supervisor:
                 child.log_conn = None
                 return
 
-    sink_put: Callable[[bytes], None] = staticmethod(lambda line: None)  # set by the CLI to the log writer
 
     # ---- periodic work ----------------------------------------------------------------------------------
 
@@ -498,11 +499,8 @@ class Supervisor:
         """job_processing_timeout_seconds in effect (a database override applies too)."""
         values = self.loaded.limit_values()
         try:
-            from store import limits
-
-            eff = self.db.read(lambda c: limits.effective(c, values))
-            return float(eff["job_processing_timeout_seconds"].value)
-        except (StoreError, AttributeError):
+            return float(self.db.read(lambda c: limits.values(c, values))["job_processing_timeout_seconds"])
+        except StoreError:
             return float(values["job_processing_timeout_seconds"][0])
 
     def _backoff(self) -> jobs.Backoff:

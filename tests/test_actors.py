@@ -263,6 +263,11 @@ def test_sampling_scales_counts_and_marks_them_estimates(make):
     kept = d.db.conn.execute("SELECT count(*) FROM traffic_events").fetchall()[0][0]
     requests, estimated = d.db.conn.execute("SELECT requests, estimated FROM path_stats_hourly").fetchall()[0]
     assert 1800 < kept < 2200 and requests == kept * 2 and estimated == 1
+    from actors.paths import read_stats
+
+    [row] = d.db.read(lambda c: read_stats(c, path="/s"))
+    assert row["estimated"] and row["requests"] == kept * 2 and row["p50_ms"] == 1.0
+    assert abs(row["unique_clients"] - kept) <= 0.02 * kept
     client.close()
 
 
