@@ -1,4 +1,4 @@
-"""The `cardq` command: thin click commands over cardq/ and store/.
+"""The `cardq` command: thin click commands over the public Python API (`import cardq`).
 
 Exit codes: 0 success; 2 usage, config or input error; 3 rejected by a limit; 1 any other failure.
 """
@@ -7,20 +7,26 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import click
 import orjson
+from cardq.store.schema import STATUSES
+from cardq.store.submit import MAX_PRIORITY
 
-from cardq import app, render
-from cardq.errors import EXIT_FAILURE, EXIT_LIMIT, EXIT_USAGE, CardqError, ConfigError, InputError
-from cardq.inputs import FORMATS, parse_items, read_text
-from cardq.running import supervisor_summary
-from store import admin, processes, queries
-from store import limits as store_limits
-from store import submit as store_submit
-from store.schema import STATUSES
+import cardq
+from cardq import render
+from cardq.errors import (
+    AlreadyRunning,
+    ConfigError,
+    Error,
+    InputError,
+    InvalidTransition,
+    JobNotFound,
+    LimitExceeded,
+    RestartIntensityExceeded,
+)
+from cardq.inputs import FORMATS
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -29,12 +35,30 @@ Exit codes:
   2  usage, config or input error
   3  rejected by a limit (nothing was submitted)
 """
+EXIT_FAILURE, EXIT_USAGE, EXIT_LIMIT, EXIT_INTENSITY = 1, 2, 3, 4
+# The one place errors become exit codes: the first matching type wins (so subclasses come first).
+EXIT_CODES: tuple[tuple[type[Error], int], ...] = (
+    (LimitExceeded, EXIT_LIMIT),
+    (InputError, EXIT_USAGE),
+    (ConfigError, EXIT_USAGE),
+    (JobNotFound, EXIT_USAGE),
+    (InvalidTransition, EXIT_USAGE),
+    (RestartIntensityExceeded, EXIT_INTENSITY),
+    (AlreadyRunning, EXIT_FAILURE),
+    (Error, EXIT_FAILURE),
+)
+
+
+def exit_code(e: Error) -> int:
+    return next(code for cls, code in EXIT_CODES if isinstance(e, cls))
+
+
 PROGRESS_MIN_ITEMS = 5000
 JOB_ID = click.IntRange(1, 2**63 - 1)
 
 
 class CardqGroup(click.Group):
-    """Turns every CardqError into its one-line message and exit code; never a traceback for the user."""
+    """Turns every Error into its one-line message and exit code; never a traceback for the user."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         """click's own usage errors as one line too (click prints three), with the same exit codes."""
@@ -58,9 +82,9 @@ class CardqGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except CardqError as e:
+        except Error as e:
             click.echo(f"cardq: {e}", err=True)
-            ctx.exit(e.exit_code)
+            ctx.exit(exit_code(e))
         except KeyboardInterrupt:
             click.echo("cardq: interrupted", err=True)
             ctx.exit(130)
@@ -101,19 +125,15 @@ def init(config_path: str | None) -> None:
 
     Example: cardq init --config /srv/cardq/config.toml
     """
-    target = Path(config_path) if config_path else Path("config.toml")
-    if target.exists():
-        click.echo(f"config: {target} exists, left as it is")
-    else:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(app.DEFAULT_CONFIG_TEXT())
-        click.echo(f"config: wrote {target}")
-    loaded = app.load(target)
-    with app.open_db(loaded, create=True) as db:
-        click.echo(f"database: {db.path} ready (schema v{db.conn.execute('PRAGMA user_version').fetchall()[0][0]})")
-    from actors import keys
+    r = cardq.init(config_path)
+    click.echo(f"config: {'wrote ' if r.config_written else ''}{r.config_path}"
+               f"{'' if r.config_written else ' exists, left as it is'}")
+    click.echo(f"database: {r.database} ready (schema v{r.schema_version})")
+    click.echo(f"key file: {r.key_file} (mode 0600; apps authenticate with it)")
 
-    click.echo(f"key file: {keys.ensure_run_dir(loaded.run_dir)} (mode 0600; apps authenticate with it)")
+
+def connect(config_path: str | None) -> cardq.Queue:
+    return cardq.connect(config_path, name="cli")
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -135,25 +155,15 @@ def submit(file: str, user_id: str, plan: str, kind: str, priority: int, key_fie
 
     Example: cardq submit items.jsonl --user u42 --plan basic --idempotency-key-field sku
     """
-    if not 0 <= priority <= store_submit.MAX_PRIORITY:
-        raise InputError(f"--priority {priority}: expected a whole number from 0 to {store_submit.MAX_PRIORITY}")
-    loaded = app.load(config_path)
-    name = "<stdin>" if file == "-" else file
-    text = read_text(file, name)
-    items = parse_items(text, name, fmt, key_field)
-    jobs = [store_submit.NewJob(i.payload, i.idempotency_key, i.where) for i in items]
-    progress = sys.stdout.isatty() and len(jobs) >= PROGRESS_MIN_ITEMS
-    with app.open_db(loaded) as db:
-        if progress:
-            with click.progressbar(length=len(jobs), label="submitting", file=sys.stderr) as bar:
-                result = store_submit.submit(
-                    db, jobs, user_id=user_id, plan=plan, kind=kind, priority=priority,
-                    max_attempts=loaded.config.workers.max_attempts, configured=loaded.limit_values(),
-                    progress=bar.update)
+    if not 0 <= priority <= MAX_PRIORITY:
+        raise InputError(f"--priority {priority}: expected a whole number from 0 to {MAX_PRIORITY}")
+    with connect(config_path) as q:  # the config first: a broken one is the first thing to say
+        items = cardq.read_items(file, fmt=fmt, idempotency_key_field=key_field)
+        if sys.stdout.isatty() and len(items) >= PROGRESS_MIN_ITEMS:
+            with click.progressbar(length=len(items), label="submitting", file=sys.stderr) as bar:
+                result = q.submit(items, user=user_id, plan=plan, kind=kind, priority=priority, progress=bar.update)
         else:
-            result = store_submit.submit(
-                db, jobs, user_id=user_id, plan=plan, kind=kind, priority=priority,
-                max_attempts=loaded.config.workers.max_attempts, configured=loaded.limit_values())
+            result = q.submit(items, user=user_id, plan=plan, kind=kind, priority=priority)
     if quiet:
         click.echo(result.created)
     else:
@@ -169,41 +179,23 @@ def submit(file: str, user_id: str, plan: str, kind: str, priority: int, key_fie
 def status(as_json: bool, top: int, config_path: str | None) -> None:
     """Jobs by status, the busiest users, today's figures, expired leases and the limits in effect.
 
-    Works with no supervisor running. Example: cardq status --json
+    Works with no supervisor running, and while config.toml is broken. Example: cardq status --json
     """
-    loaded, config_error = app.load_for_reading(config_path)
-    try:
-        with app.open_db(loaded) as db:
-            data = queries.stats(db, loaded.limit_values(), top_users=top)
-            data["processes"] = db.read(processes.read)
-    except CardqError:
-        if config_error:
-            raise ConfigError(config_error) from None  # the broken file is the first thing to fix
-        raise
-    data["config"] = {"file": loaded.source, "digest": loaded.digest, "error": config_error}
-    data["supervisor"] = supervisor_summary(loaded, data["processes"])
-    data["gates"] = _gate_stats(loaded) if data["supervisor"]["running"] else None
+    with cardq.connect(config_path, name="cli", tolerate_invalid=True) as q:
+        try:
+            data = q.status(top=top)
+        except Error:
+            if q.config_error:
+                raise ConfigError(q.config_error) from None  # the broken file is the first thing to fix
+            raise
     if as_json:
         emit_json(data)
     else:
         click.echo(render.status(data))
-    if config_error:
+    if q.config_error:
         # Shown anyway (a running supervisor keeps its last good config), but a script must notice.
-        click.echo(f"cardq: {config_error} (status shown with built-in limits)", err=True)
+        click.echo(f"cardq: {q.config_error} (status shown with built-in limits)", err=True)
         sys.exit(EXIT_USAGE)
-
-
-def _gate_stats(loaded) -> dict | str:
-    """The running gates, or why they cannot be shown (status must work even when the actors do not)."""
-    from actors.client import Client
-    from actors.protocol import ActorError
-
-    try:
-        with Client.from_config(loaded, name="status") as client:
-            client.timeout_s = 0.5
-            return client.ratelimit.gate_stats()
-    except (ActorError, CardqError) as e:
-        return f"unavailable: {e}"
 
 
 @cli.group(epilog=EXIT_CODES_HELP)
@@ -214,14 +206,17 @@ def jobs() -> None:
 @jobs.command("list")
 @click.option("--status", type=click.Choice(STATUSES), help="Only jobs in this status.")
 @click.option("--user", "user_id", help="Only this user's jobs.")
+@click.option("--kind", help="Only jobs of this kind.")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000), help="At most this many.")
 @json_option
 @config_option
-def jobs_list(status: str | None, user_id: str | None, limit: int, as_json: bool, config_path: str | None) -> None:
+def jobs_list(status: str | None, user_id: str | None, kind: str | None, limit: int, as_json: bool,
+              config_path: str | None) -> None:
     """Jobs, newest first. Example: cardq jobs list --status dead --user u42"""
-    loaded = app.load(config_path)
-    with app.open_db(loaded) as db:
-        rows = queries.list_jobs(db, status=status, user_id=user_id, limit=limit)
+    with connect(config_path) as q:
+        page = q.jobs(status=status, user=user_id, kind=kind, limit=limit)
+    rows = [{k: v for k, v in job.to_dict().items() if k not in ("payload", "result", "errors")}
+            for job in page.jobs]
     if as_json:
         emit_json(rows)
     else:
@@ -233,9 +228,8 @@ def jobs_list(status: str | None, user_id: str | None, limit: int, as_json: bool
 @config_option
 def jobs_show(job_id: int, config_path: str | None) -> None:
     """Every field of one job, as JSON (payload, result and error history decoded)."""
-    loaded = app.load(config_path)
-    with app.open_db(loaded) as db:
-        emit_json(queries.get(db, job_id))
+    with connect(config_path) as q:
+        emit_json(q.job(job_id).to_dict())
 
 
 @jobs.command("retry")
@@ -252,9 +246,8 @@ def jobs_retry(job_id: int | None, all_dead: bool, user_id: str | None, kind: st
     """
     if (job_id is None) == (not all_dead):
         raise InputError("give a JOB_ID or --dead (not both)")
-    loaded = app.load(config_path)
-    with app.open_db(loaded) as db:
-        ids = admin.retry(db, job_id, status="dead", user_id=user_id, kind=kind)
+    with connect(config_path) as q:
+        ids = q.retry(job_id) if job_id is not None else q.retry_dead(user=user_id, kind=kind)
     click.echo(f"queued again: {len(ids)} job{'s' if len(ids) != 1 else ''}")
 
 
@@ -263,9 +256,8 @@ def jobs_retry(job_id: int | None, all_dead: bool, user_id: str | None, kind: st
 @config_option
 def jobs_cancel(job_id: int, config_path: str | None) -> None:
     """Cancel a queued, scheduled or processing job (a processing one's worker loses its lease)."""
-    loaded = app.load(config_path)
-    with app.open_db(loaded) as db:
-        was = admin.cancel(db, job_id)
+    with connect(config_path) as q:
+        was = q.cancel(job_id)
     click.echo(f"job {job_id}: cancelled (was {was})")
 
 
@@ -273,14 +265,14 @@ def jobs_cancel(job_id: int, config_path: str | None) -> None:
 @click.option("--older-than", "older_than", required=True, help="Age such as 7d, 12h, 30m.")
 @click.option("--status", "statuses", multiple=True, type=click.Choice(("done", "dead", "cancelled")),
               default=("done",), show_default=True, help="Repeatable.")
+@click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
 @config_option
-def jobs_purge(older_than: str, statuses: tuple[str, ...], config_path: str | None) -> None:
+def jobs_purge(older_than: str, statuses: tuple[str, ...], dry_run: bool, config_path: str | None) -> None:
     """Delete finished jobs older than a retention. Example: cardq jobs purge --older-than 7d"""
-    seconds = app.parse_duration(older_than)
-    loaded = app.load(config_path)
-    with app.open_db(loaded) as db:
-        n = admin.purge(db, older_than_s=seconds, statuses=statuses)
-    click.echo(f"purged {n} jobs ({', '.join(statuses)}) finished more than {older_than} ago")
+    with connect(config_path) as q:
+        n = q.purge(older_than, statuses=statuses, dry_run=dry_run)
+    verb = "would purge" if dry_run else "purged"
+    click.echo(f"{verb} {n} jobs ({', '.join(statuses)}) finished more than {older_than} ago")
 
 
 @cli.group(invoke_without_command=True, epilog=EXIT_CODES_HELP)
@@ -298,14 +290,14 @@ def limits(ctx: click.Context, as_json: bool, config_path: str | None) -> None:
 @config_option
 def limits_list(as_json: bool = False, config_path: str | None = None) -> None:
     """Every limit with its effective value and where it comes from."""
-    loaded = app.load(config_path)
-    with app.open_db(loaded) as db:
-        effective = db.read(lambda c: store_limits.effective(c, loaded.limit_values()))
+    with connect(config_path) as q:
+        effective = q.limits()
+        source = q.config.source
     if as_json:
         emit_json({k: {"value": v.value, "source": v.source, "configured": v.configured}
                    for k, v in effective.items()})
     else:
-        click.echo(render.limits_table(effective.values(), loaded.source))
+        click.echo(render.limits_table(effective.values(), source))
 
 
 @limits.command("set", context_settings={"ignore_unknown_options": True})  # so that "-1" is a value
@@ -314,12 +306,10 @@ def limits_list(as_json: bool = False, config_path: str | None = None) -> None:
 @config_option
 def limits_set(key: str, value: str, config_path: str | None) -> None:
     """Override a limit in the database; the next submit uses it. Example: cardq limits set daily.free 10"""
-    loaded = app.load(config_path)
-    number = store_limits.validate(loaded.limit_values(), key, value)
-    with app.open_db(loaded) as db:
-        db.write(lambda c: store_limits.set_override(c, key, number, time.time()), "limits set")
-    value, source = loaded.limit_values()[key]
-    click.echo(f"{key} = {number} (override; the {source} value is {value})")
+    with connect(config_path) as q:
+        number = q.set_limit(key, value)
+        configured, source = q.config.limit_values()[key]
+    click.echo(f"{key} = {number} (override; the {source} value is {configured})")
 
 
 @limits.command("unset")
@@ -327,12 +317,9 @@ def limits_set(key: str, value: str, config_path: str | None) -> None:
 @config_option
 def limits_unset(key: str, config_path: str | None) -> None:
     """Drop a limit's override: back to the config.toml (or built-in) value."""
-    loaded = app.load(config_path)
-    configured = loaded.limit_values()
-    store_limits.check_key(configured, key)
-    with app.open_db(loaded) as db:
-        had = db.write(lambda c: store_limits.unset_override(c, key), "limits unset")
-    value, source = configured[key]
+    with connect(config_path) as q:
+        had = q.unset_limit(key)
+        value, source = q.config.limit_values()[key]
     click.echo(f"{key} = {value} ({source}){'' if had else '; there was no override'}")
 
 
@@ -340,12 +327,26 @@ def limits_unset(key: str, config_path: str | None) -> None:
 @click.option("--dir", "directory", default="demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the demo's config and fresh database.")
 @click.option("--items", "items_path", type=click.Path(exists=True, dir_okay=False),
-              help="Items to submit (default: the bundled examples/cards.jsonl).")
+              help="Items to submit (default: the bundled cardq/examples/cards.jsonl).")
 def demo(directory: str, items_path: str | None) -> None:
     """Run cardq's main job end to end on the built-in defaults, in a fresh database under ./demo."""
     from cardq import demo as demo_mod
 
-    demo_mod.run(Path(directory), Path(items_path) if items_path else None, click.echo)
+    demo_mod.run(Path(directory), Path(items_path) if items_path else None, click.echo,
+                 lambda q: supervise_burst(q, quiet=True))
+
+
+def supervise_burst(config: cardq.Queue | str | None, workers: int | None = None, quiet: bool = False) -> None:
+    """`supervise --burst`, with a progress bar of jobs done on a terminal (the log then cut to warnings, so that
+    the bar stays readable; `quiet`: always, as the demo wants)."""
+    q = config if isinstance(config, cardq.Queue) else connect(config)
+    quiet_level = "warning" if q.config.config.log.level in ("debug", "info") else None
+    if not sys.stderr.isatty():
+        cardq.supervise(q.config, workers=workers, burst=True, log_level=quiet_level if quiet else None)
+        return
+    level = quiet_level
+    with click.progressbar(length=q.pending(), label="processing", file=sys.stderr, show_pos=True) as bar:
+        cardq.supervise(q.config, workers=workers, burst=True, log_level=level, on_progress=bar.update)
 
 
 @cli.command(epilog=EXIT_CODES_HELP + "  4  restart intensity exceeded (workers kept crashing)\n")
@@ -359,18 +360,17 @@ def supervise(workers: int | None, burst: bool, config_path: str | None) -> None
     SIGHUP (or `cardq reload`) re-reads the config; a broken file is refused and the old config kept.
     Example: cardq supervise --workers 4
     """
-    from cardq import running
-
-    sys.exit(running.supervise(app.load(config_path), workers=workers, burst=burst))
+    if burst:
+        supervise_burst(config_path, workers)
+    else:
+        cardq.supervise(config_path, workers=workers)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @config_option
 def reload(config_path: str | None) -> None:
     """Ask the running supervisor of this database to re-read its config (SIGHUP)."""
-    from cardq import running
-
-    pid = running.signal_supervisor(app.load(config_path), "SIGHUP")
+    pid = connect(config_path).reload()
     click.echo(f"sent SIGHUP to supervisor pid {pid}; see `cardq status` for the config in effect")
 
 
@@ -379,13 +379,10 @@ def reload(config_path: str | None) -> None:
 @config_option
 def stop(wait: bool, config_path: str | None) -> None:
     """Ask the running supervisor of this database to stop after in-flight jobs (SIGTERM)."""
-    from cardq import running
-
-    loaded = app.load(config_path)
-    pid = running.signal_supervisor(loaded, "SIGTERM")
-    click.echo(f"sent SIGTERM to supervisor pid {pid}")
+    q = connect(config_path)
+    click.echo(f"sent SIGTERM to supervisor pid {q.stop(wait=False)}")
     if wait:
-        running.wait_stopped(loaded, timeout=loaded.config.supervisor.shutdown_timeout_s + 30)
+        q.wait_stopped()
         click.echo("stopped")
 
 
@@ -393,19 +390,11 @@ def stop(wait: bool, config_path: str | None) -> None:
 @config_option
 def selftest(config_path: str | None) -> None:
     """Check config, database and pragmas, schema, handler, free disk and supervisor; non-zero on a failure."""
-    from cardq import selftest as st
-
-    checks = st.run(config_path)
+    checks = cardq.selftest(config_path)
     for check in checks:
         click.echo(f"{'ok  ' if check.ok else 'FAIL'}  {check.name:<10}  {check.detail}")
     if not all(c.ok for c in checks):
         sys.exit(EXIT_FAILURE)
-
-
-def _client(config_path: str | None):
-    from actors.client import Client
-
-    return Client.from_config(app.load(config_path), name="cli")
 
 
 @cli.group(epilog=EXIT_CODES_HELP)
@@ -420,14 +409,14 @@ def ratelimit() -> None:
 @config_option
 def ratelimit_check(key: str, cost: int, as_json: bool, config_path: str | None) -> None:
     """Spend COST of KEY's limit if allowed; exit 3 when not. Example: cardq ratelimit check user:42"""
-    with _client(config_path) as client:
-        r = client.ratelimit.check(key, cost)
+    with connect(config_path) as q:
+        r = q.ratelimit.check(key, cost)
     if as_json:
-        emit_json(r)
+        emit_json(r.to_dict())
     else:
-        click.echo(f"{'allowed' if r['allowed'] else 'DENIED'}: limit {r['limit']}, remaining {r['remaining']}, "
-                   f"retry after {r['retry_after_s']:.3f}s, full again after {r['reset_after_s']:.3f}s")
-    if not r["allowed"]:
+        click.echo(f"{'allowed' if r.allowed else 'DENIED'}: limit {r.limit}, remaining {r.remaining}, "
+                   f"retry after {r.retry_after_s:.3f}s, full again after {r.reset_after_s:.3f}s")
+    if not r.allowed:
         sys.exit(EXIT_LIMIT)
 
 
@@ -441,8 +430,8 @@ def counter() -> None:
 @config_option
 def counter_get(key: str, config_path: str | None) -> None:
     """Print KEY's value. Example: cardq counter get usage:u42"""
-    with _client(config_path) as client:
-        click.echo(client.counter.get(key))
+    with connect(config_path) as q:
+        click.echo(q.counter.get(key))
 
 
 @counter.command("incr", context_settings={"ignore_unknown_options": True})
@@ -452,8 +441,8 @@ def counter_get(key: str, config_path: str | None) -> None:
 @config_option
 def counter_incr(key: str, n: int, op_id: str | None, config_path: str | None) -> None:
     """Add N (default 1) to KEY and print the new value. Example: cardq counter incr cards:made 5"""
-    with _client(config_path) as client:
-        click.echo(client.counter.incr(key, n, op_id))
+    with connect(config_path) as q:
+        click.echo(q.counter.incr(key, n, op_id=op_id))
 
 
 @cli.group(epilog=EXIT_CODES_HELP)
@@ -474,12 +463,12 @@ def event() -> None:
 def event_record(path: str, status: int, response_ms: float, method: str, client_ip: str, request_id: str,
                  size: int | None, idempotent_id: str | None, config_path: str | None) -> None:
     """Record one event and wait until the collector (or, if it is down, the inbox) has it."""
-    with _client(config_path) as client:
-        event_id = client.events.record(path=path, status=status, response_ms=response_ms, method=method,
-                                        client_ip=client_ip, request_id=request_id, bytes=size,
-                                        idempotent_id=idempotent_id)
-        client.events.flush()
-        where = "collector" if client.events.sent else "inbox (the collector is not reachable)"
+    with connect(config_path) as q:
+        event_id = q.events.record(path=path, status=status, response_ms=response_ms, method=method,
+                                   client_ip=client_ip, request_id=request_id, bytes=size,
+                                   idempotent_id=idempotent_id)
+        q.events.flush()
+        where = "collector" if q.events.sent else "inbox (the collector is not reachable)"
     click.echo(f"{event_id} -> {where}")
 
 
@@ -493,8 +482,8 @@ def diag() -> None:
 @config_option
 def diag_gates(as_json: bool, config_path: str | None) -> None:
     """Each gate: active, queued, dropped_since_boot, avg/p95 wait, last drop, and the limits in effect."""
-    with _client(config_path) as client:
-        stats = client.ratelimit.gate_stats()
+    with connect(config_path) as q:
+        stats = q.gate_stats()
     if as_json:
         emit_json(stats)
     else:

@@ -1,14 +1,14 @@
 """The client every process uses to talk to the actors: workers, the CLI, and apps on the same VM.
 
-    from actors.client import Client
-    with Client.from_config(loaded) as cq:
+    from cardq.actors.client import ActorClient
+    with ActorClient.from_config(loaded) as cq:
         cq.ratelimit.check("user:42")             # {"allowed", "limit", "remaining", "retry_after_s", "reset_after_s"}
         with cq.gate("generation"):               # at most max_concurrency at once, across every process
             ...
         cq.counter.incr("cards:made", 1)          # exactly once, even if retried after a timeout
         cq.events.record(path="/cards/17", status=200, response_ms=12.5, client_ip="10.0.0.7", request_id="r1")
 
-One Client per thread: it holds one connection per actor shard and is not thread-safe. An ask never hangs: it
+One ActorClient per thread: it holds one connection per actor shard and is not thread-safe. An ask never hangs: it
 reconnects to a restarting actor and resends until its deadline, then raises ActorUnavailable (never
 connected) or ActorTimeout (sent, no answer). Asks that change state carry an op id, so a resent one is
 applied once.
@@ -25,17 +25,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from actors import keys, protocol
-from actors.protocol import ActorError, ActorTimeout, ActorUnavailable, Overloaded
-from actors.server import socket_path
+from cardq.actors import keys, protocol
+from cardq.actors.recorder import EventRecorder
+from cardq.actors.server import socket_path
+
 from cardq.config import LoadedConfig
+from cardq.errors import ActorError, ActorTimeout, ActorUnavailable, NotRunning, Overloaded
+from cardq.lockfile import running_pid
 
 RECONNECT_PAUSE_S = 0.02
 WINDOW = 128  # most asks one client has unanswered on one connection
 FRAME_BUDGET = 256 * 1024  # bytes of asks packed into one frame (well under the actors' max_frame_bytes)
 
 
-class Client:
+class ActorClient:
     def __init__(self, run_dir: Path, *, shards: dict[str, int], timeout_s: float = 2.0, name: str = "",
                  loaded: LoadedConfig | None = None):
         self.run_dir = run_dir
@@ -43,6 +46,7 @@ class Client:
         self.timeout_s = timeout_s
         self.name = name
         self.loaded = loaded
+        self.db_path = loaded.db_path if loaded is not None else None
         self.secret = keys.load_secret(run_dir)
         self.authkey = keys.authkey(self.secret)
         self._links: dict[tuple[str, int], mpc.Connection] = {}
@@ -54,12 +58,12 @@ class Client:
         self.resent = 0  # asks sent again after their connection broke (for tests and diagnostics)
 
     @classmethod
-    def from_config(cls, loaded: LoadedConfig, name: str = "") -> Client:
+    def from_config(cls, loaded: LoadedConfig, name: str = "") -> ActorClient:
         a = loaded.config.actors
         shards = {"counter": a.counter_shards, "ratelimit": a.ratelimit_shards, "paths": a.paths_shards}
         return cls(loaded.run_dir, shards=shards, timeout_s=a.ask_timeout_ms / 1000, name=name, loaded=loaded)
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> ActorClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -76,11 +80,11 @@ class Client:
     def events(self) -> Any:
         """The buffered traffic-event recorder (actors.recorder.EventRecorder), created on first use."""
         if self._events is None:
-            from actors.recorder import EventRecorder
-
             if self.loaded is None:
-                raise ActorError("events need a client made with Client.from_config")
-            self._events = EventRecorder(self.loaded, name=self.name)
+                raise ActorError("events need a client made with ActorClient.from_config")
+            loaded, name = self.loaded, self.name
+            self._events = EventRecorder(loaded, lambda: ActorClient.from_config(loaded, name=f"{name}-events"),
+                                         name=name)
         return self._events
 
     # ---- asks and tells ------------------------------------------------------------------------------------
@@ -201,11 +205,26 @@ class Client:
                 raise ActorUnavailable(f"{path}: the actor refused our key (is {self.run_dir}/cardq.key the one "
                                        "its supervisor uses?)", "unavailable") from None
             except (OSError, EOFError) as e:
+                if isinstance(e, FileNotFoundError) and not self._supervisor_running():
+                    # No socket and no supervisor: nothing will come to listen, so say so now rather than
+                    # after the whole ask timeout (an app's request path must not wait 2 s to learn it).
+                    raise ActorUnavailable(f"{actor} shard {shard}: no actor listens at {path} and no supervisor "
+                                           "runs on this database; start `cardq supervise`", "unavailable") from None
                 if time.monotonic() + RECONNECT_PAUSE_S >= deadline:
                     raise ActorUnavailable(f"{actor} shard {shard} is not reachable at {path} "
                                            f"({type(e).__name__}); is `cardq supervise` running?",
                                            "unavailable") from None
                 time.sleep(RECONNECT_PAUSE_S)
+
+    def _supervisor_running(self) -> bool:
+        """Is a supervisor (which starts and restarts the actors) holding this database? Unknown: assume so."""
+        if self.db_path is None:
+            return True
+        try:
+            running_pid(self.db_path)
+        except NotRunning:
+            return False
+        return True
 
     def _forget(self, actor: str, shard: int) -> None:
         conn = self._links.pop((actor, shard), None)
@@ -267,7 +286,7 @@ def _result(answer: dict[str, Any]) -> Any:
 
 
 class CounterAPI:
-    def __init__(self, client: Client):
+    def __init__(self, client: ActorClient):
         self._c = client
 
     def incr(self, key: str, n: int = 1, op_id: str | None = None) -> int:
@@ -284,7 +303,7 @@ class CounterAPI:
 
 
 class RateLimitAPI:
-    def __init__(self, client: Client):
+    def __init__(self, client: ActorClient):
         self._c = client
 
     def check(self, key: str, cost: int = 1) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import os
 import secrets
 from pathlib import Path
 
-from cardq.errors import CardqError
+from cardq.errors import Error
 
 KEY_FILE = "cardq.key"
 
@@ -32,13 +32,13 @@ def load_secret(run_dir: Path) -> bytes:
         st = key.stat()
         data = key.read_bytes().strip()
     except FileNotFoundError:
-        raise CardqError(f"{key}: no key file; run `cardq init` (or start `cardq supervise`) first") from None
+        raise Error(f"{key}: no key file; run `cardq init` (or start `cardq supervise`) first") from None
     except OSError as e:
-        raise CardqError(f"{key}: cannot read the key file: {e.strerror}") from None
+        raise Error(f"{key}: cannot read the key file: {e.strerror}") from None
     if st.st_mode & 0o077:
-        raise CardqError(f"{key}: key file is readable by others (mode {st.st_mode & 0o777:o}); expected 0600")
+        raise Error(f"{key}: key file is readable by others (mode {st.st_mode & 0o777:o}); expected 0600")
     if len(data) < 32:
-        raise CardqError(f"{key}: key file is too short; expected 64 hex characters")
+        raise Error(f"{key}: key file is too short; expected 64 hex characters")
     return data
 
 

@@ -17,34 +17,23 @@ Events that could not reach the collector wait in traffic_inbox; the shard that 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import apsw
 import datasketches as ds
 import msgspec
 import orjson
+from cardq.actors.server import Behaviour, Peer
+from cardq.actors.traffic import OTHER, Event
+from cardq.store import dead_letters, traffic
+from cardq.store.db import Database, Tx
 
-from actors.server import Behaviour, Client
-from actors.traffic import ID_RE, MAX_PATH, OTHER
 from cardq.config import LoadedConfig
 
 KLL_K = 200  # normalized rank error ~1.65%
 HLL_LG_K = 14  # relative standard error ~0.8% once in HLL mode; exact-ish (coupon list/set) below ~2k
 HOURS_IN_MEMORY = 2
 INBOX_BATCH = 2000
-
-
-class Event(msgspec.Struct):
-    id: str
-    ts_ms: int
-    path: str
-    status: int
-    response_ms: float
-    client: str
-    method: str = "GET"
-    bytes: int | None = None
 
 
 class Record(msgspec.Struct, forbid_unknown_fields=True):
@@ -88,33 +77,27 @@ class PathCollector(Behaviour):
 
     # ---- record ---------------------------------------------------------------------------------------------
 
-    def record(self, c: apsw.Connection, client: Client, a: Record, msg_id: int | None) -> dict[str, Any]:
-        return self.ingest(c, a.events)
+    def record(self, tx: Tx, peer: Peer, a: Record, msg_id: int | None) -> dict[str, Any]:
+        return self.ingest(tx, a.events)
 
-    def ingest(self, c: apsw.Connection, events: list[Event]) -> dict[str, Any]:
+    def ingest(self, tx: Tx, events: list[Event]) -> dict[str, Any]:
         """Insert the new events in one statement, then fold exactly the ones it reports as inserted into the
-        in-memory aggregates (pure Python that cannot fail on a validated event, so a failed insert leaves them
-        untouched); before_commit writes the touched aggregates once per transaction."""
-        rejected: list[list[Any]] = []
+        in-memory aggregates (pure Python that cannot fail on an event msgspec validated on arrival, so a failed
+        insert leaves them untouched); before_commit writes the touched aggregates once per transaction."""
         keep: dict[str, Event] = {}
         sampled_out = 0
-        for i, e in enumerate(events):
-            problem = _check(e)
-            if problem:
-                rejected.append([i, problem])
-            elif self.rate < 1.0 and int(e.id[-8:], 16) / 2**32 >= self.rate:
+        for e in events:
+            if self.rate < 1.0 and int(e.id[-8:], 16) / 2**32 >= self.rate:
                 sampled_out += 1
             else:
                 keep.setdefault(e.id, e)
-        inserted = [row[0] for row in c.execute(_INSERT, (orjson.dumps(
-            [[e.id, e.ts_ms, e.path, e.method, e.status, e.response_ms, e.client, e.bytes] for e in keep.values()]
-        ).decode(),))] if keep else []
+        inserted = traffic.insert_events(tx, [e.row() for e in keep.values()])
         scale = 1.0 / self.rate
         for event_id in inserted:
             e = keep[event_id]
             hour = e.ts_ms // 3_600_000 * 3600
-            key = (hour, self._capped(c, hour, e.path))
-            agg = self._agg(c, key)
+            key = (hour, self._capped(tx, hour, e.path))
+            agg = self._agg(tx, key)
             agg.requests += scale
             agg.s4xx += scale if 400 <= e.status < 500 else 0.0
             agg.s5xx += scale if e.status >= 500 else 0.0
@@ -126,19 +109,21 @@ class PathCollector(Behaviour):
             agg.clients.update(e.client)
             agg.estimated = agg.estimated or self.rate < 1.0
             self.dirty.add(key)
-        return {"accepted": len(inserted), "duplicates": len(events) - len(rejected) - sampled_out - len(inserted),
-                "sampled_out": sampled_out, "rejected": rejected}
+        return {"accepted": len(inserted), "duplicates": len(events) - sampled_out - len(inserted),
+                "sampled_out": sampled_out}
 
-    def before_commit(self, c: apsw.Connection) -> None:
-        for key in self.dirty:
-            self._write(c, key, self.cache[key])
+    def before_commit(self, tx: Tx) -> None:
+        for hour, path in self.dirty:
+            a = self.cache[(hour, path)]
+            traffic.save_hour(tx, hour, path, traffic.HourStats(
+                a.requests, a.s4xx, a.s5xx, a.bytes, a.ms_sum, a.ms_min, a.ms_max, a.latency.serialize(),
+                a.clients.serialize_compact(), a.estimated))
         self.dirty.clear()
 
-    def _capped(self, c: apsw.Connection, hour: int, path: str) -> str:
+    def _capped(self, tx: Tx, hour: int, path: str) -> str:
         known = self.paths_by_hour.get(hour)
         if known is None:
-            known = self.paths_by_hour[hour] = {
-                p for (p,) in c.execute("SELECT path FROM path_stats_hourly WHERE hour = ?", (hour,))}
+            known = self.paths_by_hour[hour] = traffic.hour_paths(tx, hour)
         if path in known:
             return path
         if len(known) >= self.max_paths:
@@ -147,30 +132,18 @@ class PathCollector(Behaviour):
         known.add(path)
         return path
 
-    def _agg(self, c: apsw.Connection, key: tuple[int, str]) -> Agg:
+    def _agg(self, tx: Tx, key: tuple[int, str]) -> Agg:
         agg = self.cache.get(key)
         if agg is None:
-            rows = c.execute("SELECT requests, status_4xx, status_5xx, bytes, ms_sum, ms_min, ms_max, latency, clients,"
-                             " estimated FROM path_stats_hourly WHERE hour = ? AND path = ?", key).fetchall()
-            if rows:
-                r = rows[0]
-                agg = Agg(r[0], r[1], r[2], r[3], r[4], r[5], r[6], ds.kll_floats_sketch.deserialize(r[7]),
-                          ds.hll_sketch.deserialize(r[8]), bool(r[9]))
+            s = traffic.load_hour(tx, *key)
+            if s is not None:
+                agg = Agg(s.requests, s.status_4xx, s.status_5xx, s.bytes, s.ms_sum, s.ms_min, s.ms_max,
+                          ds.kll_floats_sketch.deserialize(s.latency), ds.hll_sketch.deserialize(s.clients),
+                          s.estimated)
             else:
                 agg = Agg()
             self.cache[key] = agg
         return agg
-
-    def _write(self, c: apsw.Connection, key: tuple[int, str], agg: Agg) -> None:
-        c.execute(
-            "INSERT INTO path_stats_hourly (hour, path, requests, status_4xx, status_5xx, bytes, ms_sum, ms_min,"
-            " ms_max, latency, clients, estimated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (hour, path) DO UPDATE SET requests = excluded.requests, status_4xx = excluded.status_4xx,"
-            " status_5xx = excluded.status_5xx, bytes = excluded.bytes, ms_sum = excluded.ms_sum,"
-            " ms_min = excluded.ms_min, ms_max = excluded.ms_max, latency = excluded.latency,"
-            " clients = excluded.clients, estimated = excluded.estimated",
-            (*key, agg.requests, agg.s4xx, agg.s5xx, agg.bytes, agg.ms_sum, agg.ms_min, agg.ms_max,
-             agg.latency.serialize(), agg.clients.serialize_compact(), int(agg.estimated)))
 
     def on_rollback(self) -> None:
         """Nothing to undo: a message folds only after its one insert succeeded (see ingest)."""
@@ -183,32 +156,27 @@ class PathCollector(Behaviour):
 
     # ---- housekeeping ---------------------------------------------------------------------------------------
 
-    def tick(self, c: apsw.Connection, now: float) -> list:
-        rows = c.execute("SELECT id, event FROM traffic_inbox WHERE shard = ? ORDER BY id LIMIT ?",
-                         (self.shard, INBOX_BATCH)).fetchall()
+    def tick(self, tx: Tx, now: float) -> list:
+        rows = traffic.inbox_take(tx, self.shard, INBOX_BATCH)
         if rows:
             events, bad = [], 0
             for _row_id, text in rows:  # each row on its own: one bad row must not stop the rest (or the actor)
                 try:
-                    events.append(msgspec.convert(orjson.loads(text), Event))
+                    events.append(msgspec.convert(orjson.loads(text), Event, strict=True))
                 except (msgspec.ValidationError, orjson.JSONDecodeError) as e:
                     bad += 1
-                    c.execute("INSERT INTO actor_dead_letters (actor, fingerprint, message, error, failures, at)"
-                              " VALUES ('paths', 'inbox', ?, ?, 1, ?)", (text[:4000], f"bad inbox row: {e}"[:500],
-                                                                          time.time()))
-            result = self.ingest(c, events)
-            c.execute(f"DELETE FROM traffic_inbox WHERE id IN ({','.join(str(r[0]) for r in rows)})")
+                    dead_letters.add(tx, self.name, "inbox", text[:4000], f"bad inbox row: {e}", 1, now)
+            result = self.ingest(tx, events)
+            traffic.inbox_delete(tx, [r[0] for r in rows])
             self.log.info("paths.inbox_drained", events=len(rows), accepted=result["accepted"],
-                          duplicates=result["duplicates"], dead_lettered=bad + len(result["rejected"]))
+                          duplicates=result["duplicates"], dead_lettered=bad)
         if now >= self.next_prune:
             # Detail rows older than the retention go (the hourly aggregates stay); a bounded chunk per tick.
             self.next_prune = now + 60
             cutoff_ms = int((now - self.loaded.config.paths.retention_days * 86400) * 1000)
-            # ids start with the 13-digit ts_ms, so id order is time order: the primary key finds them.
-            c.execute("DELETE FROM traffic_events WHERE id IN (SELECT id FROM traffic_events WHERE id < ?"
-                      " LIMIT 50000)", (f"{cutoff_ms:013d}-",))
+            traffic.prune_events(tx, cutoff_ms, 50_000)
         oldest = int(now // 3600 * 3600) - 3600 * (HOURS_IN_MEMORY - 1)
-        self.before_commit(c)  # the inbox's folds, before older hours leave the cache
+        self.before_commit(tx)  # the inbox's folds, before older hours leave the cache
         for key in [k for k in self.cache if k[0] < oldest]:
             del self.cache[key]
         for hour in [h for h in self.paths_by_hour if h < oldest]:
@@ -219,47 +187,16 @@ class PathCollector(Behaviour):
         return now + 1.0
 
 
-_INSERT = (
-    "INSERT INTO traffic_events (id, ts_ms, path, method, status, response_ms, client, bytes)"
-    " SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, value ->> 7"
-    " FROM json_each(?) WHERE true ON CONFLICT (id) DO NOTHING RETURNING id"
-)
-
-
-def _check(e: Event) -> str | None:
-    if not ID_RE.match(e.id):
-        return f"id {e.id!r}: expected <13-digit ts_ms>-<8 lowercase hex>"
-    if not e.path.startswith("/") or len(e.path) > MAX_PATH:
-        return f"path {e.path[:80]!r}: expected a path starting with / of at most {MAX_PATH} characters"
-    if not 100 <= e.status <= 599:
-        return f"status {e.status}: expected 100 to 599"
-    if not 0 <= e.response_ms < 1e9:  # also refuses NaN and infinity, which a sketch must never see
-        return f"response_ms {e.response_ms}: expected a duration >= 0"
-    return None
-
-
-def read_stats(c: apsw.Connection, hour: int | None = None, path: str | None = None,
+def read_stats(db: Database, hour: int | None = None, path: str | None = None,
                limit: int = 100) -> list[dict[str, Any]]:
     """path_stats_hourly rows, hottest first, with quantiles and unique clients read from their sketches."""
-    sql, args = "SELECT hour, path, requests, status_4xx, status_5xx, bytes, ms_sum, ms_min, ms_max, latency, " \
-                "clients, estimated FROM path_stats_hourly", []
-    where = []
-    if hour is not None:
-        where.append("hour = ?")
-        args.append(hour)
-    if path is not None:
-        where.append("path = ?")
-        args.append(path)
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY requests DESC LIMIT ?"
-    args.append(limit)
     out = []
-    for hour_, path_, req, s4, s5, by, ms_sum, ms_min, ms_max, lat, cli, est in c.execute(sql, args):
-        kll = ds.kll_floats_sketch.deserialize(lat)
-        out.append({"hour": hour_, "path": path_, "requests": req, "status_4xx": s4, "status_5xx": s5, "bytes": by,
-                    "ms_avg": ms_sum / req if req else 0.0, "ms_min": ms_min, "ms_max": ms_max,
-                    "p50_ms": kll.get_quantile(0.5), "p95_ms": kll.get_quantile(0.95),
-                    "p99_ms": kll.get_quantile(0.99), "unique_clients": ds.hll_sketch.deserialize(cli).get_estimate(),
-                    "estimated": bool(est)})
+    for row in traffic.hourly(db, hour=hour, path=path, limit=limit):
+        s = row.stats
+        kll = ds.kll_floats_sketch.deserialize(s.latency)
+        out.append({"hour": row.hour, "path": row.path, "requests": s.requests, "status_4xx": s.status_4xx,
+                    "status_5xx": s.status_5xx, "bytes": s.bytes, "ms_avg": s.ms_sum / s.requests if s.requests
+                    else 0.0, "ms_min": s.ms_min, "ms_max": s.ms_max, "p50_ms": kll.get_quantile(0.5),
+                    "p95_ms": kll.get_quantile(0.95), "p99_ms": kll.get_quantile(0.99),
+                    "unique_clients": ds.hll_sketch.deserialize(s.clients).get_estimate(), "estimated": s.estimated})
     return out

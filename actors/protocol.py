@@ -12,28 +12,10 @@ from typing import Any
 
 import orjson
 
-from cardq.errors import CardqError
+from cardq.errors import ActorError, ActorTimeout, ActorUnavailable, Overloaded
 
-
-class ActorError(CardqError):
-    """The actor answered with an error (bad arguments, dead-lettered message, ...)."""
-
-    def __init__(self, message: str, code: str = "error"):
-        super().__init__(message)
-        self.code = code
-
-
-class ActorTimeout(ActorError):
-    """Sent, but no answer within the ask timeout. The request may or may not have been applied; retry with
-    the same op_id to have it applied exactly once."""
-
-
-class ActorUnavailable(ActorError):
-    """No connection to the actor could be made within the ask timeout (not running, restarting, wrong key)."""
-
-
-class Overloaded(ActorError):
-    """A gate's wait queue is full: the soft "we're overloaded, retry" answer."""
+__all__ = ["ActorError", "ActorTimeout", "ActorUnavailable", "BadFrame", "Overloaded", "decode", "encode",
+           "fingerprint", "shard_of"]
 
 
 class BadFrame(Exception):

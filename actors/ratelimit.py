@@ -21,13 +21,15 @@ from fnmatch import translate
 from pathlib import Path
 from typing import Annotated, Any
 
-import apsw
 import msgspec
+from cardq.actors import protocol
+from cardq.actors.server import DEFER, SINGLE, Behaviour, Peer
+from cardq.store import gates as store_gates
+from cardq.store import ratelimits
+from cardq.store.db import Tx
 
-from actors import protocol
-from actors.protocol import ActorError
-from actors.server import DEFER, SINGLE, Behaviour, Client
 from cardq.config import GateConfig, LoadedConfig
+from cardq.errors import ActorError
 
 REAP_EVERY_S = 1.0
 WAIT_SAMPLES = 1000
@@ -82,7 +84,7 @@ def gcra(tat: float | None, now: float, cost: int, p: Policy) -> tuple[dict[str,
 
 @dataclass
 class Waiter:
-    client: Client
+    client: Peer
     msg_id: int | None
     permit: str
     pid: int
@@ -118,16 +120,14 @@ class RateLimiter(Behaviour):
 
     def __init__(self, loaded: LoadedConfig, db: Any, shard: int):
         super().__init__(loaded, db, shard)
-        self.tat: dict[str, float] = dict(db.conn.execute("SELECT key, tat FROM rate_limits").fetchall())
+        self.tat: dict[str, float] = ratelimits.load_all(db)
         self.gates: dict[str, Gate] = {}
-        self.answers: list[tuple[Client, int, dict[str, Any]]] = []
+        self.answers: list[tuple[Peer, int, dict[str, Any]]] = []
         self.apply_config(loaded)
-        for permit, gate, pid, started, at in db.conn.execute(
-                "SELECT permit_id, gate, pid, pid_started, acquired_at FROM gate_permits").fetchall():
-            if gate in self.loaded.config.gates:
-                self._gate(gate).permits[permit] = (pid, started, at)
-            else:  # a gate renamed or removed from config.toml: its permits mean nothing any more
-                db.write(lambda c, p=permit: c.execute("DELETE FROM gate_permits WHERE permit_id = ?", (p,)))
+        # A gate renamed or removed from config.toml: its permits mean nothing any more.
+        store_gates.remove_unknown(db, list(self.loaded.config.gates))
+        for p in store_gates.permits(db):
+            self._gate(p.gate).permits[p.permit_id] = (p.pid, p.pid_started, p.acquired_at)
         self.next_reap = 0.0
         self.resized = False
 
@@ -160,7 +160,7 @@ class RateLimiter(Behaviour):
 
     # ---- rate limits ----------------------------------------------------------------------------------------
 
-    def check(self, c: apsw.Connection, client: Client, a: Check, msg_id: int | None) -> dict[str, Any]:
+    def check(self, tx: Tx, client: Peer, a: Check, msg_id: int | None) -> dict[str, Any]:
         p = self.policy_for(a.key)
         if not 0 < a.cost <= p.burst:
             raise ActorError(f"cost {a.cost}: expected 1 to {p.burst} (the burst of policy {p.pattern!r})",
@@ -168,14 +168,13 @@ class RateLimiter(Behaviour):
         now = time.time()
         answer, new_tat = gcra(self.tat.get(a.key), now, a.cost, p)
         if answer["allowed"]:
-            c.execute("INSERT INTO rate_limits (key, tat) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET"
-                      " tat = excluded.tat", (a.key, new_tat))
+            ratelimits.save(tx, a.key, new_tat)
             self.tat[a.key] = new_tat  # only once the write went through: memory never runs ahead of SQLite
         return answer
 
     # ---- gates ------------------------------------------------------------------------------------------------
 
-    def acquire(self, c: apsw.Connection, client: Client, a: Acquire, msg_id: int | None) -> Any:
+    def acquire(self, tx: Tx, client: Peer, a: Acquire, msg_id: int | None) -> Any:
         gate = self._gate(a.gate)
         now = time.time()
         if a.permit in gate.permits:  # a retried acquire that was granted: the same answer again
@@ -186,7 +185,7 @@ class RateLimiter(Behaviour):
                     w.client, w.msg_id = client, msg_id  # answer the retry, not the lost connection
             return DEFER
         if len(gate.permits) < gate.cfg.max_concurrency and not gate.waiters:
-            self._grant(c, gate, a.permit, client.pid, now, now)
+            self._grant(tx, gate, a.permit, client.pid, now, now)
             return {"permit": a.permit, "waited_ms": 0.0}
         if len(gate.waiters) < gate.cfg.max_queue:
             # Never wait longer than the caller will: a permit granted after it gave up would be held by no one.
@@ -200,34 +199,33 @@ class RateLimiter(Behaviour):
         raise ActorError(f"gate {gate.name} overloaded: {len(gate.permits)} running, {len(gate.waiters)} waiting "
                          f"(max_queue={gate.cfg.max_queue}); retry later", "overloaded")
 
-    def release(self, c: apsw.Connection, client: Client, a: Release, msg_id: int | None) -> dict[str, Any]:
+    def release(self, tx: Tx, client: Peer, a: Release, msg_id: int | None) -> dict[str, Any]:
         gate = self._gate(a.gate)
         held = gate.permits.pop(a.permit, None) is not None
         if held:
-            c.execute("DELETE FROM gate_permits WHERE permit_id = ?", (a.permit,))
-            self._admit(c, gate, time.time())
+            store_gates.remove(tx, a.permit)
+            self._admit(tx, gate, time.time())
         else:
             gate.waiters = deque(w for w in gate.waiters if w.permit != a.permit)
         return {"released": held}
 
-    def gate_stats(self, c: apsw.Connection, client: Client, a: Any, msg_id: int | None) -> dict[str, Any]:
+    def gate_stats(self, tx: Tx, client: Peer, a: Any, msg_id: int | None) -> dict[str, Any]:
         """The gates this shard serves (a gate lives on the shard its name hashes to)."""
         shards = self.loaded.config.actors.ratelimit_shards
         return {name: {**gate.stats(), "config": self.config_digest} for name, gate in self.gates.items()
                 if protocol.shard_of(f"gate:{name}", shards) == self.shard}
 
-    def _grant(self, c: apsw.Connection, gate: Gate, permit: str, pid: int, since: float, now: float) -> None:
+    def _grant(self, tx: Tx, gate: Gate, permit: str, pid: int, since: float, now: float) -> None:
         started = process_start(pid)
-        c.execute("INSERT INTO gate_permits (permit_id, gate, pid, pid_started, acquired_at) VALUES (?, ?, ?, ?, ?)",
-                  (permit, gate.name, pid, started, now))
+        store_gates.add(tx, store_gates.Permit(permit, gate.name, pid, started, now))
         gate.permits[permit] = (pid, started, now)
         gate.waits_ms.append((now - since) * 1000)
 
-    def _admit(self, c: apsw.Connection, gate: Gate, now: float) -> None:
+    def _admit(self, tx: Tx, gate: Gate, now: float) -> None:
         self._expire(gate, now)  # never grant to a waiter whose caller has given up
         while gate.waiters and len(gate.permits) < gate.cfg.max_concurrency:
             w = gate.waiters.popleft()
-            self._grant(c, gate, w.permit, w.pid, w.since, now)
+            self._grant(tx, gate, w.permit, w.pid, w.since, now)
             if w.msg_id is not None:
                 self.answers.append((w.client, w.msg_id, {"ok": True, "r": {
                     "permit": w.permit, "waited_ms": round((now - w.since) * 1000, 3)}}))
@@ -248,51 +246,47 @@ class RateLimiter(Behaviour):
                     f"gate {gate.name}: no permit within {round((w.deadline - w.since) * 1000)} ms; retry later")}))
         gate.waiters = keep
 
-    def tick(self, c: apsw.Connection, now: float) -> list[tuple[Client, int, dict[str, Any]]]:
+    def tick(self, tx: Tx, now: float) -> list[tuple[Peer, int, dict[str, Any]]]:
         for gate in self.gates.values():
             self._expire(gate, now)
             if self.resized:
-                self._admit(c, gate, now)
+                self._admit(tx, gate, now)
         self.resized = False
         if now >= self.next_reap:
             self.next_reap = now + REAP_EVERY_S
-            self._reap(c, now)
+            self._reap(tx, now)
             stale = [k for k, tat in self.tat.items() if tat < now]
             if len(stale) > 10_000:  # fully reset keys: forget them (a missing key means "fresh")
                 for k in stale:
                     del self.tat[k]
-                c.execute("DELETE FROM rate_limits WHERE tat < ?", (now,))
+                ratelimits.forget_reset(tx, now)
         answers, self.answers = self.answers, []
         return answers
 
-    def drain_answers(self) -> list[tuple[Client, int, dict[str, Any]]]:
+    def drain_answers(self) -> list[tuple[Peer, int, dict[str, Any]]]:
         answers, self.answers = self.answers, []
         return answers
 
-    def pending_ticks(self) -> bool:
-        return any(g.waiters for g in self.gates.values())
-
-    def _reap(self, c: apsw.Connection, now: float) -> None:
+    def _reap(self, tx: Tx, now: float) -> None:
         """Release permits whose holder process is gone."""
         for gate in self.gates.values():
             dead = [p for p, (pid, started, _) in gate.permits.items() if not holder_alive(pid, started)]
             for permit in dead:
                 del gate.permits[permit]
-                c.execute("DELETE FROM gate_permits WHERE permit_id = ?", (permit,))
+                store_gates.remove(tx, permit)
                 self.log.warning("gate.permit_reaped", gate=gate.name, permit=permit)
             if dead:
-                self._admit(c, gate, now)
+                self._admit(tx, gate, now)
 
     def on_tick_failed(self) -> None:
         """Rebuild the gates' permits from SQLite (the tick's grants and releases were rolled back)."""
         for gate in self.gates.values():
             gate.permits.clear()
-        for permit, gate, pid, started, at in self.db.conn.execute(
-                "SELECT permit_id, gate, pid, pid_started, acquired_at FROM gate_permits").fetchall():
-            if gate in self.gates:
-                self.gates[gate].permits[permit] = (pid, started, at)
+        for p in store_gates.permits(self.db):
+            if p.gate in self.gates:
+                self.gates[p.gate].permits[p.permit_id] = (p.pid, p.pid_started, p.acquired_at)
 
-    def on_disconnect(self, client: Client) -> None:
+    def on_disconnect(self, client: Peer) -> None:
         for gate in self.gates.values():
             gate.waiters = deque(w for w in gate.waiters if w.client is not client)
         self.next_reap = 0.0  # if it died, its permits go at the next tick

@@ -14,21 +14,33 @@ import functools
 import threading
 import time
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
+import msgspec
 import orjson
+from cardq.actors import keys, protocol
+from cardq.actors.traffic import PathNormalizer, make_event
+from cardq.store import traffic
 
-from actors import keys, protocol
-from actors.protocol import ActorError
-from actors.traffic import PathNormalizer, make_event
-from cardq import app, logs
+from cardq import app
 from cardq.config import LoadedConfig
+from cardq.errors import ActorError
 
 QUEUE_MAX = 100_000
 
 
+class Asker(Protocol):
+    """What the recorder needs of an actor client (actors.client.ActorClient)."""
+
+    def ask(self, actor: str, key: str, op: str, args: dict[str, Any]) -> Any: ...
+
+    def close(self) -> None: ...
+
+
 class EventRecorder:
-    def __init__(self, loaded: LoadedConfig, name: str = ""):
+    def __init__(self, loaded: LoadedConfig, connect: Callable[[], Asker], name: str = ""):
+        """`connect()` makes the sender thread's own actor client (a client is not shared between threads)."""
         self.loaded = loaded
         cfg = loaded.config.paths
         self.enabled = cfg.enabled and loaded.config.actors.paths_shards > 0
@@ -38,6 +50,7 @@ class EventRecorder:
         self.normalize = functools.lru_cache(maxsize=65_536)(PathNormalizer(cfg.id_rules))
         self.hash_ip = functools.lru_cache(maxsize=65_536)(keys.ip_hasher(keys.load_secret(loaded.run_dir)))
         self.name = name
+        self._connect = connect
         # record() appends, the sender thread pops: deque's append and popleft are atomic, so the request path
         # takes no lock at all (a queue.Queue costs a lock and a condition per event).
         self.buffer: deque[dict[str, Any]] = deque()
@@ -53,7 +66,7 @@ class EventRecorder:
 
     def record(self, **fields: Any) -> str:
         """Queue one event; returns its idempotent id. Raises InputError for an event that cannot be one."""
-        event = make_event(normalize=self.normalize, hash_ip=self.hash_ip, **fields)
+        event = msgspec.structs.asdict(make_event(normalize=self.normalize, hash_ip=self.hash_ip, **fields))
         if not self.enabled:
             return event["id"]
         if len(self.buffer) >= QUEUE_MAX:  # the collector and the inbox are both far behind: store it now
@@ -79,9 +92,7 @@ class EventRecorder:
             self._db.close()
 
     def _run(self) -> None:
-        from actors.client import Client
-
-        client = Client.from_config(self.loaded, name=f"{self.name}-events")
+        client = self._connect()
         buffer = self.buffer
         while True:
             if not buffer:
@@ -104,7 +115,7 @@ class EventRecorder:
                 self._in_flight = 0
                 self._settled.notify_all()
 
-    def _send(self, client: Any, batch: list[dict[str, Any]]) -> None:
+    def _send(self, client: Asker, batch: list[dict[str, Any]]) -> None:
         """To the collector, else to the inbox. Never raises: a dead thread would drop every later event."""
         by_shard: dict[int, list[dict[str, Any]]] = {}
         for event in batch:
@@ -127,14 +138,14 @@ class EventRecorder:
 
     def _lose(self, events: list[dict[str, Any]], error: Exception) -> None:
         self.lost += len(events)
+        from cardq import logs  # here, not at the top: structlog is a heavy import for an app's start-up
+
         logs.get().error("events.lost", events=len(events), error=f"{type(error).__name__}: {error}"[:300])
 
     def _inbox(self, events: list[dict[str, Any]]) -> None:
         with self._db_lock:
             if self._db is None:
                 self._db = app.open_db(self.loaded)
-            self._db.write(lambda c: c.executemany(
-                "INSERT INTO traffic_inbox (shard, event) VALUES (?, ?)",
-                [(protocol.shard_of(e["path"], self.shards), orjson.dumps(e).decode()) for e in events]),
-                "traffic inbox")
+            traffic.inbox_add(self._db, [(protocol.shard_of(e["path"], self.shards), orjson.dumps(e).decode())
+                                         for e in events])
         self.to_inbox += len(events)

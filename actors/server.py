@@ -29,14 +29,15 @@ from multiprocessing.connection import Connection, answer_challenge, deliver_cha
 from pathlib import Path
 from typing import Any
 
-import apsw
 import msgspec
+from cardq.actors import keys, protocol
+from cardq.store import dead_letters
+from cardq.store.db import Tx
 
-from actors import keys, protocol
 from cardq import app, logs
 from cardq.children import EXIT_STOPPED, ChildContext
 from cardq.config import LoadedConfig, parse_config
-from store import StoreError
+from cardq.errors import InputError, StoreError
 
 MAX_FAILURES = 3
 HANDSHAKE_TIMEOUT_S = 2.0
@@ -53,7 +54,9 @@ def socket_path(run_dir: Path, actor: str, shard: int) -> Path:
 
 
 @dataclass(eq=False)
-class Client:
+class Peer:
+    """A connected client process, as the actor sees it (the app side's object is actors.client.ActorClient)."""
+
     conn: Connection  # for sending (blocking, with a send timeout), and for wait()
     pid: int  # the peer's real pid (SO_PEERCRED)
     name: str
@@ -70,7 +73,8 @@ class Client:
 
 class Behaviour:
     """What an actor does. Subclasses define `ops` = {op: (msgspec Struct of arguments or None, method)}; a
-    method runs inside the batch's transaction as method(c, client, args, msg_id) and returns the answer (or
+    method runs inside the batch's transaction as method(tx, peer, args, msg_id), where tx is the store's handle
+    on that transaction (pass it to store operations) and returns the answer (or
     DEFER). State kept in memory must be rebuilt from SQLite in __init__: after a crash the process starts anew."""
 
     name = "actor"
@@ -80,7 +84,7 @@ class Behaviour:
         self.loaded, self.db, self.shard = loaded, db, shard
         self.log = logs.get(actor=self.name, shard=shard)
 
-    def tick(self, c: apsw.Connection, now: float) -> list[tuple[Client, int, dict[str, Any]]]:
+    def tick(self, tx: Tx, now: float) -> list[tuple[Peer, int, dict[str, Any]]]:
         """Periodic work inside a write transaction; returns deferred answers now due."""
         return []
 
@@ -88,14 +92,14 @@ class Behaviour:
         """When tick() next wants to run (epoch seconds)."""
         return now + 1.0
 
-    def on_disconnect(self, client: Client) -> None:
+    def on_disconnect(self, client: Peer) -> None:
         pass
 
-    def drain_answers(self) -> list[tuple[Client, int, dict[str, Any]]]:
+    def drain_answers(self) -> list[tuple[Peer, int, dict[str, Any]]]:
         """Answers to earlier (deferred) asks that this batch made due; sent after the commit."""
         return []
 
-    def before_commit(self, c: apsw.Connection) -> None:
+    def before_commit(self, tx: Tx) -> None:
         """Last writes of the batch's transaction (state folded in memory by several messages, written once)."""
 
     def on_tick_failed(self) -> None:
@@ -120,24 +124,28 @@ class ActorServer:
         self.max_frame = self.loaded.config.actors.max_frame_bytes
         self.db = app.open_db(self.loaded, autocheckpoint=False)
         self.behaviour = behaviour_cls(self.loaded, self.db, self.shard)
-        self.clients: dict[Connection, Client] = {}
-        self.new_clients: queue.SimpleQueue[Client] = queue.SimpleQueue()
+        self.clients: dict[Connection, Peer] = {}
+        self.new_clients: queue.SimpleQueue[Peer] = queue.SimpleQueue()
         self.wake_r, self.wake_w = os.pipe()
         self.log = logs.get(actor=self.actor, shard=self.shard)
-        self.failures = dict(self.db.conn.execute(
-            "SELECT fingerprint, failures FROM actor_failures WHERE actor = ?", (self.actor,)).fetchall())
+        self.failures = dead_letters.failure_counts(self.db, self.actor)
 
     # ---- sockets --------------------------------------------------------------------------------------------
 
     def listen(self) -> socket.socket:
-        self.path.unlink(missing_ok=True)  # a dead predecessor's socket file: we are its successor
+        # Bind a fresh name, then rename it over the path: the socket file never disappears while an actor
+        # restarts (a client that finds no file at all concludes nothing runs and gives up at once), and a dead
+        # predecessor's file is simply replaced.
+        fresh = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        fresh.unlink(missing_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # created 0600: no window in which another user could connect
         try:
-            sock.bind(str(self.path))
+            sock.bind(str(fresh))
         finally:
             os.umask(old)
         sock.listen(256)
+        os.replace(fresh, self.path)
         sock.setblocking(False)
         return sock
 
@@ -165,7 +173,7 @@ class ActorServer:
             self.log.warning("gateway.refused", reason=f"{type(e).__name__}: {e}"[:200])
             conn.close()
             return
-        self.new_clients.put(Client(conn, peer_pid, str(hello.get("name", ""))[:64]))
+        self.new_clients.put(Peer(conn, peer_pid, str(hello.get("name", ""))[:64]))
         with contextlib.suppress(OSError):
             os.write(self.wake_w, b"x")
 
@@ -180,7 +188,7 @@ class ActorServer:
                 now = time.time()
                 timeout = max(0.0, min(next_tick - now, 0.5))
                 ready = wait([listener, self.wake_r, self.ctx.channel.conn, *self.clients], timeout)
-                batch: list[tuple[Client, dict[str, Any]]] = []
+                batch: list[tuple[Peer, dict[str, Any]]] = []
                 for r in ready:
                     if r is listener:
                         self.accept(listener)
@@ -220,7 +228,7 @@ class ActorServer:
                 self.behaviour.apply_config(self.loaded)
                 self.log.info("actor.config_applied", digest=msg["digest"])
 
-    def _read(self, client: Client, batch: list[tuple[Client, dict[str, Any]]]) -> None:
+    def _read(self, client: Peer, batch: list[tuple[Peer, dict[str, Any]]]) -> None:
         """Take what the client has sent, without ever waiting for the rest of a frame (a client that trickles
         bytes costs nothing), and append every complete message to the batch."""
         if client.sock is None:
@@ -268,7 +276,7 @@ class ActorServer:
                 return
             batch.extend((client, msg) for msg in msgs)
 
-    def _drop(self, client: Client) -> None:
+    def _drop(self, client: Peer) -> None:
         if self.clients.pop(client.conn, None) is None:
             return
         if client.sock is not None:
@@ -276,32 +284,32 @@ class ActorServer:
         client.conn.close()
         self.behaviour.on_disconnect(client)
 
-    def process(self, batch: list[tuple[Client, dict[str, Any]]], *, tick: bool) -> None:
+    def process(self, batch: list[tuple[Peer, dict[str, Any]]], *, tick: bool) -> None:
         """Apply a batch in one transaction, commit, then answer. The periodic tick runs in a transaction of its
         own, so that a failing tick rolls back alone and cannot take the messages (or the actor) with it."""
 
-        def messages(c: apsw.Connection) -> list[tuple[Client, int, dict[str, Any]]]:
+        def messages(tx: Tx) -> list[tuple[Peer, int, dict[str, Any]]]:
             answers = []
             for client, msg in batch:
-                answer = self._handle(c, client, msg)
+                answer = self._handle(tx, client, msg)
                 if answer is not None and msg.get("id") is not None:
                     answers.append((client, msg["id"], answer))
             answers += self.behaviour.drain_answers()
-            self.behaviour.before_commit(c)
+            self.behaviour.before_commit(tx)
             return answers
 
-        def periodic(c: apsw.Connection) -> list[tuple[Client, int, dict[str, Any]]]:
-            answers = self.behaviour.tick(c, time.time())
+        def periodic(tx: Tx) -> list[tuple[Peer, int, dict[str, Any]]]:
+            answers = self.behaviour.tick(tx, time.time())
             answers += self.behaviour.drain_answers()
-            self.behaviour.before_commit(c)
+            self.behaviour.before_commit(tx)
             return answers
 
         # A store failure here (database locked past every retry, disk full) ends the process: the supervisor
         # restarts it, memory is rebuilt from SQLite, and unanswered asks are retried by their clients.
-        answers = self.db.write(messages, f"{self.actor} batch") if batch else []
+        answers = self.db.batch(messages, f"{self.actor} batch") if batch else []
         if tick:
             try:
-                answers += self.db.write(periodic, f"{self.actor} tick")
+                answers += self.db.batch(periodic, f"{self.actor} tick")
             except StoreError:
                 raise
             except Exception as e:  # a bug in periodic work: log it, start its state afresh, keep serving
@@ -310,8 +318,8 @@ class ActorServer:
         self.ctx.slot.idle()
         self._send(answers)
 
-    def _send(self, answers: list[tuple[Client, int, dict[str, Any]]]) -> None:
-        by_client: dict[Client, list[dict[str, Any]]] = {}
+    def _send(self, answers: list[tuple[Peer, int, dict[str, Any]]]) -> None:
+        by_client: dict[Peer, list[dict[str, Any]]] = {}
         for client, msg_id, answer in answers:
             by_client.setdefault(client, []).append({"id": msg_id, **answer})
         for client, out in by_client.items():  # one frame per client per batch: one write, one read
@@ -319,7 +327,7 @@ class ActorServer:
             if client.conn in self.clients and not client.send(frame):
                 self._drop(client)
 
-    def _handle(self, c: apsw.Connection, client: Client, msg: dict[str, Any]) -> dict[str, Any] | None:
+    def _handle(self, tx: Tx, client: Peer, msg: dict[str, Any]) -> dict[str, Any] | None:
         op, args = msg["op"], msg.get("a", {})
         spec = self.behaviour.ops.get(op)
         if spec is None:
@@ -337,66 +345,58 @@ class ActorServer:
         raw = msg.get("a", {})
         fp = protocol.fingerprint(self.actor, op, raw) if ("op_id" in raw or "permit" in raw) else None
         if fp is not None and self.failures.get(fp, 0) >= MAX_FAILURES:
-            return self._dead_letter(c, fp, msg, "moved to the dead-letter table after failing 3 times")
+            return self._dead_letter(tx, fp, msg, "moved to the dead-letter table after failing 3 times")
         # An op whose handler makes at most one write, as its last step (flag SINGLE), needs no savepoint:
         # SQLite makes one statement atomic, and a failure before it wrote nothing.
         savepoint = SINGLE not in flags
         if savepoint:
-            c.execute("SAVEPOINT msg")
+            tx.savepoint()
         self.ctx.slot.begin(int(fp, 16) if fp else 0, time.time())
         try:
-            result = getattr(self.behaviour, method)(c, client, args, msg.get("id"))
+            result = getattr(self.behaviour, method)(tx, client, args, msg.get("id"))
             if savepoint:
-                c.execute("RELEASE msg")
+                tx.release()
         except protocol.ActorError as e:  # a refusal (bad argument): an answer, not a failure
-            self._rollback(c, savepoint)
+            self._rollback(tx, savepoint)
             return _error(e.code, str(e))
+        except InputError as e:  # a store operation refused an argument: an answer too
+            self._rollback(tx, savepoint)
+            return _error("bad_request", str(e))
         except Exception as e:  # the handler failed on this message: roll it back alone and count it
-            self._rollback(c, savepoint)
+            self._rollback(tx, savepoint)
             self.behaviour.on_rollback()
             if fp is None:
                 self.log.error("actor.message_failed", op=op, error=f"{type(e).__name__}: {e}"[:300])
                 return _error("failed", f"{op} failed: {type(e).__name__}: {e}"[:500])
-            return self._failed(c, fp, msg, f"{type(e).__name__}: {e}")
+            return self._failed(tx, fp, msg, f"{type(e).__name__}: {e}")
         finally:
             self.ctx.slot.end()
         if fp is not None and fp in self.failures:  # it succeeded after all: its count starts again
             del self.failures[fp]
-            c.execute("DELETE FROM actor_failures WHERE fingerprint = ?", (fp,))
+            dead_letters.clear_failure(tx, fp)
         if result is DEFER:
             return None
         return {"ok": True, "r": result}
 
     @staticmethod
-    def _rollback(c: apsw.Connection, savepoint: bool) -> None:
+    def _rollback(tx: Tx, savepoint: bool) -> None:
         if savepoint:
-            c.execute("ROLLBACK TO msg")
-            c.execute("RELEASE msg")
+            tx.rollback_to_savepoint()
 
-    def _failed(self, c: apsw.Connection, fp: str, msg: dict[str, Any], error: str) -> dict[str, Any]:
-        count = record_failure(c, self.actor, fp, error)
+    def _failed(self, tx: Tx, fp: str, msg: dict[str, Any], error: str) -> dict[str, Any]:
+        count = dead_letters.record_failure(tx, self.actor, fp, error, time.time())
         self.failures[fp] = count
         self.log.error("actor.message_failed", op=msg.get("op"), fingerprint=fp, failures=count, error=error[:300])
         if count >= MAX_FAILURES:
-            return self._dead_letter(c, fp, msg, error)
+            return self._dead_letter(tx, fp, msg, error)
         return _error("failed", f"{msg.get('op')} failed ({count} of {MAX_FAILURES}): {error}"[:500])
 
-    def _dead_letter(self, c: apsw.Connection, fp: str, msg: dict[str, Any], error: str) -> dict[str, Any]:
-        c.execute(
-            "INSERT INTO actor_dead_letters (actor, fingerprint, message, error, failures, at) VALUES (?, ?, ?, ?, ?,"
-            " ?)", (self.actor, fp, protocol.encode({"op": msg.get("op"), "a": msg.get("a", {})}).decode(),
-                    error[:500], self.failures.get(fp, MAX_FAILURES), time.time()))
+    def _dead_letter(self, tx: Tx, fp: str, msg: dict[str, Any], error: str) -> dict[str, Any]:
+        dead_letters.add(tx, self.actor, fp, protocol.encode({"op": msg.get("op"), "a": msg.get("a", {})}).decode(),
+                         error, self.failures.get(fp, MAX_FAILURES), time.time())
         self.log.error("actor.dead_letter", op=msg.get("op"), fingerprint=fp)
         return _error("dead_letter", f"{msg.get('op')}: this message failed {MAX_FAILURES} times and was moved to "
                                      "the dead-letter table (actor_dead_letters)")
-
-
-def record_failure(c: apsw.Connection, actor: str, fp: str, error: str) -> int:
-    """Count one failure of a message (also called by the supervisor when a message killed its actor)."""
-    return c.execute(
-        "INSERT INTO actor_failures (fingerprint, actor, failures, last_error, at) VALUES (?, ?, 1, ?, ?)"
-        " ON CONFLICT (fingerprint) DO UPDATE SET failures = failures + 1, last_error = excluded.last_error,"
-        " at = excluded.at RETURNING failures", (fp, actor, error[:500], time.time())).fetchall()[0][0]
 
 
 def _error(code: str, message: str) -> dict[str, Any]:
@@ -404,14 +404,14 @@ def _error(code: str, message: str) -> dict[str, Any]:
 
 
 BEHAVIOURS = {
-    "counter": "actors.counter:Counter",
-    "ratelimit": "actors.ratelimit:RateLimiter",
-    "paths": "actors.paths:PathCollector",
+    "counter": "cardq.actors.counter:Counter",
+    "ratelimit": "cardq.actors.ratelimit:RateLimiter",
+    "paths": "cardq.actors.paths:PathCollector",
 }
 
 
 def main(ctx: ChildContext) -> int:
-    """Child target ("actors.server:main"); spec args {"actor": name, "shard": n}."""
+    """Child target ("cardq.actors.server:main"); spec args {"actor": name, "shard": n}."""
     import importlib
 
     module, _, cls = BEHAVIOURS[ctx.spec.args["actor"]].partition(":")

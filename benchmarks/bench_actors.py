@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from actors.client import Client  # noqa: E402
-from actors.server import socket_path  # noqa: E402
+from cardq.actors.client import ActorClient  # noqa: E402
+from cardq.actors.server import socket_path  # noqa: E402
+from cardq.store import Database  # noqa: E402
+from cardq.store import processes as store_processes  # noqa: E402
+
 from cardq.config import load_config  # noqa: E402
-from store import Database  # noqa: E402
-from store import processes as store_processes  # noqa: E402
 
 CARDQ = str(Path(sys.executable).parent / "cardq")
 CTX = mp.get_context("spawn")
@@ -71,7 +71,7 @@ def deployment(root: Path, extra: str = "") -> Path:
     return cfg
 
 
-def start(cfg: Path) -> tuple[subprocess.Popen, Client]:
+def start(cfg: Path) -> tuple[subprocess.Popen, ActorClient]:
     proc = subprocess.Popen([CARDQ, "supervise"], env={**os.environ, "CARDQ_CONFIG": str(cfg)}, cwd=cfg.parent,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     loaded = load_config(cfg)
@@ -79,16 +79,16 @@ def start(cfg: Path) -> tuple[subprocess.Popen, Client]:
     while not all(socket_path(loaded.run_dir, a, 0).exists() for a in ("counter", "ratelimit", "paths")):
         assert time.monotonic() < deadline and proc.poll() is None, "actors did not start"
         time.sleep(0.05)
-    return proc, Client.from_config(loaded, name="bench")
+    return proc, ActorClient.from_config(loaded, name="bench")
 
 
-def stop(proc: subprocess.Popen, client: Client) -> None:
+def stop(proc: subprocess.Popen, client: ActorClient) -> None:
     client.close()
     proc.send_signal(signal.SIGTERM)
     proc.wait(30)
 
 
-def ask_latency(client: Client, n: int) -> dict[str, tuple[float, float]]:
+def ask_latency(client: ActorClient, n: int) -> dict[str, tuple[float, float]]:
     out = {}
     for name, call in (("counter get", lambda i: client.counter.get("k")),
                        ("counter incr (committed)", lambda i: client.counter.incr("k", 1, op_id=f"b{i}"))):
@@ -102,7 +102,7 @@ def ask_latency(client: Client, n: int) -> dict[str, tuple[float, float]]:
     return out
 
 
-def pipelined_checks(client: Client, n: int) -> float:
+def pipelined_checks(client: ActorClient, n: int) -> float:
     client.ratelimit.check_many([f"w{i}" for i in range(2000)])
     keys = [f"user:{i % 5000}" for i in range(n)]
     t = time.perf_counter()
@@ -112,7 +112,7 @@ def pipelined_checks(client: Client, n: int) -> float:
 
 
 def _send_events(cfg: str, first: int, n: int, paths: int, out: str) -> None:
-    client = Client.from_config(load_config(cfg), name=f"bench-events-{first}")
+    client = ActorClient.from_config(load_config(cfg), name=f"bench-events-{first}")
     rec = client.events
     base = int(time.time() * 1000) - 7 * 3_600_000  # recent: inside the detail retention (3 days)
     t = time.perf_counter()

@@ -38,16 +38,15 @@ from pathlib import Path
 import apsw
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # installed editable, but also runnable from a plain checkout
-    sys.path.insert(0, str(ROOT))
+
+from cardq.store import jobs, usage  # noqa: E402
+from cardq.store import submit as submit_mod  # noqa: E402
+from cardq.store.db import Database  # noqa: E402
+from cardq.store.fairness import _HEAD  # noqa: E402
+from cardq.store.jobs import _CLAIM_MANY, _CLAIM_ONE, _COMPLETE  # noqa: E402
+from cardq.store.submit import _INSERT, NewJob  # noqa: E402
 
 from cardq.config import load_config  # noqa: E402
-from store import jobs, usage  # noqa: E402
-from store import submit as submit_mod  # noqa: E402
-from store.db import Database  # noqa: E402
-from store.fairness import _HEAD  # noqa: E402
-from store.jobs import _CLAIM_MANY, _CLAIM_ONE, _COMPLETE  # noqa: E402
-from store.submit import _INSERT, NewJob  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
 # The SQL cardq runs. Statements the store keeps as module constants are imported above (_INSERT, _HEAD,

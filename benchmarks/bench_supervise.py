@@ -31,12 +31,12 @@ import apsw
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+
+from cardq.store import Database  # noqa: E402
+from cardq.store import processes as store_processes  # noqa: E402
+from cardq.store.submit import NewJob, submit  # noqa: E402
 
 from cardq.config import load_config  # noqa: E402
-from store import Database  # noqa: E402
-from store import processes as store_processes  # noqa: E402
-from store.submit import NewJob, submit  # noqa: E402
 
 CARDQ = str(Path(sys.executable).parent / "cardq")
 PAYLOAD = orjson.dumps({"title": "Wireless earbuds", "description": "Bluetooth 5.3, 30 h battery, IPX4",

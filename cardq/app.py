@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cardq.config import LoadedConfig, load_config, load_config_for_reading, resolve_config_path
 from cardq.errors import InputError
-from store import Database
+from cardq.store import Database
 
 DEFAULT_CONFIG_TEXT = (Path(__file__).parent / "default_config.toml").read_text
 

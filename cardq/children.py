@@ -44,12 +44,11 @@ EXIT_STORE = 75  # the database failed under it; its jobs are released and it is
 
 @dataclass(frozen=True)
 class ChildSpec:
-    """What the supervisor runs and how it treats an exit. Actors (a later issue) are further specs."""
+    """What the supervisor runs. Every child is permanent: restarted whenever it exits unasked."""
 
-    name: str  # unique in the tree: "worker-1"
-    role: str  # "worker", ...
+    name: str  # unique in the tree: "worker-1", "counter-0"
+    role: str  # "worker" or "actor"
     target: str  # "module:function" called in the child with a ChildContext
-    restart: str = "permanent"  # permanent: always restarted; transient: only after an abnormal exit
     args: dict[str, Any] = field(default_factory=dict)
 
 
@@ -183,3 +182,19 @@ def _entry(spec: ChildSpec, loaded: LoadedConfig, conn: Connection, log_conn: Co
     code = target(ChildContext(spec, loaded, Channel(conn), Slot(array), stop))
     sink.close()
     sys.exit(code or 0)
+
+
+def describe_exit(code: int | None, kill_reason: str | None) -> str:
+    """A child's exit, for the log and `cardq status`."""
+    if kill_reason == "timeout":
+        return "killed: job timeout"
+    if kill_reason == "shutdown":
+        return "killed: shutdown timeout"
+    if code is None:
+        return "unknown"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return {0: "stopped", EXIT_CONFIG: "config error", EXIT_STORE: "database error"}.get(code, f"exit code {code}")

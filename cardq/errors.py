@@ -1,27 +1,97 @@
-"""The errors a user can see. Each carries a one-line message and the CLI exit code it maps to.
+"""Every error cardq raises to its users, under one base, `cardq.Error`.
 
-Exit codes: 0 success, 2 usage/config/input error, 3 rejected by a limit, 1 any other failure.
+Each one's str() is a complete one-line message naming the input, the problem and what is expected; each carries
+its data as attributes, so an app can act on it without parsing text. No exit codes here: the CLI maps error
+types to exit codes in one table (cli.py), and an HTTP layer maps them to status codes its own way.
 """
 
 from __future__ import annotations
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_LIMIT = 3
+
+class Error(Exception):
+    """Base of every cardq error: str(e) is a complete one-line message."""
 
 
-class CardqError(Exception):
-    """Base: str(e) is a complete one-line message for the operator."""
-
-    exit_code = EXIT_FAILURE
+class ConfigError(Error):
+    """config.toml (or a value given for it) is invalid; the message names the key and what is expected."""
 
 
-class ConfigError(CardqError):
-    exit_code = EXIT_USAGE
+class InputError(Error):
+    """Bad input: a file, a line, an item, a value. `where` names it ("items.jsonl line 7", "item 3"), `index` is
+    the item's position in a batch (0-based) when there is one, `reason` what is wrong and what is expected."""
+
+    def __init__(self, message: str, *, where: str | None = None, index: int | None = None,
+                 reason: str | None = None):
+        super().__init__(message)
+        self.where, self.index, self.reason = where, index, reason or message
 
 
-class InputError(CardqError):
-    """Bad input from the user: a file, a line, a value. The message names it and what is expected."""
+class LimitExceeded(Error):
+    """A submit refused by a limit; nothing was inserted.
 
-    exit_code = EXIT_USAGE
+    `limit` is the limit's key ("daily.free"), `allowed` its value in effect, `current` what already counts
+    against it, `requested` what the batch asked for, and `resets_at` (epoch seconds) when it starts again, for
+    limits that reset (the daily plan limits: the next local midnight); None otherwise.
+    """
+
+    def __init__(self, message: str, *, limit: str, allowed: int, current: int, requested: int,
+                 resets_at: float | None = None):
+        super().__init__(message)
+        self.limit, self.allowed, self.current, self.requested = limit, allowed, current, requested
+        self.resets_at = resets_at
+
+
+class JobNotFound(Error):
+    def __init__(self, job_id: int):
+        super().__init__(f"job {job_id}: no such job")
+        self.job_id = job_id
+
+
+class InvalidTransition(Error):
+    """An operator action that the job's current status does not allow (cancel a done job, say)."""
+
+
+class StoreError(Error):
+    """The database could not be used (missing, not cardq's, too new, full, read-only, unreadable)."""
+
+
+class StoreBusy(StoreError):
+    """The database stayed locked by another process through every one of the bounded retries."""
+
+
+class LeaseLost(StoreError):
+    """complete/fail/extend by a holder whose lease was taken over (expired and reclaimed, recovered, cancelled)."""
+
+
+class ActorError(Error):
+    """An actor refused a request (bad arguments, a dead-lettered message, ...). `code` says which kind."""
+
+    def __init__(self, message: str, code: str = "error"):
+        super().__init__(message)
+        self.code = code
+
+
+class ActorTimeout(ActorError):
+    """Sent, but no answer within the ask timeout. The request may or may not have been applied; retry with the
+    same op_id to have it applied exactly once."""
+
+
+class ActorUnavailable(ActorError):
+    """No actor to reach: no supervisor runs, the actor is turned off, or it did not come back in time."""
+
+
+class Overloaded(ActorError):
+    """A gate's wait queue is full, or no permit came within its wait: the soft "overloaded, retry" answer."""
+
+
+class NotRunning(Error):
+    """No supervisor runs on this database."""
+
+
+class AlreadyRunning(Error):
+    """Another supervisor runs on this database."""
+
+
+class RestartIntensityExceeded(Error):
+    """The supervisor stopped everything because its children kept dying (more than max_restarts restarts
+    within max_seconds): a crash loop is escalated to whoever runs the supervisor, not watched forever."""

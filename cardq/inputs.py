@@ -10,22 +10,19 @@ from __future__ import annotations
 import csv
 import io
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 
 from cardq.errors import InputError
+from cardq.store.submit import NewJob
 
 FORMATS = ("auto", "jsonl", "json", "csv")
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
-    payload: bytes  # compact JSON of the object, as stored
-    idempotency_key: str | None
-    where: str  # "items.jsonl line 7"
+Item = NewJob  # what a parsed item is: exactly what the store inserts (payload JSON, idempotency key, where)
 
 
 def read_text(file: str, name: str) -> str:
@@ -56,20 +53,49 @@ def parse_items(text: str, name: str, fmt: str = "auto", key_field: str | None =
     """Parse a whole file's text into items; raises InputError at the first bad line."""
     if fmt == "auto":
         fmt = detect_format(name, text)
-    objects = {"jsonl": _jsonl, "json": _json_array, "csv": _csv}[fmt](text, name)
+    items = make_items({"jsonl": _jsonl, "json": _json_array, "csv": _csv}[fmt](text, name), key_field)
+    if not items:
+        raise InputError(f"{name}: no items; expected at least one {_WHAT[fmt]}")
+    return items
+
+
+def items_from_objects(objects: Iterable[Any], key_field: str | None = None) -> list[Item]:
+    """Items handed to the Python API: each must be a JSON object (a dict); named "item N" (0-based, as the
+    caller indexes its list) in every message."""
+    def named() -> Iterator[tuple[str, dict]]:
+        for i, obj in enumerate(objects):
+            if not isinstance(obj, dict):
+                raise InputError(f"item {i}: a {type(obj).__name__}; expected a JSON object (a dict)",
+                                 where=f"item {i}", index=i, reason="expected a JSON object (a dict)")
+            yield f"item {i}", obj
+
+    items = make_items(named(), key_field)
+    if not items:
+        raise InputError("empty batch: expected at least one item", reason="expected at least one item")
+    return items
+
+
+def make_items(objects: Iterable[tuple[str, dict]], key_field: str | None) -> list[Item]:
+    """(where, object) pairs -> Items: the object as compact JSON, and its idempotency key if key_field is set."""
     items = []
-    for where, obj in objects:
+    for index, (where, obj) in enumerate(objects):
         key = None
         if key_field is not None:
             if key_field not in obj or obj[key_field] in (None, ""):
-                raise InputError(f"{where}: no {key_field!r} field, which --idempotency-key-field names")
+                reason = f"no {key_field!r} field, which the idempotency key field names"
+                raise InputError(f"{where}: {reason}", where=where, index=index, reason=reason)
             value = obj[key_field]
             if isinstance(value, bool) or not isinstance(value, str | int):
-                raise InputError(f"{where}: {key_field!r} is {type(value).__name__}; expected a string or number")
+                reason = f"{key_field!r} is {type(value).__name__}; expected a string or number"
+                raise InputError(f"{where}: {reason}", where=where, index=index, reason=reason)
             key = str(value)
-        items.append(Item(orjson.dumps(obj), key, where))
-    if not items:
-        raise InputError(f"{name}: no items; expected at least one {_WHAT[fmt]}")
+        try:
+            payload = orjson.dumps(obj)
+        except TypeError as e:  # orjson: a value JSON cannot hold (an object, an integer beyond 64 bits, ...)
+            reason = f"not JSON: {e}"
+            raise InputError(f"{where}: {reason}; expected JSON values only", where=where, index=index,
+                             reason=reason) from None
+        items.append(Item(payload, key, where))
     return items
 
 

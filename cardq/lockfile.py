@@ -10,15 +10,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from cardq.errors import CardqError
-
-
-class AlreadyRunning(CardqError):
-    pass
-
-
-class NotRunning(CardqError):
-    pass
+from cardq.errors import AlreadyRunning, NotRunning
 
 
 def lock_path(db_path: Path) -> Path:

@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from store.limits import Limit
+from cardq.store.limits import Limit
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

@@ -4,40 +4,30 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
-import click
 import msgspec
 
-from cardq import app, logs
+from cardq import logs
 from cardq.config import LoadedConfig
-from cardq.errors import CardqError
+from cardq.errors import Error
 from cardq.lockfile import NotRunning, running_pid
 from cardq.supervisor import Supervisor
 
 
-def supervise(loaded: LoadedConfig, *, workers: int | None, burst: bool) -> int:
-    """Run a supervisor in this process until it stops; returns its exit code.
-
-    With --burst on a terminal a progress bar shows jobs done, and the log is cut to warnings so it stays
-    readable; the log otherwise goes where [log] says, through one non-blocking writer.
-    """
+def supervise(loaded: LoadedConfig, *, workers: int | None, burst: bool,
+              on_progress: Callable[[int], None] | None = None) -> None:
+    """Run a supervisor in this process until it stops. The log goes where [log] says, through one
+    non-blocking writer; `on_progress(n)` hears of every n jobs done. Raises RestartIntensityExceeded when
+    children kept dying, ConfigError when a child cannot run with this config."""
     cfg = loaded.config.log
-    progress = burst and sys.stderr.isatty()
-    if progress and cfg.level in ("debug", "info"):
-        loaded = with_log_level(loaded, "warning")
     sink = logs.LineSink(logs.file_writer(logs.open_destination(cfg.file)))
-    logs.configure("supervisor", level=loaded.config.log.level, fmt=cfg.format, sink=sink)
-    sup = Supervisor(loaded, workers=workers, burst=burst, log_sink=sink.put)
+    logs.configure("supervisor", level=cfg.level, fmt=cfg.format, sink=sink)
+    sup = Supervisor(loaded, workers=workers, burst=burst, log_sink=sink.put, on_progress=on_progress)
     try:
-        if not progress:
-            return sup.run()
-        with click.progressbar(length=_pending_jobs(loaded), label="processing", file=sys.stderr,
-                               show_pos=True) as bar:
-            sup.on_progress = bar.update
-            return sup.run()
+        sup.run()
     finally:
         sink.close()
 
@@ -47,20 +37,15 @@ def with_log_level(loaded: LoadedConfig, level: str) -> LoadedConfig:
     return LoadedConfig(config, loaded.path, loaded.digest, loaded.explicit)
 
 
-def _pending_jobs(loaded: LoadedConfig) -> int:
-    with app.open_db(loaded, create=True) as db:
-        return db.conn.execute("SELECT coalesce(sum(active), 0) FROM user_load").fetchall()[0][0]
-
-
 def signal_supervisor(loaded: LoadedConfig, name: str) -> int:
     """Send a signal to the live supervisor of the configured database; returns its pid."""
     try:
         pid = running_pid(loaded.db_path)
         os.kill(pid, getattr(signal, name))
     except NotRunning as e:
-        raise CardqError(str(e)) from None
+        raise Error(str(e)) from None
     except ProcessLookupError:
-        raise CardqError(f"supervisor pid {pid} is gone") from None
+        raise Error(f"supervisor pid {pid} is gone") from None
     return pid
 
 
@@ -72,7 +57,7 @@ def wait_stopped(loaded: LoadedConfig, timeout: float) -> None:
         except NotRunning:
             return
         time.sleep(0.05)
-    raise CardqError(f"the supervisor did not stop within {timeout:g}s")
+    raise Error(f"the supervisor did not stop within {timeout:g}s")
 
 
 def supervisor_summary(loaded: LoadedConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:

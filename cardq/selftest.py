@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 from cardq import app
 from cardq.config import LoadedConfig
-from cardq.errors import CardqError
+from cardq.errors import Error
 from cardq.handlers import load_handler
 from cardq.lockfile import NotRunning, running_pid
-from store import Database
-from store.schema import SCHEMA_VERSION
+from cardq.store import Database
+from cardq.store.schema import SCHEMA_VERSION
 
 MIN_FREE_BYTES = 100 * 1024 * 1024
 
@@ -31,7 +31,7 @@ def run(config_path: str | None) -> list[Check]:
 def _checks(config_path: str | None) -> Iterator[Check]:
     try:
         loaded = app.load(config_path)
-    except CardqError as e:
+    except Error as e:
         yield Check("config", False, str(e))
         return
     yield Check("config", True, f"{loaded.source} ({loaded.digest})")
@@ -40,9 +40,9 @@ def _checks(config_path: str | None) -> Iterator[Check]:
         db = app.open_db(loaded)
         yield Check("database", True, str(db.path))
         yield _check("pragmas", lambda: _pragmas(db, loaded))
-        version = db.conn.execute("PRAGMA user_version").fetchall()[0][0]
+        version = db.schema_version()
         yield Check("schema", version == SCHEMA_VERSION, f"v{version} (this cardq: v{SCHEMA_VERSION})")
-    except CardqError as e:
+    except Error as e:
         yield Check("database", False, str(e))
     finally:
         if db is not None:
@@ -55,7 +55,7 @@ def _checks(config_path: str | None) -> Iterator[Check]:
 def _check(name: str, fn: Callable[[], str]) -> Check:
     try:
         return Check(name, True, fn())
-    except (CardqError, NotRunning, OSError) as e:
+    except (Error, NotRunning, OSError) as e:
         return Check(name, False, str(e))
 
 
@@ -65,13 +65,13 @@ def _pragmas(db: Database, loaded: LoadedConfig) -> str:
             "foreign_keys": 1, "busy_timeout": loaded.config.store.busy_timeout_ms}
     bad = {k: v for k, v in got.items() if want[k] != v}
     if bad:
-        raise CardqError(f"not in effect: {bad} (expected {want})")
+        raise Error(f"not in effect: {bad} (expected {want})")
     return ", ".join(f"{k}={v}" for k, v in got.items())
 
 
 def _disk(loaded: LoadedConfig) -> str:
     free = shutil.disk_usage(loaded.db_path.parent).free
     if free < MIN_FREE_BYTES:
-        raise CardqError(f"{free // 2**20} MiB free under {loaded.db_path.parent}; expected at least "
+        raise Error(f"{free // 2**20} MiB free under {loaded.db_path.parent}; expected at least "
                          f"{MIN_FREE_BYTES // 2**20} MiB")
     return f"{free // 2**20} MiB free"

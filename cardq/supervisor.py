@@ -1,14 +1,16 @@
 """The supervisor: spawns and watches the worker processes, and owns everything that must survive them.
 
-Policy, OTP-style: workers are permanent children, restarted after min(restart_backoff_max_s, 0.1 * 2^n)
-seconds; more than max_restarts restarts within max_seconds and the supervisor stops every child and exits with
-EXIT_INTENSITY, so that systemd can escalate. When a worker dies, the jobs it held are released by owner name at
-once: the one it was running fails its attempt (and, as its worker died under it, gains a kill — at
+Policy (cardq/restarts.py): workers and actors are permanent children, restarted after a growing delay;
+more than max_restarts restarts within max_seconds and the supervisor stops every child and run() raises
+RestartIntensityExceeded, so that systemd can escalate. When a worker dies, the jobs it held are released by
+owner name at once: the one it was running fails its attempt (and, as its worker died under it, gains a kill — at
 poison_kills it is dead), the prefetched rest go back to the queue untouched. Leases of live workers are renewed
 here, so a worker never needs a second thread.
 
 The loop: `run()` waits on every child's pipes and sentinel plus a signal wake-up fd, then calls `step(now)`,
-which does all the work and can be called by tests with a chosen time. Signal handlers only set flags.
+which does all the work and can be called by tests with a chosen time. Signal handlers only set flags. Beside
+this file: restarts.py (the restart policy), maintenance.py (periodic work on the database), wakeups.py (when to
+wake idle workers), reload.py (reading a new config), children.py (how a child starts and talks).
 """
 
 from __future__ import annotations
@@ -17,29 +19,25 @@ import contextlib
 import os
 import signal
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-import msgspec
-
-from actors import keys
-from actors import server as actor_server
 from cardq import app, children, logs
-from cardq.children import EXIT_CONFIG, EXIT_STORE, Channel, ChildSpec
-from cardq.config import LoadedConfig, load_config
-from cardq.errors import EXIT_FAILURE, EXIT_USAGE, CardqError
-from cardq.handlers import load_handler
+from cardq.actors import keys
+from cardq.children import EXIT_CONFIG, EXIT_STORE, Channel, ChildSpec, describe_exit
+from cardq.config import LoadedConfig
+from cardq.errors import ConfigError, Error, StoreError
 from cardq.lockfile import SupervisorLock
-from store import StoreError, jobs, limits, processes
+from cardq.maintenance import Maintenance
+from cardq.reload import actor_shards, read_new_config
+from cardq.restarts import RestartPolicy
+from cardq.store import dead_letters, jobs, processes, usage
+from cardq.wakeups import Wakeups
 
-EXIT_INTENSITY = 4
 OWNER_PREFIX = "cardq:"
-PUBLISH_EVERY_S = 1.0
-CHECKPOINT_EVERY_S = 0.5
 IDLE_TICK_S = 0.002  # with an idle worker: how often PRAGMA data_version is compared (a cheap shared-memory read)
 BUSY_TICK_S = 0.05
 
@@ -59,7 +57,6 @@ class ChildState:
     jobs_done: int = 0
     restarts: int = 0
     last_exit: str | None = None
-    restart_at: float | None = None  # monotonic
     started_at: float | None = None  # wall clock
     kill_reason: str | None = None  # "timeout" or "shutdown" when the supervisor killed it
     jobs_done_base: int = 0  # jobs done by earlier incarnations (the slot counts this one's)
@@ -81,18 +78,20 @@ class Supervisor:
         self.on_progress = on_progress
         self.run_id = f"{os.getpid()}.{int(time.time() * 1000)}"
         self.children: dict[str, ChildState] = {}
-        self.restart_times: deque[float] = deque()
+        sup = loaded.config.supervisor
+        self.restarts = RestartPolicy(self._spawn_named, max_restarts=sup.max_restarts, max_seconds=sup.max_seconds,
+                                      backoff_max_s=sup.restart_backoff_max_s)
         self.flags = {"term": 0, "int": 0, "hup": 0}
         self.config_version = 1
         self.config_loaded_at = time.time()
         self.last_reload_error: str | None = None
-        self.exit_code: int | None = None
-        self.exit_reason = ""
+        self.stopping = False
+        self.stop_reason = ""
+        self.failure: Error | None = None  # why the supervisor stopped, when it is a failure run() raises
         self.shutdown_deadline: float | None = None
         self.started_at = time.time()
-        self.due: dict[str, float] = {}
-        self.data_version: int | None = None
-        self.next_scheduled: float | None = None
+        self.maintenance: Maintenance | None = None
+        self.wakeups: Wakeups | None = None
         self.done_total = 0
         self.log = logs.get()
         self.lock = SupervisorLock(loaded.db_path)
@@ -107,8 +106,11 @@ class Supervisor:
         try:
             keys.ensure_run_dir(self.loaded.run_dir)
             self.db = app.open_db(self.loaded, create=True)
+            self.maintenance = Maintenance(self.db, self.loaded, self.log, owners=self._live_owners,
+                                           publish=self._publish)
+            self.wakeups = Wakeups(self.db)
             orphans = jobs.recover_orphans(self.db, owner_prefix=OWNER_PREFIX, current_prefix=self.prefix)
-            expired = jobs.recover(self.db, processing_timeout_s=self._processing_timeout())
+            expired = jobs.recover(self.db, processing_timeout_s=self.maintenance.processing_timeout())
         except BaseException:
             self.lock.release()
             raise
@@ -138,18 +140,18 @@ class Supervisor:
             os.close(self._wake_w)
             self._wake_r = self._wake_w = -1
 
-    def run(self) -> int:
-        """Start, supervise until told to stop (or, with burst, until the queue is drained); the exit code."""
+    def run(self) -> None:
+        """Start, supervise until told to stop (or, with burst, until the queue is drained). Raises the failure
+        that stopped it, if one did (RestartIntensityExceeded, ConfigError)."""
         self.start()
         try:
-            while True:
+            while not self.step(time.monotonic()):
                 self._wait(IDLE_TICK_S if self._any_idle() else BUSY_TICK_S)
-                code = self.step(time.monotonic())
-                if code is not None:
-                    self.log.info("supervisor.exit", code=code, reason=self.exit_reason)
-                    return code
+            self.log.info("supervisor.exit", reason=self.stop_reason, failed=self.failure is not None)
         finally:
             self.close()
+        if self.failure is not None:
+            raise self.failure
 
     def _install_signals(self) -> None:
         self._wake_r, self._wake_w = os.pipe()
@@ -188,46 +190,47 @@ class Supervisor:
     def prefix(self) -> str:
         return f"{OWNER_PREFIX}{self.run_id}:"
 
-    def step(self, now: float) -> int | None:
-        """Everything the supervisor does, for monotonic time `now`. Returns an exit code once finished."""
+    def step(self, now: float) -> bool:
+        """Everything the supervisor does, for monotonic time `now`. True once it has finished."""
         self._act_on_signals(now)
         self._read_slots()
         for child in list(self.children.values()):
             if child.proc is not None and not child.alive:
                 self._on_exit(child, now)
-        if self.exit_code is not None:
+        if self.stopping:
             return self._step_shutdown(now)
-        self._ensure_actors()
-        self._scale()
-        self._start_due(now)
+        self._ensure_actors(now)
+        self._scale(now)
+        self.restarts.step(now)
         self._enforce_timeouts(now)
-        self._periodic(now)
-        self._wake_idle(now)
+        self.maintenance.step(now)
+        self._wake_idle()
         if self.burst and self._drained():
-            self._begin_shutdown(0, now, "burst: no job left to run", immediate=False)
-        return None
+            self._begin_shutdown(now, "burst: no job left to run")
+        return False
 
     def _act_on_signals(self, now: float) -> None:
         if self.flags["hup"]:
             self.flags["hup"] = 0
             self.reload(now)
         stops = self.flags["term"] + self.flags["int"]
-        if stops and self.exit_code is None:
-            self._begin_shutdown(0, now, "signal: stopping after in-flight jobs", immediate=False)
+        if stops and not self.stopping:
+            self._begin_shutdown(now, "signal: stopping after in-flight jobs")
         if self.flags["int"] >= 2 and self.shutdown_deadline is not None and self.shutdown_deadline > now:
             self.log.warning("supervisor.stop_now", reason="second SIGINT")
             self.shutdown_deadline = now  # kill what remains at once; its jobs are requeued
 
-    def _begin_shutdown(self, code: int, now: float, reason: str, immediate: bool) -> None:
-        if self.exit_code is not None:
+    def _begin_shutdown(self, now: float, reason: str, failure: Error | None = None, immediate: bool = False) -> None:
+        if self.stopping:
             return
-        self.exit_code, self.exit_reason = code, reason
+        self.stopping, self.stop_reason, self.failure = True, reason, failure
         timeout = 0.0 if immediate else self.loaded.config.supervisor.shutdown_timeout_s
         self.shutdown_deadline = now + timeout
         self.log.info("supervisor.stopping", reason=reason, shutdown_timeout_s=timeout)
         # Workers first; the actors they use (gates, counters) stop once the last worker has gone.
         for child in self.children.values():
             child.retiring = True
+            self.restarts.cancel(child.spec.name)
             if not child.alive:
                 child.state = "stopped"
             elif child.spec.role == "worker":
@@ -235,7 +238,7 @@ class Supervisor:
                 child.channel.send({"cmd": "stop"})
         self._publish()
 
-    def _step_shutdown(self, now: float) -> int | None:
+    def _step_shutdown(self, now: float) -> bool:
         if not any(c.alive and c.spec.role == "worker" for c in self.children.values()):
             for child in self.children.values():
                 if child.alive and child.state != "stopping":
@@ -246,7 +249,7 @@ class Supervisor:
             for child in self.children.values():
                 if child.proc is not None:  # exited since this step's reaping: release and log it too
                     self._on_exit(child, now)
-            return self.exit_code
+            return True
         if now >= self.shutdown_deadline:
             for child in live:
                 if child.kill_reason is None:
@@ -254,34 +257,37 @@ class Supervisor:
                     self.log.warning("child.killed", child=child.spec.name, child_pid=child.proc.pid,
                                      reason="shutdown timeout", job_id=child.current_job)
                     child.proc.kill()
-        return None
+        return False
 
     # ---- children ---------------------------------------------------------------------------------------
 
-    def _ensure_actors(self) -> None:
+    def _ensure_actors(self, now: float) -> None:
         """One permanent child per actor shard (shard counts apply at start: a reload that changes them is
         logged as needing a restart)."""
         for actor, shards in actor_shards(self.loaded).items():
             for shard in range(shards):
                 name = f"{actor}-{shard}"
                 if name not in self.children:
-                    spec = ChildSpec(name=name, role="actor", target="actors.server:main",
+                    spec = ChildSpec(name=name, role="actor", target="cardq.actors.server:main",
                                      args={"actor": actor, "shard": shard})
-                    self.children[name] = ChildState(spec, restart_at=0.0)
+                    self.children[name] = ChildState(spec)
+                    self.restarts.start(name, now)
 
-    def _scale(self) -> None:
+    def _scale(self, now: float) -> None:
         for slot in range(1, self.desired + 1):
             name = f"worker-{slot}"
             child = self.children.get(name)
             if child is None:
                 spec = ChildSpec(name=name, role="worker", target="cardq.worker:main")
-                self.children[name] = ChildState(spec, restart_at=0.0)
+                self.children[name] = ChildState(spec)
+                self.restarts.start(name, now)
             elif child.retiring and child.alive:
                 child.retiring = False  # scaled back up before it finished stopping: keep it
         for name, child in self.children.items():
             slot = int(name.rsplit("-", 1)[1])
             if child.spec.role == "worker" and slot > self.desired and not child.retiring:
                 child.retiring = True
+                self.restarts.cancel(name)
                 if child.alive:
                     child.state = "stopping"
                     child.channel.send({"cmd": "stop"})
@@ -290,19 +296,19 @@ class Supervisor:
         for name in [n for n, c in self.children.items() if c.retiring and c.proc is None]:
             del self.children[name]
 
-    def _start_due(self, now: float) -> None:
-        for child in self.children.values():
-            if child.proc is None and not child.retiring and child.restart_at is not None and now >= child.restart_at:
-                self._spawn(child)
+    def _spawn_named(self, name: str) -> None:
+        """The restart policy's spawn function."""
+        child = self.children.get(name)
+        if child is not None and child.proc is None and not child.retiring:
+            self._spawn(child)
 
     def _spawn(self, child: ChildState) -> None:
         child.incarnation += 1
         child.owner = f"{self.prefix}{child.spec.name}.{child.incarnation}"
-        spec = ChildSpec(child.spec.name, child.spec.role, child.spec.target, child.spec.restart,
-                         {**child.spec.args, "owner": child.owner})
+        spec = ChildSpec(child.spec.name, child.spec.role, child.spec.target, {**child.spec.args, "owner": child.owner})
         child.proc, child.channel, child.log_conn, child.slot = children.start(spec, self.loaded)
         child.jobs_done_base = child.jobs_done
-        child.state, child.started_at, child.restart_at = "starting", time.time(), None
+        child.state, child.started_at = "starting", time.time()
         child.kill_reason, child.current_job, child.job_started = None, None, None
         self.log.info("child.started", child=spec.name, child_pid=child.proc.pid, owner=child.owner)
 
@@ -321,14 +327,21 @@ class Supervisor:
         child.channel, child.log_conn = None, None
         level = "info" if code == 0 or child.retiring else "warning"
         getattr(self.log, level)("child.exited", child=child.spec.name, child_pid=proc.pid, reason=reason)
-        if child.retiring or self.exit_code is not None:
+        if child.retiring or self.stopping:
             child.state = "stopped"
             return
         if code == EXIT_CONFIG:
-            self._begin_shutdown(EXIT_USAGE, now, f"{child.spec.name} cannot run with this config (see its log)",
-                                 immediate=True)
+            why = f"{child.spec.name} cannot run with this config (see its log)"
+            self._begin_shutdown(now, why, ConfigError(why), immediate=True)
             return
-        self._schedule_restart(child, now, reason)
+        try:
+            self.restarts.exited(child.spec.name, now, reason)
+        except Error as e:  # restart intensity exceeded: stop everything, and say why
+            child.state = "stopped"
+            self._begin_shutdown(now, str(e), e)
+            return
+        child.restarts += 1
+        child.state = "restarting"
 
     def _release(self, child: ChildState, code: int | None, reason: str) -> None:
         """Take back whatever the dead child held, by owner name (works even if none of its messages arrived)."""
@@ -362,26 +375,9 @@ class Supervisor:
         if fp is None or code == 0:
             return
         fingerprint = f"{fp:012x}"
-        self._store_call("actor_failure", lambda: self.db.write(lambda c: actor_server.record_failure(
-            c, child.spec.args["actor"], fingerprint, f"killed its actor: {reason}"), "record actor failure"))
+        self.maintenance.call("actor_failure", lambda: dead_letters.count_failure(
+            self.db, child.spec.args["actor"], fingerprint, f"killed its actor: {reason}", time.time()))
         self.log.warning("actor.died_in_message", child=child.spec.name, fingerprint=fingerprint, reason=reason)
-
-    def _schedule_restart(self, child: ChildState, now: float, reason: str) -> None:
-        sup = self.loaded.config.supervisor
-        self.restart_times.append(now)
-        while self.restart_times and self.restart_times[0] < now - sup.max_seconds:
-            self.restart_times.popleft()
-        if len(self.restart_times) > sup.max_restarts:
-            self._begin_shutdown(
-                EXIT_INTENSITY, now,
-                f"restart intensity exceeded: {len(self.restart_times)} restarts within {sup.max_seconds:g}s "
-                f"(max_restarts={sup.max_restarts}); last: {child.spec.name} {reason}", immediate=False)
-            child.state = "stopped"
-            return
-        child.restarts += 1
-        delay = min(sup.restart_backoff_max_s, 0.1 * 2 ** (len(self.restart_times) - 1))
-        child.restart_at = now + delay
-        child.state = "restarting"
 
     def _enforce_timeouts(self, now: float) -> None:
         limit = self.loaded.config.workers.job_timeout_s + self.loaded.config.supervisor.timeout_grace_s
@@ -439,49 +435,12 @@ class Supervisor:
 
     # ---- periodic work ----------------------------------------------------------------------------------
 
-    def _periodic(self, now: float) -> None:
-        w, sup = self.loaded.config.workers, self.loaded.config.supervisor
-        if now >= self.due.get("extend", 0):
-            self.due["extend"] = now + w.lease_s / 3
-            owners = [c.owner for c in self.children.values() if c.alive]
-            self._store_call("extend_leases", lambda: jobs.extend_owned(self.db, owners, lease_s=w.lease_s))
-        if now >= self.due.get("recover", 0):
-            self.due["recover"] = now + sup.recover_interval_s
-            got = self._store_call("recover", lambda: jobs.recover(
-                self.db, processing_timeout_s=self._processing_timeout()))
-            if got is not None and got.total:
-                self.log.warning("jobs.recovered", requeued=got.requeued, dead=got.dead)
-        if now >= self.due.get("checkpoint", 0):
-            # Workers do not checkpoint (a commit that crosses the threshold would pay for it): we do, here,
-            # PASSIVE so that no reader or writer ever waits on it.
-            self.due["checkpoint"] = now + CHECKPOINT_EVERY_S
-            self._store_call("checkpoint", self.db.checkpoint)
-        if now >= self.due.get("publish", 0):
-            self.due["publish"] = now + PUBLISH_EVERY_S
-            self._publish()
+    def _live_owners(self) -> list[str]:
+        return [c.owner for c in self.children.values() if c.alive]
 
-    def _store_call(self, what: str, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except StoreError as e:
-            self.log.error(f"supervisor.{what}_failed", reason=str(e))
-            return None
-
-    def _wake_idle(self, now: float) -> None:
+    def _wake_idle(self) -> None:
         idle = [c for c in self.children.values() if c.alive and c.state == "idle" and c.spec.role == "worker"]
-        if not idle:
-            return
-        version = self.db.conn.execute("PRAGMA data_version").fetchall()[0][0]
-        wall = time.time()
-        changed = version != self.data_version
-        if changed:
-            self.data_version = version
-            self.next_scheduled = self.db.conn.execute(
-                "SELECT min(run_at) FROM jobs WHERE status = 'scheduled'").fetchall()[0][0]
-        due = self.next_scheduled is not None and wall >= self.next_scheduled
-        if changed or due:
-            if due:
-                self.next_scheduled = None
+        if idle and self.maintenance.call("wakeups", self.wakeups.due):
             for child in idle:
                 child.channel.send({"cmd": "wake"})
 
@@ -489,19 +448,10 @@ class Supervisor:
         workers = [c for c in self.children.values() if not c.retiring and c.spec.role == "worker"]
         if not workers or any(not c.alive or c.state != "idle" for c in workers):
             return False
-        active = self.db.conn.execute("SELECT coalesce(sum(active), 0) FROM user_load").fetchall()[0][0]
-        return active == 0
+        return self.maintenance.call("pending", lambda: usage.pending_total(self.db)) == 0
 
     def _any_idle(self) -> bool:
         return any(c.state == "idle" and c.spec.role == "worker" for c in self.children.values())
-
-    def _processing_timeout(self) -> float:
-        """job_processing_timeout_seconds in effect (a database override applies too)."""
-        values = self.loaded.limit_values()
-        try:
-            return float(self.db.read(lambda c: limits.values(c, values))["job_processing_timeout_seconds"])
-        except StoreError:
-            return float(values["job_processing_timeout_seconds"][0])
 
     def _backoff(self) -> jobs.Backoff:
         w = self.loaded.config.workers
@@ -515,33 +465,30 @@ class Supervisor:
             self.log.warning("config.reload_skipped", reason="running on built-in defaults: no file to re-read")
             return
         try:
-            new = load_config(self.loaded.path)
-            load_handler(new.config.workers.handler)  # a handler that does not import is a broken config too
-        except CardqError as e:
+            r = read_new_config(self.loaded)
+        except Error as e:
             self.last_reload_error = str(e)
             self.log.error("config.reload_failed", reason=str(e), kept_digest=self.loaded.digest)
             self._publish()
             return
-        changes = diff_configs(self.loaded.config, new.config)
-        if actor_shards(new) != actor_shards(self.loaded):
-            self.log.warning("config.restart_needed", reason="actor shard counts apply at the next start",
-                             keys=[k for k in changes if k.startswith(("actors.", "paths.enabled"))])
-        if new.config.store != self.loaded.config.store:
-            self.log.warning("config.restart_needed", keys=[k for k in changes if k.startswith("store.")],
-                             reason="store settings apply at the next start; the rest applies now")
-        old_count = self.loaded.config.workers.count
-        self.loaded = new
+        for reason, keys_ in r.restart_needed.items():
+            self.log.warning("config.restart_needed", reason=reason, keys=keys_)
+        new = r.new
+        if new.config.workers.count != self.loaded.config.workers.count:
+            self.desired = new.config.workers.count
+        self.loaded = self.maintenance.loaded = new
+        sup = new.config.supervisor
+        self.restarts.configure(max_restarts=sup.max_restarts, max_seconds=sup.max_seconds,
+                                backoff_max_s=sup.restart_backoff_max_s)
         self.config_version += 1
         self.config_loaded_at = time.time()
         self.last_reload_error = None
-        if new.config.workers.count != old_count:
-            self.desired = new.config.workers.count
         text = new.raw.decode()  # exactly the bytes validated above, not the file as it may be now
         for child in self.children.values():
             if child.alive:
                 child.channel.send({"cmd": "config", "text": text, "path": str(new.path), "digest": new.digest})
         self.log.info("config.reloaded", version=self.config_version, digest=new.digest,
-                      changes={k: [old, new_v] for k, (old, new_v) in changes.items()})
+                      changes={k: [old, new_v] for k, (old, new_v) in r.changes.items()})
         self._publish()
 
     # ---- status -----------------------------------------------------------------------------------------
@@ -549,8 +496,8 @@ class Supervisor:
     def _publish(self) -> None:
         rows = [processes.ProcessRow(
             name="supervisor", role="supervisor", pid=os.getpid(),
-            state="stopping" if self.exit_code is not None else "running", started_at=self.started_at,
-            restarts=len(self.restart_times),
+            state="stopping" if self.stopping else "running", started_at=self.started_at,
+            restarts=self.restarts.restarts_in_window,
             info={"run_id": self.run_id, "config_file": self.loaded.source, "config_digest": self.loaded.digest,
                   "config_version": self.config_version, "config_loaded_at": self.config_loaded_at,
                   "last_reload_error": self.last_reload_error, "workers_desired": self.desired,
@@ -560,44 +507,7 @@ class Supervisor:
                 name=child.spec.name, role=child.spec.role, pid=child.proc.pid if child.alive else None,
                 state=child.state, current_job=child.current_job, jobs_done=child.jobs_done,
                 restarts=child.restarts, last_exit=child.last_exit, started_at=child.started_at))
-        self._store_call("publish", lambda: processes.publish(self.db, rows))
+        self.maintenance.call("publish", lambda: processes.publish(self.db, rows))
 
 
-def actor_shards(loaded: LoadedConfig) -> dict[str, int]:
-    a = loaded.config.actors
-    return {"counter": a.counter_shards, "ratelimit": a.ratelimit_shards,
-            "paths": a.paths_shards if loaded.config.paths.enabled else 0}
-
-
-def describe_exit(code: int | None, kill_reason: str | None) -> str:
-    if kill_reason == "timeout":
-        return "killed: job timeout"
-    if kill_reason == "shutdown":
-        return "killed: shutdown timeout"
-    if code is None:
-        return "unknown"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return {0: "stopped", EXIT_CONFIG: "config error", EXIT_STORE: "database error"}.get(code, f"exit code {code}")
-
-
-def diff_configs(old: Any, new: Any) -> dict[str, tuple[Any, Any]]:
-    """Dotted key → (old, new) for every value that differs."""
-    a, b = _flatten(msgspec.to_builtins(old)), _flatten(msgspec.to_builtins(new))
-    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-__all__ = ["EXIT_FAILURE", "EXIT_INTENSITY", "Supervisor", "describe_exit", "diff_configs"]
+__all__ = ["Supervisor"]

@@ -21,14 +21,13 @@ from typing import Any
 import orjson
 import structlog
 
-from actors.client import Client
-from actors.protocol import ActorError
 from cardq import app, logs
+from cardq.actors.client import ActorClient
 from cardq.children import EXIT_CONFIG, EXIT_STOPPED, EXIT_STORE, ChildContext
 from cardq.config import LoadedConfig, parse_config
-from cardq.errors import CardqError, ConfigError
+from cardq.errors import ActorError, ConfigError, Error
 from cardq.handlers import Handler, Job, PermanentError, load_handler
-from store import LeaseLost, StoreError, jobs
+from cardq.store import LeaseLost, StoreError, jobs
 
 IDLE_POLL_S = 1.0  # an idle worker looks for work at least this often, even if no wake-up comes
 FLUSH_S = 0.02  # with prefetch > 1, finished jobs are committed together at least this often
@@ -53,7 +52,7 @@ class Worker:
         self.handler: Handler = load_handler(self.loaded.config.workers.handler)
         self.rng = random.Random()
         self.log = logs.get()
-        self.client: Client | None = None  # to the actors, made on first use
+        self.client: ActorClient | None = None  # to the actors, made on first use
         self.pending: list[tuple[int, int, Any]] = []  # finished, not yet committed: (id, token, result)
         self.pending_since = 0.0
 
@@ -128,7 +127,7 @@ class Worker:
         if not name or self.loaded.config.actors.ratelimit_shards < 1:
             return contextlib.nullcontext()
         if self.client is None:
-            self.client = Client.from_config(self.loaded, name=self.owner)
+            self.client = ActorClient.from_config(self.loaded, name=self.owner)
         return self.client.gate(name)
 
     def run_one(self, claimed: jobs.Claimed) -> None:
@@ -213,7 +212,7 @@ def main(ctx: ChildContext) -> int:
     except ConfigError as e:
         log.error("worker.config_error", reason=str(e))
         return EXIT_CONFIG
-    except CardqError as e:
+    except Error as e:
         log.error("worker.store_error", reason=str(e))
         return EXIT_STORE
     try:

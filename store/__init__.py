@@ -5,8 +5,9 @@ Modules: db (connection, pragmas, transactions), schema (versions), jobs (the jo
 (inserting batches under limits), admin (operator actions), queries (reads), limits, usage, fairness.
 """
 
-from store.db import Database
-from store.errors import (
+from cardq.store.db import Database
+
+from cardq.errors import (
     InvalidTransition,
     JobNotFound,
     LeaseLost,

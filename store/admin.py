@@ -10,10 +10,10 @@ import time
 from collections import Counter, defaultdict
 
 import apsw
+from cardq.store import fairness, usage
+from cardq.store.db import Database
 
-from store import fairness, usage
-from store.db import Database
-from store.errors import InvalidTransition, JobNotFound
+from cardq.errors import InvalidTransition, JobNotFound
 
 CANCELLABLE = ("queued", "scheduled", "processing")
 RETRYABLE = ("dead", "cancelled", "scheduled")
@@ -22,7 +22,7 @@ RETRYABLE = ("dead", "cancelled", "scheduled")
 def _status_of(c: apsw.Connection, job_id: int) -> str:
     rows = c.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchall()
     if not rows:
-        raise JobNotFound(f"job {job_id}: no such job")
+        raise JobNotFound(job_id)
     return rows[0][0]
 
 
@@ -96,10 +96,11 @@ def retry(db: Database, job_id: int | None = None, *, status: str | None = None,
     return db.write(tx, "retry")
 
 
-def purge(db: Database, *, older_than_s: float, statuses: tuple[str, ...] = ("done",),
+def purge(db: Database, *, older_than_s: float, statuses: tuple[str, ...] = ("done",), dry_run: bool = False,
           now: float | None = None) -> int:
     """Delete finished jobs (done by default; also dead or cancelled if asked) that finished more than
-    older_than_s ago, and daily figures older than that. Returns the number of jobs deleted."""
+    older_than_s ago, and daily figures older than that. Returns the number of jobs deleted (with dry_run: that
+    would be deleted; nothing is)."""
     now = time.time() if now is None else now
     bad = [s for s in statuses if s not in ("done", "dead", "cancelled")]
     if bad:
@@ -108,6 +109,9 @@ def purge(db: Database, *, older_than_s: float, statuses: tuple[str, ...] = ("do
 
     def tx(c: apsw.Connection) -> int:
         marks = ",".join("?" * len(statuses))
+        if dry_run:
+            return c.execute(f"SELECT count(*) FROM jobs WHERE status IN ({marks}) AND finished_at < ?",
+                             (*statuses, cutoff)).fetchall()[0][0]
         c.execute(f"DELETE FROM jobs WHERE status IN ({marks}) AND finished_at < ?", (*statuses, cutoff))
         deleted = c.changes()
         day = time.strftime("%Y-%m-%d", time.gmtime(cutoff - 86400))  # a day of slack for any time zone

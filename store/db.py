@@ -22,15 +22,37 @@ from pathlib import Path
 from typing import TypeVar
 
 import apsw
+from cardq.store import schema, usage
 
-from store import schema, usage
-from store.errors import StoreBusy, StoreError
+from cardq.errors import StoreBusy, StoreError
 
 T = TypeVar("T")
 
 _SYNC_LEVELS = {"normal": 1, "full": 2}
 _BACKOFF_BASE_S = 0.05
 _BACKOFF_CAP_S = 2.0
+
+
+class Tx:
+    """A write transaction in progress, as code above store/ holds it: an opaque handle passed to store operations
+    (store/counters.py, gates.py, traffic.py, ...) so that several of them commit together, as an actor's batch
+    does. Savepoints let one message's changes roll back alone. Valid only inside the `Database.batch` call that
+    made it."""
+
+    __slots__ = ("c",)
+
+    def __init__(self, c: apsw.Connection):
+        self.c = c
+
+    def savepoint(self) -> None:
+        self.c.execute("SAVEPOINT msg")
+
+    def release(self) -> None:
+        self.c.execute("RELEASE msg")
+
+    def rollback_to_savepoint(self) -> None:
+        self.c.execute("ROLLBACK TO msg")
+        self.c.execute("RELEASE msg")
 
 
 class Database:
@@ -127,6 +149,20 @@ class Database:
             name: c.execute(f"PRAGMA {name}").fetchall()[0][0]
             for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
         }
+
+    def schema_version(self) -> int:
+        return schema.current_version(self.conn)
+
+    def change_token(self) -> int:
+        """A number that changes whenever ANOTHER connection commits to the database (a cheap read of shared
+        memory, no table touched). Compare two tokens to learn whether anything may have changed since; a
+        different backend gives its own kind of token with the same meaning."""
+        return self.conn.execute("PRAGMA data_version").fetchall()[0][0]
+
+    def batch(self, fn: Callable[[Tx], T], what: str = "batch") -> T:
+        """Run fn(tx) in one write transaction (see `write`): for callers above store/ that combine several store
+        operations into one commit."""
+        return self.write(lambda c: fn(Tx(c)), what)
 
     def write(self, fn: Callable[[apsw.Connection], T], what: str = "write") -> T:
         """Run fn(conn) in one BEGIN IMMEDIATE transaction: all of it commits, or none of it.

@@ -22,10 +22,10 @@ from typing import Any
 
 import apsw
 import orjson
+from cardq.store import usage
+from cardq.store.db import Database
 
-from store import usage
-from store.db import Database
-from store.errors import LeaseLost
+from cardq.errors import LeaseLost
 
 ERROR_TEXT_MAX = 500  # characters kept of one error message
 ERROR_HISTORY_MAX = 25  # entries kept in a job's error history (the newest)
@@ -355,3 +355,9 @@ def recover_orphans(db: Database, *, owner_prefix: str, current_prefix: str, now
         return Recovered(len(rows) - dead, dead)
 
     return db.write(tx, "recover orphans")
+
+
+def next_run_at(db: Database) -> float | None:
+    """When the earliest job in backoff becomes runnable (epoch seconds), or None if none waits."""
+    return db.read(lambda c: c.execute("SELECT min(run_at) FROM jobs WHERE status = 'scheduled'").fetchall()[0][0],
+                   "next scheduled")

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import apsw
+from cardq.store.db import Database
 
 from cardq.errors import InputError
 
@@ -89,3 +90,30 @@ def unset_override(conn: apsw.Connection, key: str) -> bool:
     """Drop an override; returns whether there was one."""
     conn.execute("DELETE FROM limits WHERE key = ?", (key,))
     return conn.changes() > 0
+
+
+# ---- the same, each in a transaction of its own (for callers above store/) --------------------------------------
+
+
+def show(db: Database, configured: Mapping[str, tuple[int, str]]) -> dict[str, Limit]:
+    """`effective`, read from one snapshot."""
+    return db.read(lambda c: effective(c, configured), "limits")
+
+
+def in_effect(db: Database, configured: Mapping[str, tuple[int, str]]) -> dict[str, int]:
+    """`values`, read from one snapshot."""
+    return db.read(lambda c: values(c, configured), "limits")
+
+
+def override(db: Database, configured: Mapping[str, tuple[int, str]], key: str, value: str | int,
+             *, now: float) -> int:
+    """Validate and store an override; returns the value stored. The next submit applies it."""
+    number = validate(configured, key, value)
+    db.write(lambda c: set_override(c, key, number, now), "limits set")
+    return number
+
+
+def drop_override(db: Database, configured: Mapping[str, tuple[int, str]], key: str) -> bool:
+    """Back to the config.toml (or built-in) value; returns whether there was an override."""
+    check_key(configured, key)
+    return db.write(lambda c: unset_override(c, key), "limits unset")

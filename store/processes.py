@@ -10,8 +10,7 @@ from typing import Any
 
 import apsw
 import orjson
-
-from store.db import Database
+from cardq.store.db import Database
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +45,11 @@ def publish(db: Database, rows: Sequence[ProcessRow], *, now: float | None = Non
 
 def clear(db: Database) -> None:
     db.write(lambda c: c.execute("DELETE FROM processes"), "clear status")
+
+
+def read_all(db: Database) -> list[dict[str, Any]]:
+    """The published rows, from one snapshot."""
+    return db.read(read, "read status")
 
 
 def read(c: apsw.Connection) -> list[dict[str, Any]]:

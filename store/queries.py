@@ -9,12 +9,11 @@ from typing import Any
 
 import apsw
 import orjson
+from cardq.store import limits as limits_mod
+from cardq.store.db import Database
+from cardq.store.schema import STATUSES
 
-from cardq.errors import InputError
-from store import limits as limits_mod
-from store.db import Database
-from store.errors import JobNotFound
-from store.schema import STATUSES
+from cardq.errors import InputError, JobNotFound
 
 JOB_COLUMNS = (
     "id", "user_id", "plan", "kind", "status", "priority", "attempts", "max_attempts", "run_at", "lease_owner",
@@ -30,7 +29,7 @@ def get(db: Database, job_id: int) -> dict[str, Any]:
     def tx(c: apsw.Connection) -> dict[str, Any]:
         rows = c.execute(f"SELECT {', '.join(cols)} FROM jobs WHERE id = ?", (job_id,)).fetchall()
         if not rows:
-            raise JobNotFound(f"job {job_id}: no such job")
+            raise JobNotFound(job_id)
         job = dict(zip(cols, rows[0], strict=True))
         for col in _JSON_COLUMNS:
             job[col] = orjson.loads(job[col]) if job[col] is not None else None
@@ -39,10 +38,26 @@ def get(db: Database, job_id: int) -> dict[str, Any]:
     return db.read(tx, "show job")
 
 
-def list_jobs(db: Database, *, status: str | None = None, user_id: str | None = None, limit: int = 50,
-              newest_first: bool = True) -> list[dict[str, Any]]:
-    """Jobs matching the filters (without payloads), newest first by default."""
+def statuses(db: Database, job_ids: list[int]) -> dict[int, str]:
+    """The status of each job that exists, from one snapshot (a missing id is left out)."""
+    def tx(c: apsw.Connection) -> dict[int, str]:
+        return dict(c.execute("SELECT id, status FROM jobs WHERE id IN (SELECT value FROM json_each(?))",
+                              (orjson.dumps(job_ids).decode(),)).fetchall())
+
+    return db.read(tx, "job statuses")
+
+
+def list_jobs(db: Database, *, status: str | None = None, user_id: str | None = None, kind: str | None = None,
+              limit: int = 50, newest_first: bool = True, after: int | None = None) -> list[dict[str, Any]]:
+    """Jobs matching the filters (without payloads), newest first by default. `after` is the last id of the
+    previous page: the next page starts past it (in the order asked for)."""
     where, args = [], []
+    if kind is not None:
+        where.append("kind = ?")
+        args.append(kind)
+    if after is not None:
+        where.append("id < ?" if newest_first else "id > ?")
+        args.append(after)
     if status is not None:
         if status not in STATUSES:
             raise InputError(f"unknown status {status!r}; expected one of: {', '.join(STATUSES)}")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import apsw
 
-from store.errors import StoreError
+from cardq.errors import StoreError
 
 APPLICATION_ID = 0x63617264  # "card"
 ACTIVE_STATUSES = ("queued", "scheduled", "processing")

@@ -11,11 +11,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import apsw
+from cardq.store import fairness, limits, usage
+from cardq.store.db import Database
 
-from cardq.errors import InputError
-from store import fairness, limits, usage
-from store.db import Database
-from store.errors import LimitExceeded
+from cardq.errors import InputError, LimitExceeded
 
 MAX_NAME_LEN = 200
 MAX_PRIORITY = 1_000_000
@@ -68,7 +67,7 @@ def submit(db: Database, items: Sequence[NewJob], *, user_id: str, plan: str, ki
         ids, fresh = _dedupe(c, items, user_id)
         if fresh:
             load = usage.load(c, user_id, day)
-            _check_user(load, user_id, plan, len(fresh), lim, db)
+            _check_user(load, user_id, plan, len(fresh), lim, db, now)
             first_id, assigned_max = c.execute("SELECT next_job_id, vt FROM sched WHERE id = 1").fetchall()[0]
             first_vt = fairness.start_vt(c, priority, active=load.active, last_vt=load.last_vt,
                                          assigned_max=assigned_max)
@@ -104,19 +103,16 @@ def _check_batch(items: Sequence[NewJob], lim: Mapping[str, int]) -> None:
     cap = lim["batch_max_items_per_request"]
     if len(items) > cap:
         raise LimitExceeded(
-            "batch_max_items_per_request",
             f"batch rejected: {len(items)} items, batch_max_items_per_request is {cap}; nothing was submitted",
-        )
+            limit="batch_max_items_per_request", allowed=cap, current=0, requested=len(items))
     max_bytes = lim["max_payload_bytes"]
     if max(map(len, (item.payload for item in items))) <= max_bytes:
         return
     for n, item in enumerate(items, 1):
         if len(item.payload) > max_bytes:
             where = item.where or f"item {n}"
-            raise InputError(
-                f"{where}: payload is {len(item.payload)} bytes, max_payload_bytes is {max_bytes}; "
-                "nothing was submitted"
-            )
+            reason = f"payload is {len(item.payload)} bytes, max_payload_bytes is {max_bytes}"
+            raise InputError(f"{where}: {reason}; nothing was submitted", where=where, index=n - 1, reason=reason)
 
 
 def _dedupe(c: apsw.Connection, items: Sequence[NewJob], user_id: str) -> tuple[list[int], list[int]]:
@@ -148,21 +144,20 @@ def _dedupe(c: apsw.Connection, items: Sequence[NewJob], user_id: str) -> tuple[
 
 
 def _check_user(load: usage.UserLoad, user_id: str, plan: str, adding: int, lim: Mapping[str, int],
-                db: Database) -> None:
+                db: Database, now: float) -> None:
     active = load.active
     cap = lim["batch_max_queued_per_user"]
     if active + adding > cap:
         raise LimitExceeded(
-            "batch_max_queued_per_user",
             f"too many requests: user {user_id} has {active} jobs queued or processing, this batch adds {adding}, "
             f"batch_max_queued_per_user is {cap}; nothing was submitted, retry when some are done",
-        )
+            limit="batch_max_queued_per_user", allowed=cap, current=active, requested=adding)
     daily = lim[f"{limits.DAILY_PREFIX}{plan}"]
     done = load.done_today
     if done + active + adding > daily:
         raise LimitExceeded(
-            f"{limits.DAILY_PREFIX}{plan}",
             f"daily limit: user {user_id} has {done} jobs done today and {active} queued or processing, this "
             f"batch adds {adding}, plan {plan} allows {daily} a day; nothing was submitted (resets at midnight "
             f"{db.tz.key})",
-        )
+            limit=f"{limits.DAILY_PREFIX}{plan}", allowed=daily, current=done + active, requested=adding,
+            resets_at=usage.next_day_start(now, db.tz))

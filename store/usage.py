@@ -11,9 +11,12 @@ from __future__ import annotations
 import datetime as dt
 import zoneinfo
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import apsw
+
+if TYPE_CHECKING:
+    from cardq.store.db import Database
 
 
 class UserLoad(NamedTuple):
@@ -101,3 +104,18 @@ def record_failure(conn: apsw.Connection, day: str, *, dead: bool) -> None:
         "ON CONFLICT (day) DO UPDATE SET failed = failed + 1, dead = dead + excluded.dead",
         (day, int(dead)),
     )
+
+
+def set_done_today(conn: apsw.Connection, user_id: str, day: str, value: int) -> None:
+    """Set the user's jobs done on `day` (the Counter's usage:<user>, moved by an app or an operator)."""
+    conn.execute(
+        "INSERT INTO user_load (user_id, done_day, done_today) VALUES (?1, ?2, ?3)"
+        " ON CONFLICT (user_id) DO UPDATE SET done_today = ?3, done_day = ?2",
+        (user_id, day, value),
+    )
+
+
+def pending_total(db: Database) -> int:
+    """Jobs queued, scheduled or processing, over all users (what a burst run waits for)."""
+    return db.read(lambda c: c.execute("SELECT coalesce(sum(active), 0) FROM user_load").fetchall()[0][0],
+                   "pending jobs")

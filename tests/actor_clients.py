@@ -8,14 +8,14 @@ import time
 from pathlib import Path
 
 import orjson
+from cardq.actors.client import ActorClient
 
-from actors.client import Client
-from actors.protocol import ActorError, Overloaded
 from cardq.config import load_config
+from cardq.errors import ActorError, Overloaded
 
 
-def client_for(config_path: str, name: str) -> Client:
-    return Client.from_config(load_config(config_path), name=name)
+def client_for(config_path: str, name: str) -> ActorClient:
+    return ActorClient.from_config(load_config(config_path), name=name)
 
 
 def incr_loop(config_path: str, key: str, n: int, batch: int, out: str) -> None:

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from cardq.store import Database, queries
+from cardq.store import processes as store_processes
+from cardq.store.submit import NewJob, submit
 
 from cardq.config import load_config
-from store import Database, queries
-from store import processes as store_processes
-from store.submit import NewJob, submit
 
 CARDQ = str(Path(sys.executable).parent / "cardq")
 TESTS_DIR = Path(__file__).resolve().parent

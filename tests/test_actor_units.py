@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from cardq.actors import protocol
+from cardq.actors.ratelimit import Policy, gcra
+from cardq.actors.traffic import ID_RE, PathNormalizer, event_id, make_event
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors import protocol
-from actors.ratelimit import Policy, gcra
-from actors.traffic import ID_RE, PathNormalizer, event_id, make_event
 from cardq.config import PathsConfig
 from cardq.errors import InputError
 
@@ -89,7 +89,7 @@ def test_make_event_hashes_the_ip_and_refuses_bad_fields():
         return {**base, **over}
 
     e = make_event(**kw())
-    assert e["path"] == "/cards/:id" and e["client"] == "h3.2.1.01" and "10.1.2.3" not in str(e)
+    assert e.path == "/cards/:id" and e.client == "h3.2.1.01" and "10.1.2.3" not in str(e)
     for bad, message in ((dict(path="cards"), "path 'cards'"), (dict(status=700), "status 700"),
                          (dict(response_ms=-1), "response_ms -1"), (dict(ts_ms=123), "ts_ms 123"),
                          (dict(idempotent_id="nope"), "idempotent_id 'nope'")):

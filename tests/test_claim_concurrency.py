@@ -6,9 +6,8 @@ import multiprocessing as mp
 from pathlib import Path
 
 import pytest
-
-from store import Database, jobs
-from store.submit import NewJob, submit
+from cardq.store import Database, jobs
+from cardq.store.submit import NewJob, submit
 
 
 def _worker(path: str, owner: str, k: int, out_file: str) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from cardq.cli import exit_code
 from cardq.config import Config, GateConfig, load_config, parse_config
 from cardq.errors import ConfigError
 
@@ -103,7 +104,7 @@ def test_bad_config_is_one_line_naming_key_and_value(tmp_path, toml, message):
         load_config(cfg)
     text = str(e.value)
     assert message in text and "\n" not in text and text.startswith(str(cfg))
-    assert e.value.exit_code == 2
+    assert exit_code(e.value) == 2
 
 
 def test_missing_and_binary_config_files(tmp_path):

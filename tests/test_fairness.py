@@ -4,9 +4,8 @@ a big batch; cardq interleaves."""
 from __future__ import annotations
 
 import orjson
-
-from store import jobs
-from store.submit import NewJob, submit
+from cardq.store import jobs
+from cardq.store.submit import NewJob, submit
 
 T0 = 1_800_000_000.0
 

@@ -7,9 +7,8 @@ import random
 
 import orjson
 import pytest
-
-from store import InvalidTransition, JobNotFound, LeaseLost, admin, jobs, queries
-from store.submit import NewJob, submit
+from cardq.store import InvalidTransition, JobNotFound, LeaseLost, admin, jobs, queries
+from cardq.store.submit import NewJob, submit
 
 T0 = 1_800_000_000.0  # a fixed "now"; every call below passes its own time
 BACKOFF = jobs.Backoff(base_s=2.0, max_s=60.0)

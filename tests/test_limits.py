@@ -10,12 +10,13 @@ import zoneinfo
 
 import orjson
 import pytest
+from cardq.store import Database, LimitExceeded, jobs, queries
+from cardq.store import limits as store_limits
+from cardq.store.submit import NewJob, submit
+from cardq.store.usage import day_key, next_day_start
 
+from cardq.cli import exit_code
 from cardq.errors import InputError
-from store import Database, LimitExceeded, jobs, queries
-from store import limits as store_limits
-from store.submit import NewJob, submit
-from store.usage import day_key, next_day_start
 
 T0 = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC).timestamp()
 
@@ -37,7 +38,7 @@ def finish_all(db, now):
 def test_batch_larger_than_max_items_is_rejected_whole(db, configured):
     with pytest.raises(LimitExceeded, match="201 items, batch_max_items_per_request is 200") as e:
         submit(db, items(201), user_id="u", plan="enterprise", configured=configured, now=T0)
-    assert e.value.limit == "batch_max_items_per_request" and e.value.exit_code == 3
+    assert e.value.limit == "batch_max_items_per_request" and exit_code(e.value) == 3
     assert count(db) == 0
     assert len(submit(db, items(200), user_id="u", plan="enterprise", configured=configured, now=T0).ids) == 200
 
@@ -89,7 +90,7 @@ def test_dead_and_cancelled_jobs_free_their_slot(db, configured):
     ids = submit(db, items(5), user_id="u", plan="free", configured=configured, now=T0).ids
     [job] = jobs.claim(db, "w", lease_s=60, now=T0)
     jobs.fail(db, job.id, job.token, "bad item", permanent=True, backoff=jobs.Backoff(), now=T0)
-    from store import admin
+    from cardq.store import admin
 
     admin.cancel(db, ids[1], now=T0)
     submit(db, items(2), user_id="u", plan="free", configured=configured, now=T0)
@@ -168,7 +169,7 @@ def test_cached_day_clock_agrees_with_day_key_across_dst(zone):
     """The cached day bounds give the same day as a fresh conversion, in any order, across DST changes."""
     import random
 
-    from store.usage import DayClock
+    from cardq.store.usage import DayClock
 
     tz = zoneinfo.ZoneInfo(zone)
     clock = DayClock(tz)

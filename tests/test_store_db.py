@@ -7,9 +7,8 @@ import sqlite3
 
 import apsw
 import pytest
-
-from store import Database, StoreBusy, StoreError
-from store.schema import APPLICATION_ID, SCHEMA_VERSION
+from cardq.store import Database, StoreBusy, StoreError
+from cardq.store.schema import APPLICATION_ID, SCHEMA_VERSION
 
 
 @pytest.mark.parametrize("sync, level", [("normal", 1), ("full", 2)])

@@ -1,0 +1,516 @@
+"""The public Python API: what apps, the CLI and (soon) the HTTP server call. `import cardq; q = cardq.connect()`.
+
+One `Queue` may be shared by every thread of a threaded web app: each thread gets its own SQLite connection and
+its own actor connections (neither is shareable), opened on first use; the event recorder is one per Queue and
+takes events from any thread without a lock. After a fork (a pre-forking server), the child opens its own.
+
+Limits follow the config in effect: before each operation that applies limits, the config file is looked at
+(one stat); when it changed, it is read again, so the next submit applies what `cardq limits` shows without
+restarting the app. A config file that became invalid is not applied: the last valid one stays in effect and
+`config_error` says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from cardq import app, inputs
+from cardq.actors.client import ActorClient
+from cardq.actors.recorder import EventRecorder
+from cardq.config import LoadedConfig
+from cardq.errors import ActorUnavailable, ConfigError, Error, InputError, JobNotFound
+from cardq.store import Database, admin, processes, queries, usage
+from cardq.store import limits as store_limits
+from cardq.store import submit as store_submit
+from cardq.store.limits import Limit
+from cardq.store.schema import STATUSES
+
+FINISHED = ("done", "dead", "cancelled")
+WAIT_MIN_S, WAIT_MAX_S = 0.002, 0.1  # wait(): first and longest sleep between looks at the change token
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """What a submit did: one id per item, in order (an existing job's id where its idempotency key was known),
+    how many jobs it created and how many items mapped to existing jobs."""
+
+    ids: list[int]
+    created: int
+    existing: int
+
+
+@dataclass(frozen=True, slots=True)
+class JobInfo:
+    """A job as an app sees it. payload, result and errors are None in lists (`Queue.jobs`)."""
+
+    id: int
+    user_id: str
+    plan: str
+    kind: str
+    status: str  # queued, scheduled, processing, done, dead, cancelled
+    priority: int
+    attempts: int
+    max_attempts: int
+    last_error: str | None
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+    run_at: float
+    idempotency_key: str | None
+    lease_owner: str | None
+    lease_until: float | None
+    payload: Any = None
+    result: Any = None
+    errors: list[dict[str, Any]] | None = None  # the newest attempts' errors: {attempt, at, error}
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class JobPage:
+    jobs: list[JobInfo]
+    cursor: int | None  # pass as `cursor=` for the next page; None when this page is the last
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitDecision:
+    allowed: bool
+    limit: int
+    remaining: int
+    retry_after_s: float  # when the same request would be allowed (0 when it is)
+    reset_after_s: float  # when the key's whole burst is available again
+    unavailable: bool = False  # allowed only because no rate limiter could be reached (on_unavailable="allow")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class CounterResult:
+    ok: bool
+    value: int
+
+
+class _PerThread(threading.local):
+    pid: int = 0
+    db: Database | None = None
+    client: ActorClient | None = None
+    client_generation: int = -1
+
+
+class Queue:
+    """A connection to one cardq deployment (its config file, database and actors). Thread-safe; close() it
+    (or use it as a context manager) when the app stops."""
+
+    def __init__(self, loaded: LoadedConfig, *, name: str = "app", config_error: str | None = None):
+        self._loaded = loaded
+        self.name = name
+        self.config_error = config_error  # why the file on disk is not the config in effect, if it is not
+        self._stamp = _stamp(loaded.path)
+        self._generation = 0  # goes up with each config change: per-thread actor clients reconnect
+        self._lock = threading.Lock()
+        self._local = _PerThread()
+        self._opened: list[Database | ActorClient] = []
+        self._events: EventRecorder | None = None
+        self.ratelimit = RateLimits(self)
+        self.counter = Counters(self)
+
+    # ---- plumbing ---------------------------------------------------------------------------------------------
+
+    @property
+    def config(self) -> LoadedConfig:
+        """The config in effect (re-read if the file changed since it was last looked at)."""
+        self._follow_config()
+        return self._loaded
+
+    def _follow_config(self) -> None:
+        path = self._loaded.path
+        if path is None:
+            return
+        stamp = _stamp(path)
+        if stamp == self._stamp:
+            return
+        with self._lock:
+            if stamp == self._stamp:
+                return
+            self._stamp = stamp
+            try:
+                new = app.load(path)
+            except ConfigError as e:
+                self.config_error = str(e)  # keep running on the last valid config, and say so
+                return
+            self._loaded, self.config_error = new, None
+            self._generation += 1
+
+    def _db(self) -> Database:
+        local = self._local
+        if local.pid != os.getpid():  # a new thread, or a forked child: never use the parent's connections
+            local.pid, local.db, local.client, local.client_generation = os.getpid(), None, None, -1
+        if local.db is None:
+            local.db = app.open_db(self._loaded)
+            with self._lock:
+                self._opened.append(local.db)
+        return local.db
+
+    def _client(self) -> ActorClient:
+        self._follow_config()
+        self._db()  # resets the per-thread state after a fork
+        local = self._local
+        if local.client is None or local.client_generation != self._generation:
+            if local.client is not None:
+                local.client.close()
+            local.client = ActorClient.from_config(self._loaded, name=f"{self.name}-{threading.get_ident()}")
+            local.client_generation = self._generation
+            with self._lock:
+                self._opened.append(local.client)
+        return local.client
+
+    def close(self) -> None:
+        """Flush recorded events, close every connection this Queue opened (call it when the app stops)."""
+        if self._events is not None:
+            self._events.close()
+        with self._lock:
+            opened, self._opened = self._opened, []
+        for thing in opened:
+            with contextlib.suppress(Exception):  # another thread's connection, mid-use at exit: nothing to save
+                thing.close()
+
+    def __enter__(self) -> Queue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- jobs -------------------------------------------------------------------------------------------------
+
+    def submit(self, items: Iterable[Mapping[str, Any]] | Sequence[inputs.Item], *, user: str, plan: str,
+               kind: str = "card", priority: int = 0, idempotency_key_field: str | None = None,
+               progress: Callable[[int], object] | None = None) -> Batch:
+        """Submit a batch for one user, all or nothing, under the limits in effect now.
+
+        Each item is a JSON object (a dict). With idempotency_key_field, an item whose value of that field the
+        user already submitted maps to the existing job instead of creating a second one. Raises LimitExceeded
+        (which limit, allowed, current, requested, resets_at) or InputError (which item, what is wrong); either
+        way nothing was submitted.
+        """
+        items = list(items)
+        if items and all(isinstance(i, inputs.Item) for i in items):
+            parsed = items
+        else:
+            parsed = inputs.items_from_objects(items, idempotency_key_field)
+        loaded = self.config
+        r = store_submit.submit(self._db(), parsed, user_id=user, plan=plan, kind=kind, priority=priority,
+                                max_attempts=loaded.config.workers.max_attempts,
+                                configured=loaded.limit_values(), progress=progress)
+        return Batch(r.ids, r.created, r.existing)
+
+    def submit_file(self, file: str | os.PathLike, *, user: str, plan: str, fmt: str = "auto",
+                    idempotency_key_field: str | None = None, **kw: Any) -> Batch:
+        """Submit a JSONL file, a JSON array or a CSV with a header ("-": standard input) as one batch; a bad
+        line rejects the whole batch, naming the line."""
+        items = read_items(file, fmt=fmt, idempotency_key_field=idempotency_key_field)
+        return self.submit(items, user=user, plan=plan, **kw)
+
+    def pending(self) -> int:
+        """Jobs queued, scheduled or processing, over all users."""
+        return usage.pending_total(self._db())
+
+    def job(self, job_id: int) -> JobInfo:
+        """Every field of one job, with payload, result and error history decoded; JobNotFound if none."""
+        return _job_info(queries.get(self._db(), job_id))
+
+    def jobs(self, *, status: str | None = None, user: str | None = None, kind: str | None = None,
+             limit: int = 50, cursor: int | None = None) -> JobPage:
+        """Jobs, newest first, without payloads; page on with the returned cursor."""
+        if not 1 <= limit <= 100_000:
+            raise InputError(f"limit {limit}: expected 1 to 100000", where="limit")
+        rows = queries.list_jobs(self._db(), status=status, user_id=user, kind=kind, limit=limit + 1, after=cursor)
+        page = [_job_info(r) for r in rows[:limit]]
+        return JobPage(page, page[-1].id if len(rows) > limit else None)
+
+    def wait(self, job_ids: Iterable[int], timeout: float = 60.0) -> list[JobInfo]:
+        """Return once every job is done, dead or cancelled, or when `timeout` seconds have passed: each job's
+        state then, in the order given (check `.finished`). Sleeps between looks, waking early when another
+        process commits to the database (no polling of the jobs table)."""
+        ids = list(dict.fromkeys(job_ids))
+        db = self._db()
+        deadline = time.monotonic() + timeout
+        pause = WAIT_MIN_S
+        while True:
+            token = db.change_token()
+            states = queries.statuses(db, ids)
+            missing = [i for i in ids if i not in states]
+            if missing:
+                raise JobNotFound(missing[0])
+            if all(s in FINISHED for s in states.values()) or time.monotonic() >= deadline:
+                return [self.job(i) for i in ids]
+            # Sleep until something commits (the token moves) or the pause is over; pauses grow while idle.
+            while db.change_token() == token and time.monotonic() < deadline:
+                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+                pause = min(pause * 2, WAIT_MAX_S)
+            pause = WAIT_MIN_S
+
+    def retry(self, job_id: int) -> list[int]:
+        """Queue a dead, cancelled or scheduled job again now, with a full set of attempts."""
+        return admin.retry(self._db(), job_id)
+
+    def retry_dead(self, *, user: str | None = None, kind: str | None = None) -> list[int]:
+        """Queue every dead job again (narrowed by user and kind); the ids queued again."""
+        return admin.retry(self._db(), status="dead", user_id=user, kind=kind)
+
+    def cancel(self, job_id: int) -> str:
+        """Cancel a queued, scheduled or processing job; returns the status it had."""
+        return admin.cancel(self._db(), job_id)
+
+    def purge(self, older_than: str | float, *, statuses: Sequence[str] = ("done",), dry_run: bool = False) -> int:
+        """Delete jobs that finished more than `older_than` ago ("7d", "12h" or seconds); how many (with
+        dry_run: would be)."""
+        seconds = app.parse_duration(older_than) if isinstance(older_than, str) else float(older_than)
+        return admin.purge(self._db(), older_than_s=seconds, statuses=tuple(statuses), dry_run=dry_run)
+
+    # ---- limits -----------------------------------------------------------------------------------------------
+
+    def limits(self) -> dict[str, Limit]:
+        """Every limit: its value in effect and where it comes from (override, config or default)."""
+        return store_limits.show(self._db(), self.config.limit_values())
+
+    def set_limit(self, key: str, value: int | str) -> int:
+        """Override a limit in the database (the next submit applies it); returns the value stored."""
+        return store_limits.override(self._db(), self.config.limit_values(), key, value, now=time.time())
+
+    def unset_limit(self, key: str) -> bool:
+        """Back to the config.toml (or built-in) value; whether there was an override."""
+        return store_limits.drop_override(self._db(), self.config.limit_values(), key)
+
+    # ---- status -----------------------------------------------------------------------------------------------
+
+    def status(self, *, top: int = 10) -> dict[str, Any]:
+        """What `cardq status --json` prints: jobs by status, busiest users, today, limits, the supervisor and
+        its workers, the config in effect, the gates."""
+        from cardq.running import supervisor_summary  # the supervisor's modules load only when asked for
+
+        loaded, db = self.config, self._db()
+        data = queries.stats(db, loaded.limit_values(), top_users=top)
+        data["processes"] = processes.read_all(db)
+        data["config"] = {"file": loaded.source, "digest": loaded.digest, "error": self.config_error}
+        data["supervisor"] = supervisor_summary(loaded, data["processes"])
+        data["gates"] = self._gate_stats() if data["supervisor"]["running"] else None
+        return data
+
+    def _gate_stats(self) -> dict[str, Any] | str:
+        """The running gates, or why they cannot be shown (status must work even when the actors do not)."""
+        try:
+            return self.gate_stats(timeout_s=0.5)
+        except Error as e:
+            return f"unavailable: {e}"
+
+    def gate_stats(self, *, timeout_s: float | None = None) -> dict[str, Any]:
+        """Each gate: active, queued, dropped_since_boot, avg/p95 wait, last drop and its limits in effect."""
+        return self.ratelimit.gate_stats(timeout_s=timeout_s)
+
+    # ---- the supervisor ---------------------------------------------------------------------------------------
+
+    def reload(self) -> int:
+        """Ask the running supervisor to re-read config.toml (SIGHUP); its pid."""
+        from cardq.running import signal_supervisor
+
+        return signal_supervisor(self._loaded, "SIGHUP")
+
+    def stop(self, *, wait: bool = True) -> int:
+        """Ask the running supervisor to stop after in-flight jobs (SIGTERM), by default waiting until it has."""
+        from cardq.running import signal_supervisor
+
+        pid = signal_supervisor(self._loaded, "SIGTERM")
+        if wait:
+            self.wait_stopped()
+        return pid
+
+    def wait_stopped(self) -> None:
+        """Wait until no supervisor runs on this database (at most its shutdown_timeout_s and 30 s more)."""
+        from cardq.running import wait_stopped
+
+        wait_stopped(self._loaded, timeout=self._loaded.config.supervisor.shutdown_timeout_s + 30)
+
+    # ---- actors -----------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def gate(self, name: str) -> Iterator[str]:
+        """Hold a permit of concurrency gate `name` for the block (waits in its bounded queue; Overloaded when the
+        queue is full or no permit came in time; ActorUnavailable when no supervisor runs)."""
+        with self._client().gate(name) as permit:
+            yield permit
+
+    @property
+    def events(self) -> EventRecorder:
+        """The buffered traffic-event recorder: `q.events.record(path=..., status=..., response_ms=...)` never
+        blocks; events reach the path collector, or the durable inbox when it is down."""
+        if self._events is None:
+            with self._lock:
+                if self._events is None:
+                    loaded, name = self._loaded, self.name
+                    self._events = EventRecorder(
+                        loaded, lambda: ActorClient.from_config(loaded, name=f"{name}-events"), name=name)
+        return self._events
+
+
+class RateLimits:
+    """`q.ratelimit`: GCRA rate limits per key, policies from [ratelimit]."""
+
+    def __init__(self, q: Queue):
+        self._q = q
+        self.allowed_unavailable = 0  # checks allowed by on_unavailable="allow" (no limiter reachable)
+
+    def check(self, key: str, cost: int = 1, *,
+              on_unavailable: Literal["deny", "allow"] = "deny") -> RateLimitDecision:
+        """Spend `cost` of the key's limit if allowed. When no rate limiter can be reached: "deny" raises
+        ActorUnavailable (at once when no supervisor runs); "allow" lets the request through and counts it."""
+        if on_unavailable not in ("deny", "allow"):
+            raise InputError(f'on_unavailable {on_unavailable!r}: expected "deny" or "allow"', where="on_unavailable")
+        try:
+            r = self._q._client().ratelimit.check(key, cost)
+        except ActorUnavailable:
+            if on_unavailable == "deny":
+                raise
+            self.allowed_unavailable += 1
+            return RateLimitDecision(True, 0, 0, 0.0, 0.0, unavailable=True)
+        return RateLimitDecision(r["allowed"], r["limit"], r["remaining"], r["retry_after_s"], r["reset_after_s"])
+
+    def check_many(self, keys: Sequence[str], cost: int = 1) -> list[RateLimitDecision]:
+        """Many checks pipelined (every one sent before the first answer is read)."""
+        return [RateLimitDecision(r["allowed"], r["limit"], r["remaining"], r["retry_after_s"], r["reset_after_s"])
+                for r in self._q._client().ratelimit.check_many(list(keys), cost)]
+
+    def gate_stats(self, *, timeout_s: float | None = None) -> dict[str, Any]:
+        client = self._q._client()
+        if timeout_s is None:
+            return client.ratelimit.gate_stats()
+        previous, client.timeout_s = client.timeout_s, timeout_s
+        try:
+            return client.ratelimit.gate_stats()
+        finally:
+            client.timeout_s = previous
+
+
+class Counters:
+    """`q.counter`: named counters, exactly once per op id (`usage:<user>` is a user's jobs done today)."""
+
+    def __init__(self, q: Queue):
+        self._q = q
+
+    def get(self, key: str) -> int:
+        return self._q._client().counter.get(key)
+
+    def incr(self, key: str, n: int = 1, *, op_id: str | None = None) -> int:
+        """Add n; the new value. Give an op_id to make a retry apply once (one is made if not given, so the
+        client's own resends after a lost connection apply once)."""
+        return self._q._client().counter.incr(key, n, op_id or uuid.uuid4().hex)
+
+    def incr_if_below(self, key: str, n: int, limit: int, *, op_id: str | None = None) -> CounterResult:
+        """Add n only if the counted total stays <= limit."""
+        r = self._q._client().counter.incr_if_below(key, n, limit, op_id or uuid.uuid4().hex)
+        return CounterResult(r["ok"], r["value"])
+
+
+def connect(config: str | os.PathLike | None = None, *, name: str = "app", tolerate_invalid: bool = False) -> Queue:
+    """Connect to the cardq deployment of a config file, like the CLI: `config`, else $CARDQ_CONFIG, else
+    ./config.toml if present, else the built-in defaults.
+
+    With tolerate_invalid (for read-only tools such as `cardq status`): an invalid file still names the database,
+    and the Queue runs on the built-in defaults with `config_error` set.
+    """
+    path = config or os.environ.get("CARDQ_CONFIG") or None
+    if tolerate_invalid:
+        loaded, error = app.load_for_reading(path)
+        return Queue(loaded, name=name, config_error=error)
+    return Queue(app.load(path), name=name)
+
+
+def read_items(file: str | os.PathLike, *, fmt: str = "auto",
+               idempotency_key_field: str | None = None) -> list[inputs.Item]:
+    """Read a batch from a JSONL file, a JSON array or a CSV with a header ("-": standard input); InputError
+    naming the first bad line."""
+    name = "<stdin>" if str(file) == "-" else str(file)
+    return inputs.parse_items(inputs.read_text(str(file), name), name, fmt, idempotency_key_field)
+
+
+def supervise(config: str | os.PathLike | LoadedConfig | None = None, *, workers: int | None = None,
+              burst: bool = False, log_level: str | None = None,
+              on_progress: Callable[[int], None] | None = None) -> None:
+    """Run the supervisor, its workers and actors in this process until SIGTERM/SIGINT (or, with burst, until
+    every job is finished). Raises RestartIntensityExceeded when children kept dying, ConfigError when they
+    cannot run with this config, AlreadyRunning when another supervisor has the database."""
+    from cardq import running
+
+    loaded = config if isinstance(config, LoadedConfig) else app.load(config or os.environ.get("CARDQ_CONFIG"))
+    if log_level is not None:
+        loaded = running.with_log_level(loaded, log_level)
+    running.supervise(loaded, workers=workers, burst=burst, on_progress=on_progress)
+
+
+@dataclass(frozen=True, slots=True)
+class Initialized:
+    config_path: Path
+    config_written: bool  # False: a file was there already and was left as it is
+    database: Path
+    schema_version: int
+    key_file: Path
+
+
+def init(config: str | os.PathLike | None = None) -> Initialized:
+    """Write a commented config.toml (unless one exists), create the database and the actors' key file."""
+    from cardq.actors import keys
+
+    target = Path(config) if config else Path("config.toml")
+    written = not target.exists()
+    if written:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(app.DEFAULT_CONFIG_TEXT())
+    loaded = app.load(target)
+    with app.open_db(loaded, create=True) as db:
+        version = db.schema_version()
+    return Initialized(target, written, loaded.db_path, version, keys.ensure_run_dir(loaded.run_dir))
+
+
+def selftest(config: str | os.PathLike | None = None) -> list[Any]:
+    """`cardq selftest`: each check (config, database, pragmas, schema, handler, disk, supervisor) with ok and
+    its detail; never raises for a failing check."""
+    from cardq import selftest as checks
+
+    return checks.run(str(config) if config else os.environ.get("CARDQ_CONFIG"))
+
+
+def _job_info(row: Mapping[str, Any]) -> JobInfo:
+    return JobInfo(**{k: row.get(k) for k in _JOB_FIELDS})
+
+
+_JOB_FIELDS = tuple(JobInfo.__dataclass_fields__)
+
+
+def _stamp(path: Path | None) -> tuple[int, int, int] | None:
+    """What says a file changed: (inode, size, mtime in ns). None when there is no file (or it vanished)."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+__all__ = ["FINISHED", "STATUSES", "Batch", "CounterResult", "Initialized", "JobInfo", "JobPage", "Limit", "Queue",
+           "RateLimitDecision", "connect", "init", "read_items", "selftest", "supervise"]

@@ -1,0 +1,63 @@
+"""The supervisor's periodic work on the database, each on its own period: renew the leases of live workers'
+jobs, recover expired or overlong jobs, checkpoint the WAL, publish the process table for `cardq status`.
+
+A failing store call is logged and retried at its next period; it never stops the supervisor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from cardq.config import LoadedConfig
+from cardq.errors import StoreError
+from cardq.store import Database, jobs, limits
+
+PUBLISH_EVERY_S = 1.0
+CHECKPOINT_EVERY_S = 0.5
+
+
+class Maintenance:
+    def __init__(self, db: Database, loaded: LoadedConfig, log: Any, *, owners: Callable[[], list[str]],
+                 publish: Callable[[], None]):
+        self.db, self.loaded, self.log = db, loaded, log
+        self.owners = owners  # the lease owners of the live workers
+        self.publish = publish
+        self.due: dict[str, float] = {}
+
+    def step(self, now: float) -> None:
+        w, sup = self.loaded.config.workers, self.loaded.config.supervisor
+        if self._due("extend", now, w.lease_s / 3):
+            owners = self.owners()
+            self.call("extend_leases", lambda: jobs.extend_owned(self.db, owners, lease_s=w.lease_s))
+        if self._due("recover", now, sup.recover_interval_s):
+            got = self.call("recover", lambda: jobs.recover(self.db, processing_timeout_s=self.processing_timeout()))
+            if got is not None and got.total:
+                self.log.warning("jobs.recovered", requeued=got.requeued, dead=got.dead)
+        if self._due("checkpoint", now, CHECKPOINT_EVERY_S):
+            # Workers do not checkpoint (a commit that crosses the threshold would pay for it): we do, here,
+            # PASSIVE so that no reader or writer ever waits on it.
+            self.call("checkpoint", self.db.checkpoint)
+        if self._due("publish", now, PUBLISH_EVERY_S):
+            self.publish()
+
+    def _due(self, what: str, now: float, every: float) -> bool:
+        if now < self.due.get(what, 0.0):
+            return False
+        self.due[what] = now + every
+        return True
+
+    def call(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except StoreError as e:
+            self.log.error(f"supervisor.{what}_failed", reason=str(e))
+            return None
+
+    def processing_timeout(self) -> float:
+        """job_processing_timeout_seconds in effect (a database override applies too)."""
+        values = self.loaded.limit_values()
+        try:
+            return float(limits.in_effect(self.db, values)["job_processing_timeout_seconds"])
+        except StoreError:
+            return float(values["job_processing_timeout_seconds"][0])

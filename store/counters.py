@@ -1,0 +1,82 @@
+"""Named integer counters (the Counter actor's state), exactly once per op id.
+
+Each operation runs inside the caller's transaction (a `Tx`: the actor's batch). An op id already applied gets
+the answer it got the first time and changes nothing; op ids are kept until `prune_ops` drops them (a day).
+
+A key `usage:<user>` is not a row of `counters`: it IS the user's daily usage in the job store (user_load,
+owned by store/usage.py), so a counter read or move and a submit check see one number.
+"""
+
+from __future__ import annotations
+
+from cardq.store import usage
+from cardq.store.db import Tx
+
+from cardq.errors import InputError
+
+USAGE = "usage:"
+
+
+def get(tx: Tx, key: str, *, day: str) -> int:
+    """The counter's value (0 if it was never set). `day` is today in limits.timezone (for usage: keys)."""
+    if key.startswith(USAGE):
+        return usage.load(tx.c, key[len(USAGE):], day).done_today
+    rows = tx.c.execute("SELECT value FROM counters WHERE key = ?", (key,)).fetchall()
+    return rows[0][0] if rows else 0
+
+
+def incr(tx: Tx, key: str, n: int, op_id: str, *, day: str, now: float) -> int:
+    """Add n (may be negative) once per op_id; the value after it."""
+    seen = _seen(tx, op_id)
+    if seen is not None:
+        return seen[1]
+    value = get(tx, key, day=day) + n
+    _set(tx, key, value, day, now)
+    _remember(tx, op_id, True, value, now)
+    return value
+
+
+def incr_if_below(tx: Tx, key: str, n: int, limit: int, op_id: str, *, day: str, now: float) -> tuple[bool, int]:
+    """Add n only if the counted total stays <= limit, once per op_id: (added, the value after).
+
+    For usage:<user> the counted total includes the user's queued and processing jobs, exactly like the submit
+    check (done today + active + n <= limit)."""
+    seen = _seen(tx, op_id)
+    if seen is not None:
+        return bool(seen[0]), seen[1]
+    if key.startswith(USAGE):
+        load = usage.load(tx.c, key[len(USAGE):], day)
+        value, counted = load.done_today, load.done_today + load.active
+    else:
+        value = counted = get(tx, key, day=day)
+    ok = counted + n <= limit
+    if ok:
+        value += n
+        _set(tx, key, value, day, now)
+    _remember(tx, op_id, ok, value, now)
+    return ok, value
+
+
+def prune_ops(tx: Tx, before: float) -> None:
+    """Forget op ids applied before `before` (a resend later than that would be applied again)."""
+    tx.c.execute("DELETE FROM counter_ops WHERE at < ?", (before,))
+
+
+def _seen(tx: Tx, op_id: str) -> tuple[int, int] | None:
+    rows = tx.c.execute("SELECT ok, value FROM counter_ops WHERE op_id = ?", (op_id,)).fetchall()
+    return rows[0] if rows else None
+
+
+def _remember(tx: Tx, op_id: str, ok: bool, value: int, now: float) -> None:
+    tx.c.execute("INSERT INTO counter_ops (op_id, ok, value, at) VALUES (?, ?, ?, ?)", (op_id, int(ok), value, now))
+
+
+def _set(tx: Tx, key: str, value: int, day: str, now: float) -> None:
+    if key.startswith(USAGE):
+        if value < 0:
+            raise InputError(f"{key}: usage cannot go below 0", where=key, reason="usage cannot go below 0")
+        usage.set_done_today(tx.c, key[len(USAGE):], day, value)
+    else:
+        tx.c.execute("INSERT INTO counters (key, value, updated_at) VALUES (?, ?, ?)"
+                     " ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                     (key, value, now))
