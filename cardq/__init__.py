@@ -12,6 +12,9 @@ Every error is a `cardq.Error`; the names below are the public API (see README.m
 
 from cardq.api import (
     FINISHED,
+    FORMATS,
+    MAX_PRIORITY,
+    STATUSES,
     Batch,
     CounterResult,
     JobInfo,
@@ -46,9 +49,9 @@ from cardq.errors import (
 from cardq.handlers import Job, PermanentError
 
 __all__ = [
-    "FINISHED", "ActorError", "ActorTimeout", "ActorUnavailable", "AlreadyRunning", "Batch", "ConfigError",
-    "CounterResult", "Error", "InputError", "InvalidTransition", "Job", "JobInfo", "JobNotFound", "JobPage",
-    "LeaseLost", "Limit", "LimitExceeded", "NotRunning", "Overloaded", "PermanentError", "Queue",
-    "RateLimitDecision", "RestartIntensityExceeded", "StoreBusy", "StoreError", "connect", "init", "read_items",
-    "selftest", "supervise",
+    "FINISHED", "FORMATS", "MAX_PRIORITY", "STATUSES", "ActorError", "ActorTimeout", "ActorUnavailable",
+    "AlreadyRunning", "Batch", "ConfigError", "CounterResult", "Error", "InputError", "InvalidTransition", "Job",
+    "JobInfo", "JobNotFound", "JobPage", "LeaseLost", "Limit", "LimitExceeded", "NotRunning", "Overloaded",
+    "PermanentError", "Queue", "RateLimitDecision", "RestartIntensityExceeded", "StoreBusy", "StoreError",
+    "connect", "init", "read_items", "selftest", "supervise",
 ]

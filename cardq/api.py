@@ -28,11 +28,13 @@ from cardq.actors.client import ActorClient
 from cardq.actors.recorder import EventRecorder
 from cardq.config import LoadedConfig
 from cardq.errors import ActorUnavailable, ConfigError, Error, InputError, JobNotFound
+from cardq.inputs import FORMATS
 from cardq.store import Database, admin, processes, queries, usage
 from cardq.store import limits as store_limits
 from cardq.store import submit as store_submit
 from cardq.store.limits import Limit
 from cardq.store.schema import STATUSES
+from cardq.store.submit import MAX_PRIORITY
 
 FINISHED = ("done", "dead", "cancelled")
 WAIT_MIN_S, WAIT_MAX_S = 0.002, 0.1  # wait(): first and longest sleep between looks at the change token
@@ -143,10 +145,10 @@ class Queue:
         if path is None:
             return
         stamp = _stamp(path)
-        if stamp == self._stamp:
+        if stamp == self._stamp and not _fresh(stamp):
             return
         with self._lock:
-            if stamp == self._stamp:
+            if stamp == self._stamp and not _fresh(stamp):
                 return
             self._stamp = stamp
             try:
@@ -154,8 +156,10 @@ class Queue:
             except ConfigError as e:
                 self.config_error = str(e)  # keep running on the last valid config, and say so
                 return
-            self._loaded, self.config_error = new, None
-            self._generation += 1
+            self.config_error = None
+            if new.digest != self._loaded.digest:
+                self._loaded = new
+                self._generation += 1
 
     def _db(self) -> Database:
         local = self._local
@@ -489,7 +493,7 @@ def init(config: str | os.PathLike | None = None) -> Initialized:
 def selftest(config: str | os.PathLike | None = None) -> list[Any]:
     """`cardq selftest`: each check (config, database, pragmas, schema, handler, disk, supervisor) with ok and
     its detail; never raises for a failing check."""
-    from cardq import selftest as checks
+    from cardq import checks
 
     return checks.run(str(config) if config else os.environ.get("CARDQ_CONFIG"))
 
@@ -499,6 +503,12 @@ def _job_info(row: Mapping[str, Any]) -> JobInfo:
 
 
 _JOB_FIELDS = tuple(JobInfo.__dataclass_fields__)
+
+
+def _fresh(stamp: tuple[int, int, int] | None) -> bool:
+    """Written within the last 2 s: a file's mtime moves in coarse ticks, so a second edit of the same size may
+    keep its stamp; until the tick has surely passed, the content is compared too (a read of a small file)."""
+    return stamp is not None and time.time() - stamp[2] / 1e9 < 2.0
 
 
 def _stamp(path: Path | None) -> tuple[int, int, int] | None:
@@ -512,5 +522,7 @@ def _stamp(path: Path | None) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-__all__ = ["FINISHED", "STATUSES", "Batch", "CounterResult", "Initialized", "JobInfo", "JobPage", "Limit", "Queue",
-           "RateLimitDecision", "connect", "init", "read_items", "selftest", "supervise"]
+__all__ = [
+    "FINISHED", "FORMATS", "MAX_PRIORITY", "STATUSES", "Batch", "CounterResult", "Initialized", "JobInfo",
+    "JobPage", "Limit", "Queue", "RateLimitDecision", "connect", "init", "read_items", "selftest", "supervise",
+]

@@ -31,5 +31,6 @@ def clear_failure(tx: Tx, fingerprint: str) -> None:
 
 
 def add(tx: Tx, actor: str, fingerprint: str, message: str, error: str, failures: int, now: float) -> None:
+    """Keep a message that failed for good (its JSON text, the last error) in actor_dead_letters."""
     tx.c.execute("INSERT INTO actor_dead_letters (actor, fingerprint, message, error, failures, at)"
                  " VALUES (?, ?, ?, ?, ?, ?)", (actor, fingerprint, message, error[:500], failures, now))

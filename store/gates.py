@@ -24,11 +24,13 @@ def permits(db: Database) -> list[Permit]:
 
 
 def add(tx: Tx, permit: Permit) -> None:
+    """Record a permit granted (one row: it survives an actor restart)."""
     tx.c.execute("INSERT INTO gate_permits (permit_id, gate, pid, pid_started, acquired_at) VALUES (?, ?, ?, ?, ?)",
                  permit)
 
 
 def remove(tx: Tx, permit_id: str) -> None:
+    """A permit given back or reaped (nothing if it is not held)."""
     tx.c.execute("DELETE FROM gate_permits WHERE permit_id = ?", (permit_id,))
 
 

@@ -69,6 +69,7 @@ def validate(configured: Mapping[str, tuple[int, str]], key: str, value: str | i
 
 
 def check_key(configured: Mapping[str, tuple[int, str]], key: str) -> None:
+    """InputError naming the known keys (and the plans) unless `key` is a limit."""
     if key not in configured:
         plans = [k[len(DAILY_PREFIX):] for k in configured if k.startswith(DAILY_PREFIX)]
         hint = ""

@@ -44,6 +44,7 @@ def publish(db: Database, rows: Sequence[ProcessRow], *, now: float | None = Non
 
 
 def clear(db: Database) -> None:
+    """Remove every published row (a supervisor that stops publishes nothing)."""
     db.write(lambda c: c.execute("DELETE FROM processes"), "clear status")
 
 

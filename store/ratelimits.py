@@ -14,6 +14,7 @@ def load_all(db: Database) -> dict[str, float]:
 
 
 def save(tx: Tx, key: str, tat: float) -> None:
+    """Set one key's TAT (one upsert)."""
     tx.c.execute("INSERT INTO rate_limits (key, tat) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET tat = excluded.tat",
                  (key, tat))
 

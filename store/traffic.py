@@ -60,11 +60,13 @@ def hour_paths(tx: Tx, hour: int) -> set[str]:
 
 
 def load_hour(tx: Tx, hour: int, path: str) -> HourStats | None:
+    """One (hour, path) row's figures, or None if it has none yet."""
     rows = tx.c.execute(f"SELECT {_STATS} FROM path_stats_hourly WHERE hour = ? AND path = ?", (hour, path)).fetchall()
     return _stats(rows[0]) if rows else None
 
 
 def save_hour(tx: Tx, hour: int, path: str, s: HourStats) -> None:
+    """Write one (hour, path) row's figures whole (one upsert)."""
     tx.c.execute(
         f"INSERT INTO path_stats_hourly (hour, path, {_STATS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (hour, path) DO UPDATE SET requests = excluded.requests, status_4xx = excluded.status_4xx,"
@@ -119,4 +121,5 @@ def inbox_take(tx: Tx, shard: int, limit: int) -> list[tuple[int, str]]:
 
 
 def inbox_delete(tx: Tx, row_ids: Sequence[int]) -> None:
+    """Remove inbox rows once their events were ingested (in the same transaction)."""
     tx.c.executemany("DELETE FROM traffic_inbox WHERE id = ?", [(i,) for i in row_ids])
