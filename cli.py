@@ -11,8 +11,6 @@ from pathlib import Path
 
 import click
 import orjson
-from cardq.store.schema import STATUSES
-from cardq.store.submit import MAX_PRIORITY
 
 import cardq
 from cardq import render
@@ -27,6 +25,8 @@ from cardq.errors import (
     RestartIntensityExceeded,
 )
 from cardq.inputs import FORMATS
+from cardq.store.schema import STATUSES
+from cardq.store.submit import MAX_PRIORITY
 
 EXIT_CODES_HELP = """\b
 Exit codes:

@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from cardq.actors import keys, protocol
+from cardq.actors.protocol import socket_path
 from cardq.actors.recorder import EventRecorder
-from cardq.actors.server import socket_path
-
 from cardq.config import LoadedConfig
 from cardq.errors import ActorError, ActorTimeout, ActorUnavailable, NotRunning, Overloaded
 from cardq.lockfile import running_pid

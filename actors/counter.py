@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import msgspec
+
 from cardq.actors.server import SINGLE, Behaviour, Peer
 from cardq.store import counters
 from cardq.store.db import Tx

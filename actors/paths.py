@@ -23,12 +23,12 @@ from typing import Any
 import datasketches as ds
 import msgspec
 import orjson
+
 from cardq.actors.server import Behaviour, Peer
 from cardq.actors.traffic import OTHER, Event
+from cardq.config import LoadedConfig
 from cardq.store import dead_letters, traffic
 from cardq.store.db import Database, Tx
-
-from cardq.config import LoadedConfig
 
 KLL_K = 200  # normalized rank error ~1.65%
 HLL_LG_K = 14  # relative standard error ~0.8% once in HLL mode; exact-ish (coupon list/set) below ~2k

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -34,6 +35,11 @@ def decode(data: bytes) -> dict[str, Any]:
     if not isinstance(msg, dict):
         raise BadFrame("a frame must be a JSON object")
     return msg
+
+
+def socket_path(run_dir: Path, actor: str, shard: int) -> Path:
+    """Where an actor shard listens (mode 0600, in the run directory next to the key file)."""
+    return run_dir / f"{actor}-{shard}.sock"
 
 
 def shard_of(key: str, shards: int) -> int:

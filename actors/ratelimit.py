@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
+
 from cardq.actors import protocol
 from cardq.actors.server import DEFER, SINGLE, Behaviour, Peer
+from cardq.config import GateConfig, LoadedConfig
+from cardq.errors import ActorError
 from cardq.store import gates as store_gates
 from cardq.store import ratelimits
 from cardq.store.db import Tx
-
-from cardq.config import GateConfig, LoadedConfig
-from cardq.errors import ActorError
 
 REAP_EVERY_S = 1.0
 WAIT_SAMPLES = 1000

@@ -19,13 +19,13 @@ from typing import Any, Protocol
 
 import msgspec
 import orjson
-from cardq.actors import keys, protocol
-from cardq.actors.traffic import PathNormalizer, make_event
-from cardq.store import traffic
 
 from cardq import app
+from cardq.actors import keys, protocol
+from cardq.actors.traffic import PathNormalizer, make_event
 from cardq.config import LoadedConfig
 from cardq.errors import ActorError
+from cardq.store import traffic
 
 QUEUE_MAX = 100_000
 

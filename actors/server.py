@@ -26,18 +26,18 @@ import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge, wait
-from pathlib import Path
 from typing import Any
 
 import msgspec
-from cardq.actors import keys, protocol
-from cardq.store import dead_letters
-from cardq.store.db import Tx
 
 from cardq import app, logs
+from cardq.actors import keys, protocol
+from cardq.actors.protocol import socket_path
 from cardq.children import EXIT_STOPPED, ChildContext
 from cardq.config import LoadedConfig, parse_config
 from cardq.errors import InputError, StoreError
+from cardq.store import dead_letters
+from cardq.store.db import Tx
 
 MAX_FAILURES = 3
 HANDSHAKE_TIMEOUT_S = 2.0
@@ -47,10 +47,6 @@ RECV_CHUNK = 256 * 1024  # bytes read from one connection per loop turn: no clie
 MAX_PER_FRAME = 1024
 DEFER = object()  # a handler's answer that will come later (a gate waiter)
 SINGLE = "single"  # ops flag: the handler writes at most one statement, as its last step (no savepoint needed)
-
-
-def socket_path(run_dir: Path, actor: str, shard: int) -> Path:
-    return run_dir / f"{actor}-{shard}.sock"
 
 
 @dataclass(eq=False)

@@ -20,14 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-from cardq.actors.client import ActorClient  # noqa: E402
-from cardq.actors.server import socket_path  # noqa: E402
-from cardq.store import Database  # noqa: E402
-from cardq.store import processes as store_processes  # noqa: E402
-
-from cardq.config import load_config  # noqa: E402
+from cardq.actors.client import ActorClient
+from cardq.actors.protocol import socket_path
+from cardq.config import load_config
+from cardq.store import Database
+from cardq.store import processes as store_processes
 
 CARDQ = str(Path(sys.executable).parent / "cardq")
 CTX = mp.get_context("spawn")

@@ -37,16 +37,13 @@ from pathlib import Path
 
 import apsw
 
-ROOT = Path(__file__).resolve().parent.parent
-
-from cardq.store import jobs, usage  # noqa: E402
-from cardq.store import submit as submit_mod  # noqa: E402
-from cardq.store.db import Database  # noqa: E402
-from cardq.store.fairness import _HEAD  # noqa: E402
-from cardq.store.jobs import _CLAIM_MANY, _CLAIM_ONE, _COMPLETE  # noqa: E402
-from cardq.store.submit import _INSERT, NewJob  # noqa: E402
-
-from cardq.config import load_config  # noqa: E402
+from cardq.config import load_config
+from cardq.store import jobs, usage
+from cardq.store import submit as submit_mod
+from cardq.store.db import Database
+from cardq.store.fairness import _HEAD
+from cardq.store.jobs import _CLAIM_MANY, _CLAIM_ONE, _COMPLETE
+from cardq.store.submit import _INSERT, NewJob
 
 # ---------------------------------------------------------------------------------------------------------------
 # The SQL cardq runs. Statements the store keeps as module constants are imported above (_INSERT, _HEAD,

@@ -30,13 +30,10 @@ from pathlib import Path
 import apsw
 import orjson
 
-ROOT = Path(__file__).resolve().parent.parent
-
-from cardq.store import Database  # noqa: E402
-from cardq.store import processes as store_processes  # noqa: E402
-from cardq.store.submit import NewJob, submit  # noqa: E402
-
-from cardq.config import load_config  # noqa: E402
+from cardq.config import load_config
+from cardq.store import Database
+from cardq.store import processes as store_processes
+from cardq.store.submit import NewJob, submit
 
 CARDQ = str(Path(sys.executable).parent / "cardq")
 PAYLOAD = orjson.dumps({"title": "Wireless earbuds", "description": "Bluetooth 5.3, 30 h battery, IPX4",

@@ -145,10 +145,10 @@ class Queue:
         if path is None:
             return
         stamp = _stamp(path)
-        if stamp == self._stamp and not _fresh(stamp):
+        if stamp == self._stamp and not (_fresh(stamp) and _content(path) != self._loaded.raw):
             return
         with self._lock:
-            if stamp == self._stamp and not _fresh(stamp):
+            if stamp == self._stamp and not (_fresh(stamp) and _content(path) != self._loaded.raw):
                 return
             self._stamp = stamp
             try:
@@ -509,6 +509,13 @@ def _fresh(stamp: tuple[int, int, int] | None) -> bool:
     """Written within the last 2 s: a file's mtime moves in coarse ticks, so a second edit of the same size may
     keep its stamp; until the tick has surely passed, the content is compared too (a read of a small file)."""
     return stamp is not None and time.time() - stamp[2] / 1e9 < 2.0
+
+
+def _content(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 def _stamp(path: Path | None) -> tuple[int, int, int] | None:

@@ -19,9 +19,8 @@ counters; the one owner of user_load), fairness, processes (the supervisor's pub
 ratelimits, gates, traffic, dead_letters (the actors' state).
 """
 
-from cardq.store.db import Database, Tx
-
 from cardq.errors import InvalidTransition, JobNotFound, LeaseLost, LimitExceeded, StoreBusy, StoreError
+from cardq.store.db import Database, Tx
 
 # module -> the operations a backend provides (what code above store/ may call).
 CONTRACT: dict[str, tuple[str, ...]] = {

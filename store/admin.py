@@ -10,10 +10,10 @@ import time
 from collections import Counter, defaultdict
 
 import apsw
-from cardq.store import fairness, usage
-from cardq.store.db import Database
 
 from cardq.errors import InvalidTransition, JobNotFound
+from cardq.store import fairness, usage
+from cardq.store.db import Database
 
 CANCELLABLE = ("queued", "scheduled", "processing")
 RETRYABLE = ("dead", "cancelled", "scheduled")

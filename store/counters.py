@@ -9,10 +9,9 @@ owned by store/usage.py), so a counter read or move and a submit check see one n
 
 from __future__ import annotations
 
+from cardq.errors import InputError
 from cardq.store import usage
 from cardq.store.db import Tx
-
-from cardq.errors import InputError
 
 USAGE = "usage:"
 

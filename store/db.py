@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import apsw
-from cardq.store import schema, usage
 
 from cardq.errors import StoreBusy, StoreError
+from cardq.store import schema, usage
 
 T = TypeVar("T")
 

@@ -22,10 +22,10 @@ from typing import Any
 
 import apsw
 import orjson
-from cardq.store import usage
-from cardq.store.db import Database
 
 from cardq.errors import LeaseLost
+from cardq.store import usage
+from cardq.store.db import Database
 
 ERROR_TEXT_MAX = 500  # characters kept of one error message
 ERROR_HISTORY_MAX = 25  # entries kept in a job's error history (the newest)

@@ -10,9 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import apsw
-from cardq.store.db import Database
 
 from cardq.errors import InputError
+from cardq.store.db import Database
 
 DAILY_PREFIX = "daily."
 MAXIMUM = 10**12  # far above any sane limit, far below SQLite's 64-bit integers

@@ -10,6 +10,7 @@ from typing import Any
 
 import apsw
 import orjson
+
 from cardq.store.db import Database
 
 

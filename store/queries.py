@@ -9,11 +9,11 @@ from typing import Any
 
 import apsw
 import orjson
+
+from cardq.errors import InputError, JobNotFound
 from cardq.store import limits as limits_mod
 from cardq.store.db import Database
 from cardq.store.schema import STATUSES
-
-from cardq.errors import InputError, JobNotFound
 
 JOB_COLUMNS = (
     "id", "user_id", "plan", "kind", "status", "priority", "attempts", "max_attempts", "run_at", "lease_owner",

@@ -11,10 +11,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import apsw
-from cardq.store import fairness, limits, usage
-from cardq.store.db import Database
 
 from cardq.errors import InputError, LimitExceeded
+from cardq.store import fairness, limits, usage
+from cardq.store.db import Database
 
 MAX_NAME_LEN = 200
 MAX_PRIORITY = 1_000_000

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import orjson
+
 from cardq.store.db import Database, Tx
 
 

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import orjson
-from cardq.actors.client import ActorClient
 
+from cardq.actors.client import ActorClient
 from cardq.config import load_config
 from cardq.errors import ActorError, Overloaded
 

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+import cardq
+from cardq.config import load_config
 from cardq.store import Database, queries
 from cardq.store import processes as store_processes
-from cardq.store.submit import NewJob, submit
-
-from cardq.config import load_config
 
 CARDQ = str(Path(sys.executable).parent / "cardq")
 TESTS_DIR = Path(__file__).resolve().parent
@@ -103,9 +103,9 @@ class Deployment:
 
     # -- data --------------------------------------------------------------------------------------------
     def submit(self, payloads: list[dict], user: str = "u1", plan: str = "enterprise") -> list[int]:
-        items = [NewJob(orjson.dumps(p)) for p in payloads]
-        return submit(self.db, items, user_id=user, plan=plan, configured=self.loaded.limit_values(),
-                      max_attempts=self.loaded.config.workers.max_attempts).ids
+        """Through the public API, as an app submits."""
+        with cardq.connect(self.config_path, name="test") as q:
+            return q.submit(payloads, user=user, plan=plan).ids
 
     def job(self, job_id: int) -> dict[str, Any]:
         return queries.get(self.db, job_id)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from cardq.actors import protocol
-from cardq.actors.ratelimit import Policy, gcra
-from cardq.actors.traffic import ID_RE, PathNormalizer, event_id, make_event
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cardq.actors import protocol
+from cardq.actors.ratelimit import Policy, gcra
+from cardq.actors.traffic import ID_RE, PathNormalizer, event_id, make_event
 from cardq.config import PathsConfig
 from cardq.errors import InputError
 

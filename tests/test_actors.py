@@ -14,19 +14,20 @@ from multiprocessing.connection import AuthenticationError
 from multiprocessing.connection import Client as RawClient
 from pathlib import Path
 
-import actor_clients
 import datasketches as ds
 import orjson
 import pytest
+
 from cardq.actors import keys, protocol
 from cardq.actors.client import ActorClient
-from cardq.actors.server import socket_path
-from cardq.store import processes as store_processes
-from conftest import wait_for
-from supervision import Deployment
-
+from cardq.actors.protocol import socket_path
 from cardq.config import load_config
 from cardq.errors import ActorError
+from cardq.store import processes as store_processes
+
+import actor_clients
+from conftest import wait_for
+from supervision import Deployment
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 CTX = mp.get_context("spawn")
@@ -62,17 +63,20 @@ def actor_pid(d: Deployment, name: str) -> int:
                                   if r["name"] == name and r["pid"]), None), 30, what=f"{name} pid")
 
 
-def kill_while_running(d: Deployment, actor: str, procs: list, rng: random.Random, lo: float, hi: float) -> int:
-    """SIGKILL the actor every lo..hi seconds (at random) until every client process has finished cleanly;
-    returns how many kills landed."""
-    kills = 0
+def kill_at_progress(d: Deployment, actor: str, procs: list, progress, points: tuple[float, ...]) -> int:
+    """SIGKILL the actor each time the clients' work passes one of `points` (fractions of it done), until every
+    client process has finished cleanly; returns how many kills landed. Kills land at the same stages of the
+    work however fast or loaded the machine is (a timed schedule lands fewer kills when the work runs fast)."""
+    kills, pending = 0, list(points)
     while any(p.is_alive() for p in procs):
-        time.sleep(rng.uniform(lo, hi))  # the kill schedule itself, not a wait for a condition
-        try:
-            os.kill(actor_pid(d, actor), signal.SIGKILL)
-            kills += 1
-        except ProcessLookupError:
-            pass
+        if pending and progress() >= pending[0]:
+            try:
+                os.kill(actor_pid(d, actor), signal.SIGKILL)
+                kills += 1
+                pending.pop(0)
+            except ProcessLookupError:
+                pass  # the published pid is the one just killed: the restarted actor's comes within a second
+        time.sleep(0.01)  # polling the progress, a condition
     for p in procs:
         p.join(30)
         assert p.exitcode == 0
@@ -95,8 +99,17 @@ def test_counter_exactly_once_while_the_actor_is_killed(make, tmp_path):
     client = up(d, "counter-0")
     outs = [str(tmp_path / f"incr-{i}.json") for i in range(4)]
     procs = [spawn(actor_clients.incr_loop, str(d.config_path), "hits", 25_000, 100, out) for out in outs]
-    kills = kill_while_running(d, "counter-0", procs, random.Random(7), 0.3, 1.0)
-    assert kills >= 3
+    watcher = ActorClient.from_config(load_config(d.config_path), name="watcher")
+
+    def done() -> float:
+        try:
+            return watcher.counter.get("hits") / 100_000
+        except ActorError:  # the actor is restarting
+            return 0.0
+
+    kills = kill_at_progress(d, "counter-0", procs, done, (0.15, 0.35, 0.55, 0.75))
+    watcher.close()
+    assert kills == 4
     assert client.counter.get("hits") == 100_000
     retried = sum(read_json(o)["retries"] for o in outs)
     assert retried >= 1  # some asks really were cut off by a kill and sent again
@@ -201,8 +214,9 @@ def test_path_collector_counts_equal_ground_truth_despite_duplicates_and_kills(m
     outs = [str(tmp_path / f"ev-{i}.json") for i in range(2)]
     procs = [spawn(actor_clients.send_events, str(d.config_path), chunk, out) for chunk, out in zip(chunks, outs,
                                                                                                      strict=True)]
-    kills = kill_while_running(d, "paths-0", procs, rng, 0.5, 1.5)
-    assert kills >= 2
+    stored = lambda: d.db.conn.execute("SELECT count(*) FROM traffic_events").fetchall()[0][0] / len(unique)  # noqa: E731
+    kills = kill_at_progress(d, "paths-0", procs, stored, (0.2, 0.5))
+    assert kills == 2
     wait_for(lambda: d.db.conn.execute("SELECT count(*) FROM traffic_inbox").fetchall()[0][0] == 0, 60,
              what="inbox drained")
     truth: dict[tuple[int, str], dict] = defaultdict(lambda: {"n": 0, "4xx": 0, "5xx": 0, "bytes": 0, "ms": [],

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import orjson
 import pytest
-from cardq.actors.server import socket_path
-from cardq.store import usage
-from conftest import wait_for
-from supervision import Deployment
 
 import cardq
+from cardq.actors.protocol import socket_path
+from cardq.store import usage
+
+from conftest import wait_for
+from supervision import Deployment
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import multiprocessing as mp
 from pathlib import Path
 
 import pytest
+
 from cardq.store import Database, jobs
 from cardq.store.submit import NewJob, submit
 

@@ -21,14 +21,14 @@ from pathlib import Path
 import apsw
 import click
 import pytest
-from cardq.store import Database
-from cardq.store import jobs as store_jobs
-from cardq.store.schema import APPLICATION_ID, SCHEMA_VERSION, STATUSES
 from click.testing import CliRunner, Result
 
 from cardq import app
 from cardq.cli import cli
 from cardq.config import LIMIT_SCALAR_KEYS
+from cardq.store import Database
+from cardq.store import jobs as store_jobs
+from cardq.store.schema import APPLICATION_ID, SCHEMA_VERSION, STATUSES
 
 DEFAULT_PLANS = ("free", "basic", "professional", "enterprise")
 ALL_LIMIT_KEYS = (*LIMIT_SCALAR_KEYS, *(f"daily.{p}" for p in DEFAULT_PLANS))

@@ -4,6 +4,7 @@ a big batch; cardq interleaves."""
 from __future__ import annotations
 
 import orjson
+
 from cardq.store import jobs
 from cardq.store.submit import NewJob, submit
 

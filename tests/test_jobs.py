@@ -7,6 +7,7 @@ import random
 
 import orjson
 import pytest
+
 from cardq.store import InvalidTransition, JobNotFound, LeaseLost, admin, jobs, queries
 from cardq.store.submit import NewJob, submit
 

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from cardq.store import CONTRACT, TYPES
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,13 +10,13 @@ import zoneinfo
 
 import orjson
 import pytest
+
+from cardq.cli import exit_code
+from cardq.errors import InputError
 from cardq.store import Database, LimitExceeded, jobs, queries
 from cardq.store import limits as store_limits
 from cardq.store.submit import NewJob, submit
 from cardq.store.usage import day_key, next_day_start
-
-from cardq.cli import exit_code
-from cardq.errors import InputError
 
 T0 = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC).timestamp()
 

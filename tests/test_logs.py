@@ -7,9 +7,10 @@ import time
 
 import orjson
 import structlog
-from conftest import wait_for
 
 from cardq import logs
+
+from conftest import wait_for
 
 
 def test_put_never_blocks_when_the_writer_is_stuck():

@@ -27,9 +27,6 @@ from pathlib import Path
 
 import orjson
 import pytest
-from cardq.store import Database, admin, jobs, queries, usage
-from cardq.store import submit as submit_mod
-from cardq.store.schema import ACTIVE_STATUSES, STATUSES
 from hypothesis import example, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -37,6 +34,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from cardq.config import load_config
 from cardq.errors import InputError, InvalidTransition, JobNotFound, LeaseLost
 from cardq.inputs import parse_items
+from cardq.store import Database, admin, jobs, queries, usage
+from cardq.store import submit as submit_mod
+from cardq.store.schema import ACTIVE_STATUSES, STATUSES
 
 # Every limit so high that only the test's own logic decides.
 UNLIMITED = {key: (10**9, "config") for key in load_config(None).limit_values()}

@@ -11,11 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from cardq.actors.server import socket_path
-from conftest import wait_for
-from supervision import CARDQ, with_suppressed
 
 import cardq
+from cardq.actors.protocol import socket_path
+
+from conftest import wait_for
+from supervision import CARDQ, with_suppressed
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

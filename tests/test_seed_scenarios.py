@@ -6,6 +6,7 @@ import subprocess
 
 import orjson
 import pytest
+
 from conftest import wait_for
 from supervision import CARDQ, Deployment
 

@@ -7,6 +7,7 @@ import sqlite3
 
 import apsw
 import pytest
+
 from cardq.store import Database, StoreBusy, StoreError
 from cardq.store.schema import APPLICATION_ID, SCHEMA_VERSION
 

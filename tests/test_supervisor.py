@@ -14,6 +14,7 @@ import time
 import apsw
 import orjson
 import pytest
+
 from conftest import wait_for
 from supervision import Deployment, pid_gone
 
