@@ -8,63 +8,38 @@ poison_kills it is dead), the prefetched rest go back to the queue untouched. Le
 here, so a worker never needs a second thread.
 
 The loop: `run()` waits on every child's pipes and sentinel plus a signal wake-up fd, then calls `step(now)`,
-which does all the work and can be called by tests with a chosen time. Signal handlers only set flags. Beside
-this file: restarts.py (the restart policy), maintenance.py (periodic work on the database), wakeups.py (when to
-wake idle workers), reload.py (reading a new config), children.py (how a child starts and talks).
+which does all the work and can be called by tests with a chosen time. Beside this file: restarts.py (the restart
+policy), releases.py (a dead child's work), maintenance.py (periodic work on the database), wakeups.py (when to
+wake idle workers), reload.py (reading a new config), signals.py (handlers that only count), tracked.py (a child
+as tracked here), children.py (how a child starts and talks).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
-from multiprocessing.process import BaseProcess
+from multiprocessing.connection import wait
 from typing import Any
 
 from cardq import app, children, logs
 from cardq.actors import keys
-from cardq.children import EXIT_CONFIG, EXIT_STORE, Channel, ChildSpec, describe_exit
+from cardq.children import EXIT_CONFIG, ChildSpec, describe_exit
 from cardq.config import LoadedConfig
 from cardq.errors import ConfigError, Error, StoreError
 from cardq.lockfile import SupervisorLock
 from cardq.maintenance import Maintenance
+from cardq.releases import release
 from cardq.reload import actor_shards, read_new_config
 from cardq.restarts import RestartPolicy
-from cardq.store import dead_letters, jobs, processes, usage
+from cardq.signals import SignalFlags
+from cardq.store import jobs, processes, usage
+from cardq.tracked import TrackedChild
 from cardq.wakeups import Wakeups
 
 OWNER_PREFIX = "cardq:"
-IDLE_TICK_S = 0.002  # with an idle worker: how often PRAGMA data_version is compared (a cheap shared-memory read)
+IDLE_TICK_S = 0.002  # with an idle worker: how often the store's change token is compared (cheap)
 BUSY_TICK_S = 0.05
-
-
-@dataclass
-class ChildState:
-    spec: ChildSpec
-    proc: BaseProcess | None = None
-    channel: Channel | None = None
-    log_conn: Connection | None = None
-    slot: children.Slot | None = None
-    state: str = "starting"  # starting, idle, busy, stopping, restarting, stopped
-    owner: str = ""
-    incarnation: int = 0
-    current_job: int | None = None
-    job_started: float | None = None  # epoch seconds, as the worker wrote it
-    jobs_done: int = 0
-    restarts: int = 0
-    last_exit: str | None = None
-    started_at: float | None = None  # wall clock
-    kill_reason: str | None = None  # "timeout" or "shutdown" when the supervisor killed it
-    jobs_done_base: int = 0  # jobs done by earlier incarnations (the slot counts this one's)
-    retiring: bool = False  # scaled away or shutting down: not restarted
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.exitcode is None
 
 
 class Supervisor:
@@ -77,11 +52,12 @@ class Supervisor:
         self.burst = burst
         self.on_progress = on_progress
         self.run_id = f"{os.getpid()}.{int(time.time() * 1000)}"
-        self.children: dict[str, ChildState] = {}
+        self.children: dict[str, TrackedChild] = {}
         sup = loaded.config.supervisor
         self.restarts = RestartPolicy(self._spawn_named, max_restarts=sup.max_restarts, max_seconds=sup.max_seconds,
                                       backoff_max_s=sup.restart_backoff_max_s)
-        self.flags = {"term": 0, "int": 0, "hup": 0}
+        self.signals = SignalFlags()
+        self.interrupts = 0  # SIGINTs so far: the second one stops at once
         self.config_version = 1
         self.config_loaded_at = time.time()
         self.last_reload_error: str | None = None
@@ -96,8 +72,6 @@ class Supervisor:
         self.log = logs.get()
         self.lock = SupervisorLock(loaded.db_path)
         self.db = None
-        self._wake_r, self._wake_w = -1, -1
-        self._previous_handlers: dict[int, Any] = {}
 
     # ---- life cycle -------------------------------------------------------------------------------------
 
@@ -117,7 +91,7 @@ class Supervisor:
         self.log.info("supervisor.started", run_id=self.run_id, workers=self.desired, burst=self.burst,
                       config=self.loaded.source, config_digest=self.loaded.digest, database=str(self.loaded.db_path),
                       recovered_orphans=orphans.total, recovered_expired=expired.total)
-        self._install_signals()
+        self.signals.install()
 
     def close(self) -> None:
         for child in self.children.values():
@@ -132,13 +106,7 @@ class Supervisor:
             self.db.close()
             self.db = None
         self.lock.release()
-        for signum, previous in self._previous_handlers.items():
-            signal.signal(signum, previous)
-        if self._wake_r >= 0:
-            signal.set_wakeup_fd(-1)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            self._wake_r = self._wake_w = -1
+        self.signals.restore()
 
     def run(self) -> None:
         """Start, supervise until told to stop (or, with burst, until the queue is drained). Raises the failure
@@ -153,36 +121,20 @@ class Supervisor:
         if self.failure is not None:
             raise self.failure
 
-    def _install_signals(self) -> None:
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
-        os.set_blocking(self._wake_r, False)
-        signal.set_wakeup_fd(self._wake_w)
-        for signum, flag in ((signal.SIGTERM, "term"), (signal.SIGINT, "int"), (signal.SIGHUP, "hup")):
-            self._previous_handlers[signum] = signal.signal(signum, self._flag_setter(flag))
-
-    def _flag_setter(self, flag: str) -> Callable[[int, object], None]:
-        def handler(_signum: int, _frame: object) -> None:
-            self.flags[flag] += 1  # only a flag: step() acts on it
-
-        return handler
-
     def _wait(self, timeout: float) -> None:
-        waitables: list[Any] = [self._wake_r]
+        """Until a child says something, exits or logs, a signal arrives, or `timeout` passes."""
+        waitables: list[Any] = [self.signals.wake_r]
         for child in self.children.values():
-            waitables += [c for c in (child.channel.conn if child.channel else None, child.log_conn) if c]
-            if child.alive:
-                waitables.append(child.proc.sentinel)
+            waitables += child.waitables()
         for ready in wait(waitables, timeout):
-            if ready == self._wake_r:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self._wake_r, 512)
+            if ready == self.signals.wake_r:
+                self.signals.drain()
                 continue
             for child in self.children.values():
                 if child.channel is not None and ready is child.channel.conn:
-                    self._drain_events(child)
+                    child.drain_events()
                 elif ready is child.log_conn:
-                    self._drain_logs(child)
+                    child.drain_logs(self.sink_put)
 
     # ---- one step ---------------------------------------------------------------------------------------
 
@@ -210,13 +162,12 @@ class Supervisor:
         return False
 
     def _act_on_signals(self, now: float) -> None:
-        if self.flags["hup"]:
-            self.flags["hup"] = 0
+        if self.signals.take("hup"):
             self.reload(now)
-        stops = self.flags["term"] + self.flags["int"]
-        if stops and not self.stopping:
+        self.interrupts += self.signals.take("int")
+        if (self.signals.take("term") or self.interrupts) and not self.stopping:
             self._begin_shutdown(now, "signal: stopping after in-flight jobs")
-        if self.flags["int"] >= 2 and self.shutdown_deadline is not None and self.shutdown_deadline > now:
+        if self.interrupts >= 2 and self.shutdown_deadline is not None and self.shutdown_deadline > now:
             self.log.warning("supervisor.stop_now", reason="second SIGINT")
             self.shutdown_deadline = now  # kill what remains at once; its jobs are requeued
 
@@ -270,7 +221,7 @@ class Supervisor:
                 if name not in self.children:
                     spec = ChildSpec(name=name, role="actor", target="cardq.actors.server:main",
                                      args={"actor": actor, "shard": shard})
-                    self.children[name] = ChildState(spec)
+                    self.children[name] = TrackedChild(spec)
                     self.restarts.start(name, now)
 
     def _scale(self, now: float) -> None:
@@ -279,7 +230,7 @@ class Supervisor:
             child = self.children.get(name)
             if child is None:
                 spec = ChildSpec(name=name, role="worker", target="cardq.worker:main")
-                self.children[name] = ChildState(spec)
+                self.children[name] = TrackedChild(spec)
                 self.restarts.start(name, now)
             elif child.retiring and child.alive:
                 child.retiring = False  # scaled back up before it finished stopping: keep it
@@ -302,7 +253,7 @@ class Supervisor:
         if child is not None and child.proc is None and not child.retiring:
             self._spawn(child)
 
-    def _spawn(self, child: ChildState) -> None:
+    def _spawn(self, child: TrackedChild) -> None:
         child.incarnation += 1
         child.owner = f"{self.prefix}{child.spec.name}.{child.incarnation}"
         spec = ChildSpec(child.spec.name, child.spec.role, child.spec.target, {**child.spec.args, "owner": child.owner})
@@ -312,19 +263,15 @@ class Supervisor:
         child.kill_reason, child.current_job, child.job_started = None, None, None
         self.log.info("child.started", child=spec.name, child_pid=child.proc.pid, owner=child.owner)
 
-    def _on_exit(self, child: ChildState, now: float) -> None:
+    def _on_exit(self, child: TrackedChild, now: float) -> None:
         proc = child.proc
         code = proc.exitcode
         reason = describe_exit(code, child.kill_reason)
-        self._drain_events(child)
-        self._drain_logs(child)
-        self._release(child, code, reason)
+        child.drain_events()
+        child.drain_logs(self.sink_put)
+        release(self.db, self.loaded, self.log, child, code, reason)
         child.last_exit = reason
-        child.proc, child.slot = None, None
-        for conn in (child.channel.conn if child.channel else None, child.log_conn):
-            if conn is not None:
-                conn.close()
-        child.channel, child.log_conn = None, None
+        child.forget_process()
         level = "info" if code == 0 or child.retiring else "warning"
         getattr(self.log, level)("child.exited", child=child.spec.name, child_pid=proc.pid, reason=reason)
         if child.retiring or self.stopping:
@@ -343,42 +290,6 @@ class Supervisor:
         child.restarts += 1
         child.state = "restarting"
 
-    def _release(self, child: ChildState, code: int | None, reason: str) -> None:
-        """Take back whatever the dead child held, by owner name (works even if none of its messages arrived)."""
-        if child.spec.role == "actor":
-            self._record_actor_death(child, code, reason)
-            return
-        sup = self.loaded.config.supervisor
-        running = child.current_job
-        killed = False
-        if child.kill_reason == "timeout":
-            timeout = self.loaded.config.workers.job_timeout_s
-            reason = f"timeout: the handler ran past job_timeout_s={timeout:g} and did not return; worker killed"
-        elif child.kill_reason == "shutdown" or code in (0, EXIT_STORE, EXIT_CONFIG):
-            running = None  # not the job's fault: give it back untouched
-        else:
-            killed = True
-        try:
-            out = jobs.release_owner(self.db, child.owner, running=running, error=reason, killed=killed,
-                                     poison_kills=sup.poison_kills, backoff=self._backoff())
-        except StoreError as e:  # the leases stop being renewed, so `recover` takes them back later
-            self.log.error("child.release_failed", child=child.spec.name, reason=str(e))
-            return
-        if out.failed is not None or out.given_back:
-            self.log.info("child.jobs_released", child=child.spec.name, job_id=running,
-                          job_now=out.failed.status if out.failed else None, given_back=out.given_back)
-
-    def _record_actor_death(self, child: ChildState, code: int | None, reason: str) -> None:
-        """An actor that died while handling a message (its slot names it) counts one failure for that message:
-        at 3 the restarted actor dead-letters it instead of dying on it again."""
-        fp = child.current_job
-        if fp is None or code == 0:
-            return
-        fingerprint = f"{fp:012x}"
-        self.maintenance.call("actor_failure", lambda: dead_letters.count_failure(
-            self.db, child.spec.args["actor"], fingerprint, f"killed its actor: {reason}", time.time()))
-        self.log.warning("actor.died_in_message", child=child.spec.name, fingerprint=fingerprint, reason=reason)
-
     def _enforce_timeouts(self, now: float) -> None:
         limit = self.loaded.config.workers.job_timeout_s + self.loaded.config.supervisor.timeout_grace_s
         wall = time.time()
@@ -390,48 +301,14 @@ class Supervisor:
                                  job_id=child.current_job, reason=f"handler still running {limit:g}s after it started")
                 child.proc.kill()
 
-    # ---- events from children ---------------------------------------------------------------------------
-
-    def _drain_events(self, child: ChildState) -> None:
-        channel = child.channel
-        while channel is not None and channel.poll(0):
-            msg = channel.recv()
-            if msg is None:
-                break
-            self._on_event(child, msg)
-
-    def _on_event(self, child: ChildState, msg: dict[str, Any]) -> None:
-        if msg.get("ev") == "idle" and child.state != "stopping":
-            child.state = "idle"
-
     def _read_slots(self) -> None:
-        """What each worker is doing, from its shared-memory slot (no message per job)."""
+        """What each child is doing, from its shared-memory slot (no message per job)."""
         for child in self.children.values():
-            if child.slot is None:
-                continue
-            job, started, done, state = child.slot.read()
-            child.current_job, child.job_started = job, started
-            if child.state not in ("stopping", "stopped", "restarting"):
-                child.state = "busy" if job else state
-            delta = child.jobs_done_base + done - child.jobs_done
-            if delta > 0:
-                child.jobs_done += delta
-                self.done_total += delta
+            done = child.read_slot()
+            if done:
+                self.done_total += done
                 if self.on_progress is not None:
-                    self.on_progress(delta)
-
-    def _drain_logs(self, child: ChildState) -> None:
-        conn = child.log_conn
-        while conn is not None:
-            try:
-                if not conn.poll(0):
-                    return
-                self.sink_put(conn.recv_bytes())
-            except (EOFError, OSError):
-                conn.close()
-                child.log_conn = None
-                return
-
+                    self.on_progress(done)
 
     # ---- periodic work ----------------------------------------------------------------------------------
 
@@ -452,10 +329,6 @@ class Supervisor:
 
     def _any_idle(self) -> bool:
         return any(c.state == "idle" and c.spec.role == "worker" for c in self.children.values())
-
-    def _backoff(self) -> jobs.Backoff:
-        w = self.loaded.config.workers
-        return jobs.Backoff(w.backoff_base_s, w.backoff_max_s)
 
     # ---- config -----------------------------------------------------------------------------------------
 

@@ -75,6 +75,9 @@ class Worker:
                 self.handle_commands(IDLE_POLL_S)
                 continue
             for n, job in enumerate(held):
+                # A stop that came while the claim ran, or during the previous job of a prefetched batch, gives
+                # the rest back untouched instead of running it.
+                self.handle_commands(0)
                 if self.ctx.stopping:
                     self.flush()
                     jobs.give_back(self.db, [(j.id, j.token) for j in held[n:]])

@@ -123,6 +123,16 @@ class Deployment:
     def supervisor_row(self) -> dict[str, Any] | None:
         return next((r for r in self.db.read(store_processes.read) if r["role"] == "supervisor"), None)
 
+    def worker_holding(self, job_id: int) -> dict[str, Any] | None:
+        """The worker whose lease holds the job now, from the jobs table (exact) and the published process row
+        of that worker's name (its pid). The processes table alone is a 1 Hz snapshot that can miss a short job."""
+        rows = self.db.conn.execute("SELECT lease_owner FROM jobs WHERE id = ? AND status = 'processing'",
+                                    (job_id,)).fetchall()
+        if not rows:
+            return None
+        name = rows[0][0].rsplit(":", 1)[1].rsplit(".", 1)[0]  # "cardq:<run>:worker-1.<incarnation>"
+        return next((w for w in self.workers() if w["name"] == name and w["pid"]), None)
+
     def busy_worker_on(self, job_id: int) -> dict[str, Any] | None:
         return next((w for w in self.workers() if w["current_job"] == job_id and w["pid"]), None)
 

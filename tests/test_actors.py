@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import socket
+import struct
 import time
 from collections import defaultdict
 from multiprocessing.connection import AuthenticationError
@@ -67,20 +68,35 @@ def kill_at_progress(d: Deployment, actor: str, procs: list, progress, points: t
     """SIGKILL the actor each time the clients' work passes one of `points` (fractions of it done), until every
     client process has finished cleanly; returns how many kills landed. Kills land at the same stages of the
     work however fast or loaded the machine is (a timed schedule lands fewer kills when the work runs fast)."""
+    name, shard = actor.rsplit("-", 1)
+    spotter = ActorClient.from_config(load_config(d.config_path), name="spotter")
     kills, pending = 0, list(points)
     while any(p.is_alive() for p in procs):
         if pending and progress() >= pending[0]:
             try:
-                os.kill(actor_pid(d, actor), signal.SIGKILL)
+                os.kill(live_pid(spotter, name, int(shard)), signal.SIGKILL)
                 kills += 1
                 pending.pop(0)
-            except ProcessLookupError:
-                pass  # the published pid is the one just killed: the restarted actor's comes within a second
+            except (ProcessLookupError, ActorError, OSError, EOFError):
+                spotter._forget(name, int(shard))  # it was the one just killed: ask the restarted one next time
         time.sleep(0.01)  # polling the progress, a condition
+    spotter.close()
     for p in procs:
         p.join(30)
         assert p.exitcode == 0
     return kills
+
+
+def live_pid(client: ActorClient, actor: str, shard: int) -> int:
+    """The pid of the process listening on the actor's socket now, from the kernel (SO_PEERCRED) on a fresh
+    connection: exact at once, where the published process table is a snapshot up to a second old."""
+    client._forget(actor, shard)
+    conn = client._link(actor, shard, time.monotonic() + 30)
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    try:
+        return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+    finally:
+        sock.close()
 
 
 def read_json(path: str) -> dict:
