@@ -17,6 +17,7 @@ import os
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -127,8 +128,11 @@ class Queue:
         self._generation = 0  # goes up with each config change: per-thread actor clients reconnect
         self._lock = threading.Lock()
         self._local = _PerThread()
-        self._opened: list[Database | ActorClient] = []
+        # What the threads opened, for close(). Weak: a thread that ends drops its connections with its
+        # thread-local state (a thread-per-request server would otherwise pile up descriptors).
+        self._opened: weakref.WeakSet[Database | ActorClient] = weakref.WeakSet()
         self._events: EventRecorder | None = None
+        self._events_pid = 0
         self.ratelimit = RateLimits(self)
         self.counter = Counters(self)
 
@@ -167,8 +171,9 @@ class Queue:
             local.pid, local.db, local.client, local.client_generation = os.getpid(), None, None, -1
         if local.db is None:
             local.db = app.open_db(self._loaded)
+            weakref.finalize(local.db, local.db.conn.close)  # when its thread ends, not at interpreter exit only
             with self._lock:
-                self._opened.append(local.db)
+                self._opened.add(local.db)
         return local.db
 
     def _client(self) -> ActorClient:
@@ -181,15 +186,15 @@ class Queue:
             local.client = ActorClient.from_config(self._loaded, name=f"{self.name}-{threading.get_ident()}")
             local.client_generation = self._generation
             with self._lock:
-                self._opened.append(local.client)
+                self._opened.add(local.client)
         return local.client
 
     def close(self) -> None:
         """Flush recorded events, close every connection this Queue opened (call it when the app stops)."""
-        if self._events is not None:
+        if self._events is not None and self._events_pid == os.getpid():
             self._events.close()
         with self._lock:
-            opened, self._opened = self._opened, []
+            opened, self._opened = list(self._opened), weakref.WeakSet()
         for thing in opened:
             with contextlib.suppress(Exception):  # another thread's connection, mid-use at exit: nothing to save
                 thing.close()
@@ -363,12 +368,13 @@ class Queue:
     def events(self) -> EventRecorder:
         """The buffered traffic-event recorder: `q.events.record(path=..., status=..., response_ms=...)` never
         blocks; events reach the path collector, or the durable inbox when it is down."""
-        if self._events is None:
+        if self._events is None or self._events_pid != os.getpid():  # after a fork the sender thread is gone
             with self._lock:
-                if self._events is None:
+                if self._events is None or self._events_pid != os.getpid():
                     loaded, name = self._loaded, self.name
                     self._events = EventRecorder(
                         loaded, lambda: ActorClient.from_config(loaded, name=f"{name}-events"), name=name)
+                    self._events_pid = os.getpid()
         return self._events
 
 

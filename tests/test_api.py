@@ -3,6 +3,7 @@ limits that follow config.toml, actor calls with and without a supervisor, one Q
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import zoneinfo
@@ -118,6 +119,21 @@ def test_limits_follow_config_toml_without_restarting_the_app(q, site):
     site.write_text(site.read_text().replace("free = -1", "free = 3"))  # fixed: applies, and the error is gone
     q.submit(items(1), user="b", plan="free")
     assert q.config_error is None and q.limits()["daily.free"].value == 3
+
+
+def test_threads_that_end_take_their_connections_with_them(q):
+    # A thread-per-request server: every request on a new thread. Descriptors stay bounded.
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    q.submit(items(1), user="u", plan="enterprise")
+    before = fds()
+    for _ in range(50):
+        t = threading.Thread(target=lambda: q.submit(items(1), user="u", plan="enterprise"))
+        t.start()
+        t.join()
+    assert fds() <= before + 3  # not 2 more per thread (the database and its WAL)
+    assert q.jobs(user="u", limit=100).jobs[50].status == "queued"  # 51 jobs: every thread's submit counted
 
 
 def test_purge_dry_run_counts_and_deletes_nothing(q):
