@@ -339,14 +339,17 @@ def demo(directory: str, items_path: str | None) -> None:
 def supervise_burst(config: cardq.Queue | str | None, workers: int | None = None, quiet: bool = False) -> None:
     """`supervise --burst`, with a progress bar of jobs done on a terminal (the log then cut to warnings, so that
     the bar stays readable; `quiet`: always, as the demo wants)."""
-    q = config if isinstance(config, cardq.Queue) else connect(config)
+    if not isinstance(config, cardq.Queue):
+        with connect(config) as q:
+            return supervise_burst(q, workers, quiet)
+    q = config
     quiet_level = "warning" if q.config.config.log.level in ("debug", "info") else None
     if not sys.stderr.isatty():
         cardq.supervise(q.config, workers=workers, burst=True, log_level=quiet_level if quiet else None)
-        return
-    level = quiet_level
+        return None
     with click.progressbar(length=q.pending(), label="processing", file=sys.stderr, show_pos=True) as bar:
-        cardq.supervise(q.config, workers=workers, burst=True, log_level=level, on_progress=bar.update)
+        cardq.supervise(q.config, workers=workers, burst=True, log_level=quiet_level, on_progress=bar.update)
+    return None
 
 
 @cli.command(epilog=EXIT_CODES_HELP + "  4  restart intensity exceeded (workers kept crashing)\n")

@@ -16,6 +16,7 @@ applied once.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing.connection as mpc
 import os
 import time
@@ -29,7 +30,7 @@ from cardq.actors import keys, protocol
 from cardq.actors.protocol import socket_path
 from cardq.actors.recorder import EventRecorder
 from cardq.config import LoadedConfig
-from cardq.errors import ActorError, ActorTimeout, ActorUnavailable, NotRunning, Overloaded
+from cardq.errors import ActorError, ActorTimeout, ActorUnavailable, Error, NotRunning, Overloaded
 from cardq.lockfile import running_pid
 
 RECONNECT_PAUSE_S = 0.02
@@ -39,28 +40,33 @@ FRAME_BUDGET = 256 * 1024  # bytes of asks packed into one frame (well under the
 
 class ActorClient:
     def __init__(self, run_dir: Path, *, shards: dict[str, int], timeout_s: float = 2.0, name: str = "",
-                 loaded: LoadedConfig | None = None):
+                 loaded: LoadedConfig | None = None, unreleased: list[tuple[str, str]] | None = None):
+        """`unreleased`: where gate permits whose release failed wait to be released at the next gate call; pass
+        one list to several clients (one per thread) so that any of them releases them."""
         self.run_dir = run_dir
         self.shards = shards
         self.timeout_s = timeout_s
         self.name = name
         self.loaded = loaded
         self.db_path = loaded.db_path if loaded is not None else None
-        self.secret = keys.load_secret(run_dir)
+        try:
+            self.secret = keys.load_secret(run_dir)
+        except Error as e:  # no key file yet: no supervisor ever ran here, so no actor can be reached
+            raise ActorUnavailable(str(e), "unavailable") from None
         self.authkey = keys.authkey(self.secret)
         self._links: dict[tuple[str, int], mpc.Connection] = {}
         self._next_id = 0
-        self.counter = CounterAPI(self)
-        self.ratelimit = RateLimitAPI(self)
         self._events: Any = None
-        self._unreleased: list[tuple[str, str]] = []
+        self._unreleased = unreleased if unreleased is not None else []
         self.resent = 0  # asks sent again after their connection broke (for tests and diagnostics)
 
     @classmethod
-    def from_config(cls, loaded: LoadedConfig, name: str = "") -> ActorClient:
+    def from_config(cls, loaded: LoadedConfig, name: str = "",
+                    unreleased: list[tuple[str, str]] | None = None) -> ActorClient:
         a = loaded.config.actors
         shards = {"counter": a.counter_shards, "ratelimit": a.ratelimit_shards, "paths": a.paths_shards}
-        return cls(loaded.run_dir, shards=shards, timeout_s=a.ask_timeout_ms / 1000, name=name, loaded=loaded)
+        return cls(loaded.run_dir, shards=shards, timeout_s=a.ask_timeout_ms / 1000, name=name, loaded=loaded,
+                   unreleased=unreleased)
 
     def __enter__(self) -> ActorClient:
         return self
@@ -74,6 +80,16 @@ class ActorClient:
         for conn in self._links.values():
             conn.close()
         self._links.clear()
+
+    # Made on each use rather than kept: an attribute pointing back at this client would make a reference cycle,
+    # and a client dropped by its thread would then hold its sockets until the garbage collector runs.
+    @property
+    def counter(self) -> CounterAPI:
+        return CounterAPI(self)
+
+    @property
+    def ratelimit(self) -> RateLimitAPI:
+        return RateLimitAPI(self)
 
     @property
     def events(self) -> Any:
@@ -204,9 +220,10 @@ class ActorClient:
                 raise ActorUnavailable(f"{path}: the actor refused our key (is {self.run_dir}/cardq.key the one "
                                        "its supervisor uses?)", "unavailable") from None
             except (OSError, EOFError) as e:
-                if isinstance(e, FileNotFoundError) and not self._supervisor_running():
-                    # No socket and no supervisor: nothing will come to listen, so say so now rather than
-                    # after the whole ask timeout (an app's request path must not wait 2 s to learn it).
+                if isinstance(e, FileNotFoundError | ConnectionRefusedError) and not self._supervisor_running():
+                    # No socket (or one left by a killed supervisor) and no supervisor: nothing will come to
+                    # listen, so say so now rather than after the whole ask timeout (an app's request path must
+                    # not wait 2 s to learn it). A restarting actor is waited for: its supervisor still runs.
                     raise ActorUnavailable(f"{actor} shard {shard}: no actor listens at {path} and no supervisor "
                                            "runs on this database; start `cardq supervise`", "unavailable") from None
                 if time.monotonic() + RECONNECT_PAUSE_S >= deadline:
@@ -239,7 +256,7 @@ class ActorClient:
         queue_s = 60.0
         if self.loaded is not None and name in self.loaded.config.gates:
             queue_s = self.loaded.config.gates[name].queue_timeout_ms / 1000
-        self._release_leftovers()
+        self.release_leftovers()
         try:
             # The actor never keeps us waiting longer than we wait for its answer (wait_ms).
             self.ask("ratelimit", f"gate:{name}", "acquire",
@@ -262,11 +279,16 @@ class ActorClient:
                 # permits are released by the actor itself).
                 self._unreleased.append((name, permit))
 
-    def _release_leftovers(self) -> None:
+    def release_leftovers(self) -> None:
+        """Release the permits whose release failed earlier (a release of one already released is harmless)."""
         while self._unreleased:
-            name, permit = self._unreleased[0]
+            try:
+                name, permit = self._unreleased[0]
+            except IndexError:  # another thread's client took the last one
+                return
             self.ask("ratelimit", f"gate:{name}", "release", {"gate": name, "permit": permit})
-            self._unreleased.pop(0)
+            with contextlib.suppress(ValueError):
+                self._unreleased.remove((name, permit))
 
 
 def _frame(msg: dict[str, Any]) -> bytes:

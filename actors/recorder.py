@@ -24,7 +24,7 @@ from cardq import app
 from cardq.actors import keys, protocol
 from cardq.actors.traffic import PathNormalizer, make_event
 from cardq.config import LoadedConfig
-from cardq.errors import ActorError
+from cardq.errors import ActorError, Error
 from cardq.store import traffic
 
 QUEUE_MAX = 100_000
@@ -48,6 +48,12 @@ class EventRecorder:
         self.max_batch, self.max_wait_s = cfg.max_batch_size, cfg.max_batch_wait_ms / 1000
         # Request paths and client IPs repeat: remember recent answers (bounded) instead of recomputing them.
         self.normalize = functools.lru_cache(maxsize=65_536)(PathNormalizer(cfg.id_rules))
+        # The key hashes client IPs, so events can be kept (in the inbox) before any supervisor ran: make it if
+        # it is not there yet, as `cardq init` and `cardq supervise` would.
+        try:
+            keys.ensure_run_dir(loaded.run_dir)
+        except OSError as e:
+            raise Error(f"{loaded.run_dir}: cannot create the run directory or its key file: {e.strerror}") from None
         self.hash_ip = functools.lru_cache(maxsize=65_536)(keys.ip_hasher(keys.load_secret(loaded.run_dir)))
         self.name = name
         self._connect = connect

@@ -132,7 +132,7 @@ class ActorServer:
         # Bind a fresh name, then rename it over the path: the socket file never disappears while an actor
         # restarts (a client that finds no file at all concludes nothing runs and gives up at once), and a dead
         # predecessor's file is simply replaced.
-        fresh = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        fresh = self.path.with_name(f".{os.getpid()}")  # shorter than the final name: a path that fits, fits
         fresh.unlink(missing_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # created 0600: no window in which another user could connect
@@ -357,6 +357,7 @@ class ActorServer:
             return _error(e.code, str(e))
         except InputError as e:  # a store operation refused an argument: an answer too
             self._rollback(tx, savepoint)
+            self.behaviour.on_rollback()
             return _error("bad_request", str(e))
         except Exception as e:  # the handler failed on this message: roll it back alone and count it
             self._rollback(tx, savepoint)

@@ -58,7 +58,7 @@ class Event(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     status: Annotated[int, msgspec.Meta(ge=100, le=599)]
     response_ms: Annotated[float, msgspec.Meta(ge=0, lt=1e9)]  # NaN and infinity fail too: a sketch must not see them
     client: Annotated[str, msgspec.Meta(max_length=64)]  # the keyed hash of the client IP, never the IP
-    method: Annotated[str, msgspec.Meta(min_length=1, max_length=16)] = "GET"
+    method: Annotated[str, msgspec.Meta(max_length=16)] = "GET"
     bytes: Annotated[int, msgspec.Meta(ge=0, lt=2**62)] | None = None
 
     def row(self) -> tuple:
@@ -81,7 +81,8 @@ def make_event(*, path: str, status: int, response_ms: float, method: str = "GET
     for name, value in (("client_ip", client_ip), ("request_id", request_id), ("method", method)):
         if not isinstance(value, str) or len(value) > 256:
             raise InputError(f"{name} {value!r}: expected text of at most 256 characters", where=name)
-    given = {"ts_ms": ts_ms, "status": status, "response_ms": response_ms, "bytes": bytes, "id": idempotent_id}
+    given = {"ts_ms": ts_ms, "status": status, "response_ms": response_ms, "bytes": bytes, "id": idempotent_id,
+             "method": method, "path": path}
     raw = {"id": idempotent_id if idempotent_id is not None else _PLACEHOLDER_ID, "ts_ms": ts_ms,
            "path": normalize(path), "method": method.upper()[:16], "status": status, "response_ms": response_ms,
            "client": hash_ip(client_ip), "bytes": bytes}

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import msgspec
+
 from cardq import app, inputs
 from cardq.actors.client import ActorClient
 from cardq.actors.recorder import EventRecorder
@@ -133,6 +135,10 @@ class Queue:
         self._opened: weakref.WeakSet[Database | ActorClient] = weakref.WeakSet()
         self._events: EventRecorder | None = None
         self._events_pid = 0
+        # Gate permits whose release failed (the actor was restarting): shared by every thread's client, so the
+        # next gate call of ANY thread releases them — a thread that ends must not keep a permit for good.
+        self._unreleased: list[tuple[str, str]] = []
+        self._closed = False
         self.ratelimit = RateLimits(self)
         self.counter = Counters(self)
 
@@ -161,17 +167,26 @@ class Queue:
                 self.config_error = str(e)  # keep running on the last valid config, and say so
                 return
             self.config_error = None
+            if new.config.store != self._loaded.config.store:
+                # Threads hold connections to the database in effect: they must all keep using the same one.
+                self.config_error = (f"{path}: [store] changed; it applies when the app restarts (the rest of the "
+                                     "file applies now)")
+                new = LoadedConfig(msgspec.structs.replace(new.config, store=self._loaded.config.store), new.path,
+                                   new.digest, new.explicit, new.raw)
             if new.digest != self._loaded.digest:
                 self._loaded = new
                 self._generation += 1
 
     def _db(self) -> Database:
+        if self._closed:
+            raise Error("this cardq Queue was closed; connect() again")
         local = self._local
         if local.pid != os.getpid():  # a new thread, or a forked child: never use the parent's connections
             local.pid, local.db, local.client, local.client_generation = os.getpid(), None, None, -1
         if local.db is None:
             local.db = app.open_db(self._loaded)
-            weakref.finalize(local.db, local.db.conn.close)  # when its thread ends, not at interpreter exit only
+            # Closed when its thread ends and its state is collected (not only at exit) — never in a forked child.
+            weakref.finalize(local.db, _close_in, os.getpid(), local.db.conn)
             with self._lock:
                 self._opened.add(local.db)
         return local.db
@@ -180,19 +195,32 @@ class Queue:
         self._follow_config()
         self._db()  # resets the per-thread state after a fork
         local = self._local
-        if local.client is None or local.client_generation != self._generation:
+        with self._lock:
+            loaded, generation = self._loaded, self._generation  # read together: a client of one config
+        if local.client is None or local.client_generation != generation:
             if local.client is not None:
                 local.client.close()
-            local.client = ActorClient.from_config(self._loaded, name=f"{self.name}-{threading.get_ident()}")
-            local.client_generation = self._generation
+            local.client = ActorClient.from_config(loaded, name=f"{self.name}-{threading.get_ident()}",
+                                                   unreleased=self._unreleased)
+            local.client_generation = generation
             with self._lock:
                 self._opened.add(local.client)
+        if self._unreleased:  # permits whose release failed earlier (an actor restart): any call gives them back
+            with contextlib.suppress(Error):
+                local.client.release_leftovers()
         return local.client
 
     def close(self) -> None:
-        """Flush recorded events, close every connection this Queue opened (call it when the app stops)."""
+        """Flush recorded events, give back permits whose release failed, close every connection this Queue
+        opened (call it when the app stops). A closed Queue refuses further calls."""
+        if self._closed:
+            return
         if self._events is not None and self._events_pid == os.getpid():
             self._events.close()
+        if self._unreleased:
+            with contextlib.suppress(Error):
+                self._client().release_leftovers()
+        self._closed = True
         with self._lock:
             opened, self._opened = list(self._opened), weakref.WeakSet()
         for thing in opened:
@@ -256,7 +284,8 @@ class Queue:
         """Return once every job is done, dead or cancelled, or when `timeout` seconds have passed: each job's
         state then, in the order given (check `.finished`). Sleeps between looks, waking early when another
         process commits to the database (no polling of the jobs table)."""
-        ids = list(dict.fromkeys(job_ids))
+        given = list(job_ids)  # may repeat an id (two items under one idempotency key): answered for each
+        ids = list(dict.fromkeys(given))
         db = self._db()
         deadline = time.monotonic() + timeout
         pause = WAIT_MIN_S
@@ -267,7 +296,8 @@ class Queue:
             if missing:
                 raise JobNotFound(missing[0])
             if all(s in FINISHED for s in states.values()) or time.monotonic() >= deadline:
-                return [self.job(i) for i in ids]
+                jobs = {i: self.job(i) for i in ids}
+                return [jobs[i] for i in given]
             # Sleep until something commits (the token moves) or the pause is over; pauses grow while idle.
             while db.change_token() == token and time.monotonic() < deadline:
                 time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
@@ -368,6 +398,8 @@ class Queue:
     def events(self) -> EventRecorder:
         """The buffered traffic-event recorder: `q.events.record(path=..., status=..., response_ms=...)` never
         blocks; events reach the path collector, or the durable inbox when it is down."""
+        if self._closed:
+            raise Error("this cardq Queue was closed; connect() again")
         if self._events is None or self._events_pid != os.getpid():  # after a fork the sender thread is gone
             with self._lock:
                 if self._events is None or self._events_pid != os.getpid():
@@ -396,7 +428,8 @@ class RateLimits:
         except ActorUnavailable:
             if on_unavailable == "deny":
                 raise
-            self.allowed_unavailable += 1
+            with self._q._lock:
+                self.allowed_unavailable += 1
             return RateLimitDecision(True, 0, 0, 0.0, 0.0, unavailable=True)
         return RateLimitDecision(r["allowed"], r["limit"], r["remaining"], r["retry_after_s"], r["reset_after_s"])
 
@@ -509,6 +542,13 @@ def _job_info(row: Mapping[str, Any]) -> JobInfo:
 
 
 _JOB_FIELDS = tuple(JobInfo.__dataclass_fields__)
+
+
+def _close_in(pid: int, conn: Any) -> None:
+    """A thread's connection, closed when its state is collected — but only in the process that opened it: a
+    SQLite connection must never be touched across a fork."""
+    if os.getpid() == pid:
+        conn.close()
 
 
 def _fresh(stamp: tuple[int, int, int] | None) -> bool:

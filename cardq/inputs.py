@@ -51,6 +51,8 @@ def detect_format(name: str, text: str) -> str:
 
 def parse_items(text: str, name: str, fmt: str = "auto", key_field: str | None = None) -> list[Item]:
     """Parse a whole file's text into items; raises InputError at the first bad line."""
+    if fmt not in FORMATS:
+        raise InputError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}", where="format")
     if fmt == "auto":
         fmt = detect_format(name, text)
     items = make_items({"jsonl": _jsonl, "json": _json_array, "csv": _csv}[fmt](text, name), key_field)

@@ -95,8 +95,10 @@ class _SinkLogger:
     debug = info = warning = warn = error = critical = exception = fatal = log = msg
 
 
-def configure(role: str, *, level: str, fmt: str, sink: LineSink, tty: bool | None = None) -> None:
-    """Set up structlog for this process: each line carries role and pid (and job id, when bound)."""
+def configure(role: str, *, level: str, fmt: str, sink: LineSink, tty: bool | None = None) -> dict[str, Any]:
+    """Set up structlog for this process: each line carries role and pid (and job id, when bound). Returns the
+    configuration it replaced (see `restore`)."""
+    previous = structlog.get_config()
     if tty is None:
         tty = sys.stderr.isatty()
     use_console = fmt == "console" or (fmt == "auto" and tty)
@@ -125,6 +127,12 @@ def configure(role: str, *, level: str, fmt: str, sink: LineSink, tty: bool | No
         logger_factory=lambda *args: _SinkLogger(sink),
         cache_logger_on_first_use=False,
     )
+    return previous
+
+
+def restore(previous: dict[str, Any]) -> None:
+    """Put back a structlog configuration that `configure` replaced."""
+    structlog.configure(**previous)
 
 
 def get(**bind: Any) -> Any:

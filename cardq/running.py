@@ -24,12 +24,13 @@ def supervise(loaded: LoadedConfig, *, workers: int | None, burst: bool,
     children kept dying, ConfigError when a child cannot run with this config."""
     cfg = loaded.config.log
     sink = logs.LineSink(logs.file_writer(logs.open_destination(cfg.file)))
-    logs.configure("supervisor", level=cfg.level, fmt=cfg.format, sink=sink)
+    previous = logs.configure("supervisor", level=cfg.level, fmt=cfg.format, sink=sink)
     sup = Supervisor(loaded, workers=workers, burst=burst, log_sink=sink.put, on_progress=on_progress)
     try:
         sup.run()
     finally:
         sink.close()
+        logs.restore(previous)  # an app that ran a supervisor in-process keeps its own logging afterwards
 
 
 def with_log_level(loaded: LoadedConfig, level: str) -> LoadedConfig:
@@ -42,8 +43,6 @@ def signal_supervisor(loaded: LoadedConfig, name: str) -> int:
     try:
         pid = running_pid(loaded.db_path)
         os.kill(pid, getattr(signal, name))
-    except NotRunning as e:
-        raise Error(str(e)) from None
     except ProcessLookupError:
         raise Error(f"supervisor pid {pid} is gone") from None
     return pid

@@ -17,6 +17,7 @@ as tracked here), children.py (how a child starts and talks).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
@@ -68,7 +69,6 @@ class Supervisor:
         self.started_at = time.time()
         self.maintenance: Maintenance | None = None
         self.wakeups: Wakeups | None = None
-        self.done_total = 0
         self.log = logs.get()
         self.lock = SupervisorLock(loaded.db_path)
         self.db = None
@@ -76,6 +76,8 @@ class Supervisor:
     # ---- life cycle -------------------------------------------------------------------------------------
 
     def start(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise Error("the supervisor runs in a process's main thread only: it handles SIGTERM, SIGINT and SIGHUP")
         self.lock.acquire()
         try:
             keys.ensure_run_dir(self.loaded.run_dir)
@@ -85,13 +87,17 @@ class Supervisor:
             self.wakeups = Wakeups(self.db)
             orphans = jobs.recover_orphans(self.db, owner_prefix=OWNER_PREFIX, current_prefix=self.prefix)
             expired = jobs.recover(self.db, processing_timeout_s=self.maintenance.processing_timeout())
+            self.signals.install()
         except BaseException:
+            self.signals.restore()
+            if self.db is not None:
+                self.db.close()
+                self.db = None
             self.lock.release()
             raise
         self.log.info("supervisor.started", run_id=self.run_id, workers=self.desired, burst=self.burst,
                       config=self.loaded.source, config_digest=self.loaded.digest, database=str(self.loaded.db_path),
                       recovered_orphans=orphans.total, recovered_expired=expired.total)
-        self.signals.install()
 
     def close(self) -> None:
         for child in self.children.values():
@@ -305,10 +311,8 @@ class Supervisor:
         """What each child is doing, from its shared-memory slot (no message per job)."""
         for child in self.children.values():
             done = child.read_slot()
-            if done:
-                self.done_total += done
-                if self.on_progress is not None:
-                    self.on_progress(done)
+            if done and self.on_progress is not None:
+                self.on_progress(done)
 
     # ---- periodic work ----------------------------------------------------------------------------------
 

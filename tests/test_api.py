@@ -4,6 +4,8 @@ limits that follow config.toml, actor calls with and without a supervisor, one Q
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import threading
 import time
 import zoneinfo
@@ -136,6 +138,54 @@ def test_threads_that_end_take_their_connections_with_them(q):
     assert q.jobs(user="u", limit=100).jobs[50].status == "queued"  # 51 jobs: every thread's submit counted
 
 
+def test_wait_answers_for_every_id_given_even_repeated(q):
+    batch = q.submit([{"title": "A", "sku": "1"}, {"title": "B", "sku": "2"}, {"title": "A again", "sku": "1"}],
+                     user="u1", plan="basic", idempotency_key_field="sku")
+    assert batch.ids[0] == batch.ids[2]
+    assert [j.id for j in q.wait(batch.ids, timeout=0)] == batch.ids  # nothing runs: the states now, one per id
+
+
+def test_a_store_change_in_config_toml_waits_for_a_restart(q, site):
+    q.submit(items(1), user="u1", plan="basic")
+    site.write_text(site.read_text().replace('path = "./cardq.db"', 'path = "./other.db"').replace(
+        "free = 5", "free = 7"))
+    assert q.limits()["daily.free"].value == 7  # the rest applies now
+    assert q.config.db_path.name == "cardq.db" and "[store] changed" in q.config_error
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(q.pending()))  # a new thread: the same database
+    t.start()
+    t.join()
+    assert seen == [1] and q.pending() == 1
+
+
+def test_misuse_gets_a_cardq_error_not_a_traceback(q, site):
+    with pytest.raises(cardq.NotRunning):
+        q.reload()
+    with pytest.raises(cardq.NotRunning):
+        q.stop()
+    errors = []
+
+    def run_in_thread():
+        try:
+            cardq.supervise(site, burst=True)
+        except cardq.Error as e:
+            errors.append(e)
+
+    t = threading.Thread(target=run_in_thread)
+    t.start()
+    t.join(60)
+    assert errors and "main thread" in str(errors[0])
+    with pytest.raises(cardq.NotRunning):  # and it left no lock behind
+        q.stop()
+    with pytest.raises(cardq.InputError, match="format 'xml'"):
+        q.submit_file(site, user="u", plan="basic", fmt="xml")
+    (q.config.run_dir / "cardq.key").unlink()  # no key yet: nothing can be reached, and "allow" still allows
+    assert q.ratelimit.check("k", on_unavailable="allow").unavailable
+    q.close()
+    with pytest.raises(cardq.Error, match="closed"):
+        q.job(1)
+
+
 def test_purge_dry_run_counts_and_deletes_nothing(q):
     ids = q.submit(items(2), user="u1", plan="basic").ids
     for job_id in ids:
@@ -159,6 +209,12 @@ def test_actor_calls_fail_at_once_when_no_supervisor_runs(site, tmp_path):
             q.counter.incr("k")
         with pytest.raises(cardq.InputError, match="on_unavailable"):
             q.ratelimit.check("k", on_unavailable="maybe")
+        # A socket file left behind by a killed supervisor (nothing listens on it): at once too.
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(str(socket_path(q.config.run_dir, "ratelimit", 0)))
+        stale.close()
+        with pytest.raises(cardq.ActorUnavailable, match="no supervisor runs"):
+            q.ratelimit.check("ip:1.2.3.4")
         # Events are never lost: with no collector they go to the durable inbox.
         q.events.record(path="/cards/1", status=200, response_ms=1.0, client_ip="10.0.0.1", request_id="r1")
         assert q.events.flush(60) and q.events.to_inbox == 1
@@ -181,6 +237,36 @@ def test_wait_returns_when_jobs_finish_and_sleeps_while_nothing_changes(tmp_path
             [job] = q.wait(slow, timeout=1.0)
             assert job.status == "processing" and not job.finished
             assert time.process_time() - cpu < 0.3
+    finally:
+        d.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_permit_whose_release_failed_is_given_back_by_any_thread(tmp_path):
+    # A request holds the gate while the supervisor is stopped (a deploy): its release cannot reach the actor.
+    # The thread ends; the next call of any thread, once actors are back, gives the permit back.
+    d = Deployment(tmp_path, workers={"count": 0})
+    try:
+        first = d.start()
+        run_dir = d.loaded.run_dir
+        wait_for(lambda: socket_path(run_dir, "ratelimit", 0).exists(), 60, what="the rate limiter")
+        q = cardq.connect(d.config_path)
+
+        def request() -> None:
+            with q.gate("generation"):
+                first.send_signal(signal.SIGTERM)
+                first.wait(60)
+
+        t = threading.Thread(target=request)
+        t.start()
+        t.join(120)
+        assert q._unreleased  # kept by the Queue, not by the thread's client that is gone
+        d.start()
+        wait_for(lambda: socket_path(run_dir, "ratelimit", 0).exists(), 60, what="the rate limiter again")
+        wait_for(lambda: q.gate_stats()["generation"]["active"] == 0, 30, what="the permit given back")
+        assert not q._unreleased
+        q.close()
     finally:
         d.close()
 
