@@ -30,8 +30,11 @@ import apsw
 import orjson
 
 import cardq
+from cardq import app
 from cardq.actors import keys
 from cardq.actors.protocol import socket_path
+from cardq.store import queries
+from cardq.store import submit as store_submit
 
 CARDQ = str(Path(sys.executable).parent / "cardq")
 ROUNDS = 3
@@ -107,10 +110,23 @@ def main() -> None:
     floor = per_call_us(raw_insert, 2000)
     rows.append(("q.submit, 1 item", f"{api:.0f} µs", f"{floor:.0f} µs (1-row INSERT tx)", f"{api / floor:.1f}x"))
 
+    # The layer below the API, on its own connection: what the API adds to the store's own work.
+    db = app.open_db(q.config)
+    configured, attempts = q.config.limit_values(), q.config.config.workers.max_attempts
+    store_us = per_call_us(lambda i: store_submit.submit(db, [store_submit.NewJob(b'{"title":"Mug"}')],
+                                                        user_id=f"w{i % 50}", plan="enterprise",
+                                                        max_attempts=attempts, configured=configured), 2000)
+    rows.append(("q.submit, 1 item, over the store's submit", f"{api:.0f} µs", f"{store_us:.0f} µs (store.submit)",
+                 f"{api / store_us:.2f}x"))
+
     api = per_call_us(lambda i: q.job(ids[i % len(ids)]), 5000)
     floor = per_call_us(lambda i: raw.execute("SELECT * FROM jobs WHERE id = ?", (ids[i % len(ids)],)).fetchall(),
                         5000)
     rows.append(("q.job(id)", f"{api:.0f} µs", f"{floor:.0f} µs (SELECT by id)", f"{api / floor:.1f}x"))
+    store_us = per_call_us(lambda i: queries.get(db, ids[i % len(ids)]), 5000)
+    rows.append(("q.job(id), over the store's get", f"{api:.0f} µs", f"{store_us:.0f} µs (queries.get)",
+                 f"{api / store_us:.2f}x"))
+    db.close()
 
     proc = subprocess.Popen([CARDQ, "supervise", "--workers", "0"], cwd=root,
                             env={**os.environ, "CARDQ_CONFIG": str(config)}, stdout=subprocess.DEVNULL,

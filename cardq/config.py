@@ -7,11 +7,13 @@ turns `ConfigError` into exit code 2.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
 import tomllib
 import zoneinfo
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -180,8 +182,13 @@ class LoadedConfig:
     def source(self) -> str:
         return str(self.path) if self.path is not None else "built-in defaults"
 
-    def limit_values(self) -> dict[str, tuple[int, str]]:
-        """Each limit key → (value, "config" if the file sets it else "default"), for store.limits."""
+    def limit_values(self) -> Mapping[str, tuple[int, str]]:
+        """Each limit key → (value, "config" if the file sets it else "default"), for store.limits. Computed once
+        per loaded config (a submit asks for it every time); read-only."""
+        return self._limit_values
+
+    @functools.cached_property
+    def _limit_values(self) -> Mapping[str, tuple[int, str]]:
         lim = self.config.limits
         values = {key: getattr(lim, key) for key in LIMIT_SCALAR_KEYS}
         values.update({f"daily.{plan}": n for plan, n in lim.daily.items()})
