@@ -320,6 +320,8 @@ class Queue:
         """Delete jobs that finished more than `older_than` ago ("7d", "12h" or seconds); how many (with
         dry_run: would be)."""
         seconds = app.parse_duration(older_than) if isinstance(older_than, str) else float(older_than)
+        if not 0 <= seconds <= app.MAX_DURATION_S:
+            raise InputError(f"older_than {older_than!r}: expected 0 to 100 years", where="older_than")
         return admin.purge(self._db(), older_than_s=seconds, statuses=tuple(statuses), dry_run=dry_run)
 
     # ---- limits -----------------------------------------------------------------------------------------------

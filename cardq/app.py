@@ -40,7 +40,14 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 def parse_duration(text: str) -> float:
     """'90s', '15m', '12h', '7d', '2w' (or a bare number of seconds) → seconds."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    m = re.fullmatch(r"\s*(\d{1,12}(?:\.\d{1,9})?)\s*([smhdw]?)\s*", text)
     if not m:
-        raise InputError(f"duration {text!r}: expected a number with a unit s, m, h, d or w, such as 7d")
-    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+        raise InputError(f"duration {text!r}: expected a number (at most 12 digits) with a unit s, m, h, d or w, "
+                         "such as 7d")
+    seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    if seconds > MAX_DURATION_S:
+        raise InputError(f"duration {text!r}: expected at most 100 years")
+    return seconds
+
+
+MAX_DURATION_S = 100 * 365 * 86400

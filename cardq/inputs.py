@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from cardq import jsonshape
 from cardq.errors import InputError
 from cardq.store.submit import NewJob
 
@@ -92,11 +93,11 @@ def make_items(objects: Iterable[tuple[str, dict]], key_field: str | None) -> li
                 raise InputError(f"{where}: {reason}", where=where, index=index, reason=reason)
             key = str(value)
         try:
-            payload = orjson.dumps(obj)
-        except TypeError as e:  # orjson: a value JSON cannot hold (an object, an integer beyond 64 bits, ...)
-            reason = f"not JSON: {e}"
-            raise InputError(f"{where}: {reason}; expected JSON values only", where=where, index=index,
-                             reason=reason) from None
+            payload = jsonshape.encode(obj)
+        except ValueError as e:
+            reason = str(e)
+            raise InputError(f"{where}: {reason}; expected JSON values nested at most {jsonshape.MAX_DEPTH} levels",
+                             where=where, index=index, reason=reason) from None
         items.append(Item(payload, key, where))
     return items
 

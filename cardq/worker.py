@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 import structlog
 
-from cardq import app, logs
+from cardq import app, jsonshape, logs
 from cardq.actors.client import ActorClient
 from cardq.children import EXIT_CONFIG, EXIT_STOPPED, EXIT_STORE, ChildContext
 from cardq.config import LoadedConfig, parse_config
@@ -185,9 +185,9 @@ class Worker:
         except Exception as e:  # the handler's failure is data (the job's error), not the worker's
             return self._fail(claimed, f"{type(e).__name__}: {e}")
         try:
-            orjson.dumps(result)
-        except orjson.JSONEncodeError as e:  # a result that cannot be stored is the handler's bug: permanent
-            return self._fail(claimed, f"permanent: the handler's result is not JSON: {e}", permanent=True)
+            jsonshape.encode(result)
+        except ValueError as e:  # a result that cannot be stored is the handler's bug: permanent
+            return self._fail(claimed, f"permanent: the handler's result cannot be stored: {e}", permanent=True)
         if not self.pending:
             self.pending_since = time.monotonic()
         self.pending.append((claimed.id, claimed.token, result))

@@ -6,6 +6,7 @@
   {"exit": code}      os._exit(code): the worker process dies mid-job
   {"fail": "msg"}     raise (transient), or with "permanent": true, PermanentError
   {"side_db": path}   record this job's execution in a side-effect table (idempotent per job id) first
+  {"deep": n}         return a result nested n levels deep
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ def behave(job: Job) -> dict:
         time.sleep(p["sleep"])
     if "exit" in p:
         os._exit(p["exit"])
+    if "deep" in p:
+        result: object = "bottom"
+        for _ in range(p["deep"]):
+            result = [result]
+        return result
     if "fail" in p:
         if p.get("permanent"):
             raise PermanentError(p["fail"])

@@ -129,6 +129,21 @@ def test_sigterm_lets_in_flight_jobs_finish_and_claims_nothing_new(deploy):
     assert all(d.job(i)["attempts"] == 0 for i in ids if d.job(i)["status"] == "queued")
 
 
+def test_a_result_too_deep_to_store_fails_its_job_and_never_the_worker(deploy, tmp_path):
+    # 253 levels passed the old check and broke the batch encoding: the worker died, the job came back without
+    # an attempt counted, its side effect repeated, and the supervisor exited on restart intensity.
+    d = deploy(workers={"count": 1, "prefetch": 4})
+    side = str(tmp_path / "side.db")
+    bad, *good = d.submit([{"deep": 253, "side_db": side}, {"sleep": 0}, {"sleep": 0}])
+    proc = d.start("--burst")
+    assert proc.wait(120) == 0, d.output()
+    job = d.job(bad)
+    assert job["status"] == "dead" and job["attempts"] == 1 and side_effect_runs(side, bad) == 1
+    assert "cannot be stored: nested deeper than 64 levels" in job["last_error"]
+    assert all(d.job(i)["status"] == "done" for i in good)
+    assert [w["restarts"] for w in d.workers()] in ([], [0])
+
+
 def test_stop_gives_back_the_rest_of_a_prefetched_batch(deploy, tmp_path):
     # One worker claims all four jobs at once; a stop during the first lets it finish that one and gives the
     # other three back untouched (not run, no attempt counted), rather than running the whole batch.
