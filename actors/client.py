@@ -30,7 +30,7 @@ from cardq.actors import keys, protocol
 from cardq.actors.protocol import socket_path
 from cardq.actors.recorder import EventRecorder
 from cardq.config import LoadedConfig
-from cardq.errors import ActorError, ActorTimeout, ActorUnavailable, Error, NotRunning, Overloaded
+from cardq.errors import ActorError, ActorTimeout, ActorUnavailable, Error, InvalidRequest, NotRunning, Overloaded
 from cardq.lockfile import running_pid
 
 RECONNECT_PAUSE_S = 0.02
@@ -295,14 +295,14 @@ def _frame(msg: dict[str, Any]) -> bytes:
     try:
         return protocol.encode(msg)
     except TypeError as e:  # orjson: not JSON (an object, an integer beyond 64 bits, ...)
-        raise ActorError(f"{msg.get('op')}: arguments cannot be sent: {e}", "bad_request") from None
+        raise InvalidRequest(f"{msg.get('op')}: arguments cannot be sent: {e}", "bad_request") from None
 
 
 def _result(answer: dict[str, Any]) -> Any:
     if answer.get("ok"):
         return answer.get("r")
     code = str(answer.get("code", "error"))
-    cls = Overloaded if code == "overloaded" else ActorTimeout if code == "timeout" else ActorError
+    cls = {"overloaded": Overloaded, "timeout": ActorTimeout, "bad_request": InvalidRequest}.get(code, ActorError)
     return cls(str(answer.get("err", "the actor refused the request")), code)
 
 

@@ -36,6 +36,7 @@ from cardq.errors import (
     ConfigError,
     Error,
     InputError,
+    InvalidRequest,
     InvalidTransition,
     JobNotFound,
     LeaseLost,
@@ -50,8 +51,8 @@ from cardq.handlers import Job, PermanentError
 
 __all__ = [
     "FINISHED", "FORMATS", "MAX_PRIORITY", "STATUSES", "ActorError", "ActorTimeout", "ActorUnavailable",
-    "AlreadyRunning", "Batch", "ConfigError", "CounterResult", "Error", "InputError", "InvalidTransition", "Job",
-    "JobInfo", "JobNotFound", "JobPage", "LeaseLost", "Limit", "LimitExceeded", "NotRunning", "Overloaded",
-    "PermanentError", "Queue", "RateLimitDecision", "RestartIntensityExceeded", "StoreBusy", "StoreError",
-    "connect", "init", "read_items", "selftest", "supervise",
+    "AlreadyRunning", "Batch", "ConfigError", "CounterResult", "Error", "InputError", "InvalidRequest",
+    "InvalidTransition", "Job", "JobInfo", "JobNotFound", "JobPage", "LeaseLost", "Limit", "LimitExceeded",
+    "NotRunning", "Overloaded", "PermanentError", "Queue", "RateLimitDecision", "RestartIntensityExceeded",
+    "StoreBusy", "StoreError", "connect", "init", "read_items", "selftest", "supervise",
 ]

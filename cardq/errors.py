@@ -71,6 +71,11 @@ class ActorError(Error):
         self.code = code
 
 
+class InvalidRequest(ActorError):
+    """An actor refused a request as malformed or contradictory: an unknown gate, a cost above the burst, an op id
+    already used for a different request. Resending it will not help."""
+
+
 class ActorTimeout(ActorError):
     """Sent, but no answer within the ask timeout. The request may or may not have been applied; retry with the
     same op_id to have it applied exactly once."""

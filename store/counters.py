@@ -25,13 +25,15 @@ def get(tx: Tx, key: str, *, day: str) -> int:
 
 
 def incr(tx: Tx, key: str, n: int, op_id: str, *, day: str, now: float) -> int:
-    """Add n (may be negative) once per op_id; the value after it."""
-    seen = _seen(tx, op_id)
+    """Add n (may be negative) once per op_id; the value after it. An op id already used for a different
+    request (another key or amount) is refused with InputError."""
+    request = f"incr {key} {n}"
+    seen = _seen(tx, op_id, request)
     if seen is not None:
         return seen[1]
     value = get(tx, key, day=day) + n
     _set(tx, key, value, day, now)
-    _remember(tx, op_id, True, value, now)
+    _remember(tx, op_id, request, True, value, now)
     return value
 
 
@@ -40,7 +42,8 @@ def incr_if_below(tx: Tx, key: str, n: int, limit: int, op_id: str, *, day: str,
 
     For usage:<user> the counted total includes the user's queued and processing jobs, exactly like the submit
     check (done today + active + n <= limit)."""
-    seen = _seen(tx, op_id)
+    request = f"incr_if_below {key} {n} {limit}"
+    seen = _seen(tx, op_id, request)
     if seen is not None:
         return bool(seen[0]), seen[1]
     if key.startswith(USAGE):
@@ -52,7 +55,7 @@ def incr_if_below(tx: Tx, key: str, n: int, limit: int, op_id: str, *, day: str,
     if ok:
         value += n
         _set(tx, key, value, day, now)
-    _remember(tx, op_id, ok, value, now)
+    _remember(tx, op_id, request, ok, value, now)
     return ok, value
 
 
@@ -61,13 +64,21 @@ def prune_ops(tx: Tx, before: float) -> None:
     tx.c.execute("DELETE FROM counter_ops WHERE at < ?", (before,))
 
 
-def _seen(tx: Tx, op_id: str) -> tuple[int, int] | None:
-    rows = tx.c.execute("SELECT ok, value FROM counter_ops WHERE op_id = ?", (op_id,)).fetchall()
-    return rows[0] if rows else None
+def _seen(tx: Tx, op_id: str, request: str) -> tuple[int, int] | None:
+    """The answer an op id got, if it was applied; InputError if it was applied to a different request."""
+    rows = tx.c.execute("SELECT ok, value, request FROM counter_ops WHERE op_id = ?", (op_id,)).fetchall()
+    if not rows:
+        return None
+    ok, value, first = rows[0]
+    if first and first != request:
+        reason = f"op id {op_id!r} was used for `{first}`; this is `{request}`: expected a new op id"
+        raise InputError(reason, where="op_id", reason=reason)
+    return ok, value
 
 
-def _remember(tx: Tx, op_id: str, ok: bool, value: int, now: float) -> None:
-    tx.c.execute("INSERT INTO counter_ops (op_id, ok, value, at) VALUES (?, ?, ?, ?)", (op_id, int(ok), value, now))
+def _remember(tx: Tx, op_id: str, request: str, ok: bool, value: int, now: float) -> None:
+    tx.c.execute("INSERT INTO counter_ops (op_id, ok, value, at, request) VALUES (?, ?, ?, ?, ?)",
+                 (op_id, int(ok), value, now, request))
 
 
 def _set(tx: Tx, key: str, value: int, day: str, now: float) -> None:

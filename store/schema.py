@@ -192,6 +192,11 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX traffic_inbox_shard ON traffic_inbox (shard, id);
     """,
+    # v4: an op id remembers the request it was for ("incr cards:made 5"), so one reused for a different
+    # request is refused instead of silently answered with the first request's result ('' for older rows).
+    """
+    ALTER TABLE counter_ops ADD COLUMN request TEXT NOT NULL DEFAULT '';
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -23,7 +23,7 @@ from cardq.actors import keys, protocol
 from cardq.actors.client import ActorClient
 from cardq.actors.protocol import socket_path
 from cardq.config import load_config
-from cardq.errors import ActorError
+from cardq.errors import ActorError, InvalidRequest
 from cardq.store import processes as store_processes
 
 import actor_clients
@@ -497,4 +497,21 @@ def test_a_trickling_client_does_not_stall_the_actor(make):
     assert time.monotonic() - started < 5  # generous: a stalled loop would take 50 x its read timeout
     raw.close()
     slow.close()
+    client.close()
+
+
+def test_an_op_id_reused_for_a_different_request_is_refused(make):
+    d = make()
+    client = up(d, "counter-0")
+    assert client.counter.incr("cards:made", 5, op_id="7f3a") == 5
+    assert client.counter.incr("cards:made", 5, op_id="7f3a") == 5  # a retry: the same answer, applied once
+    with pytest.raises(InvalidRequest, match=r"op id '7f3a' was used for `incr cards:made 5`; this is "
+                                             r"`incr users:signed_up 1`"):
+        client.counter.incr("users:signed_up", 1, op_id="7f3a")
+    with pytest.raises(InvalidRequest):
+        client.counter.incr("cards:made", 6, op_id="7f3a")  # same key, another amount
+    assert client.counter.get("users:signed_up") == 0 and client.counter.get("cards:made") == 5
+    # The CLI says so in one line, exit 2.
+    out = d.cardq("counter", "incr", "users:signed_up", "1", "--op-id", "7f3a")
+    assert out.returncode == 2 and "expected a new op id" in out.stderr and out.stderr.count("\n") == 1
     client.close()
