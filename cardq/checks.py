@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from cardq import app
 from cardq.config import LoadedConfig
@@ -49,7 +50,26 @@ def _checks(config_path: str | None) -> Iterator[Check]:
             db.close()
     yield _check("handler", lambda: (load_handler(loaded.config.workers.handler), loaded.config.workers.handler)[1])
     yield _check("disk", lambda: _disk(loaded))
+    loose = loose_permissions(loaded)
+    yield Check("permissions", not loose, "; ".join(loose) or "database, WAL, log and key file are the owner's only")
     yield _check("supervisor", lambda: f"pid {running_pid(loaded.db_path)}")
+
+
+def loose_permissions(loaded: LoadedConfig) -> list[str]:
+    """cardq's files that other local users can read or write (each as "path mode 644: expected 600")."""
+    db = loaded.db_path
+    files = [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"), loaded.run_dir / "cardq.key"]
+    if loaded.config.log.file:
+        files.append(Path(loaded.config.log.file))  # as `cardq supervise` opens it
+    out = []
+    for path in files:
+        try:
+            mode = path.stat().st_mode & 0o777
+        except OSError:
+            continue  # not there (yet): nothing to expose
+        if mode & 0o077:
+            out.append(f"{path} mode {mode:o}: readable or writable by others, expected 600 (chmod 600 {path})")
+    return out
 
 
 def _check(name: str, fn: Callable[[], str]) -> Check:

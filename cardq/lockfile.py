@@ -2,6 +2,11 @@
 
 The kernel releases a flock when its holder dies however it dies, so a stale file left by a SIGKILLed
 supervisor is simply taken over: only a live holder is obeyed. Spawned children do not inherit the descriptor.
+
+The lock belongs to the database FILE, not to the name it was reached by: the path is resolved (a symlink to a
+database, or to its folder, finds the same lock), and a database file with a second name (a hard link) is
+refused, since a lock beside one name could not be seen from the other. (The lock is not taken on the database
+file itself: closing any descriptor of a file drops the process's POSIX locks on it — SQLite's own.)
 """
 
 from __future__ import annotations
@@ -14,16 +19,30 @@ from cardq.errors import AlreadyRunning, NotRunning
 
 
 def lock_path(db_path: Path) -> Path:
-    return db_path.with_name(db_path.name + ".supervisor")
+    real = Path(os.path.realpath(db_path))
+    return real.with_name(real.name + ".supervisor")
+
+
+def check_one_name(db_path: Path) -> None:
+    """AlreadyRunning's kin: a database reachable under two names could get two supervisors."""
+    try:
+        links = os.stat(db_path).st_nlink
+    except FileNotFoundError:
+        return  # created by the supervisor, with one name
+    if links > 1:
+        raise AlreadyRunning(f"{db_path}: the database file has {links} names (hard links); one supervisor per "
+                             "database is guaranteed only for a file with one name: remove the other links")
 
 
 class SupervisorLock:
     def __init__(self, db_path: Path):
+        self.db_path = db_path
         self.path = lock_path(db_path)
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        check_one_name(self.db_path)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -80,7 +80,8 @@ def open_destination(path: str) -> IO[bytes]:
     """'' → standard error; else the file, appended to."""
     if not path:
         return sys.stderr.buffer
-    return open(path, "ab")  # noqa: SIM115 - lives as long as the process
+    # 0600: job ids, users and errors are not every local user's to read.
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600), "ab")
 
 
 class _SinkLogger:

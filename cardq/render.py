@@ -58,6 +58,8 @@ def status(data: dict[str, Any]) -> str:
                                             ([u["user_id"], u["queued"], u["processing"]] for u in data["users"]))]
     out += ["", "limits in effect:", table(
         ["limit", "value", "source"], ([k, v["value"], v["source"]] for k, v in data["limits"].items()))]
+    for warning in data.get("warnings") or ():
+        out += [f"WARNING: {warning}"]
     return "\n".join(out)
 
 

@@ -14,6 +14,7 @@ A connection must never cross a fork: open one in each process, after it starts.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 import zoneinfo
@@ -87,7 +88,10 @@ class Database:
         flags = apsw.SQLITE_OPEN_READWRITE | (apsw.SQLITE_OPEN_CREATE if create else 0)
         try:
             if create:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                # Job payloads are customers' data: the file is the owner's alone (0600; SQLite gives the -wal
+                # and -shm files the database file's mode), a folder made for it 0700.
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
             conn = apsw.Connection(str(path), flags=flags, statementcachesize=256)
         except (apsw.CantOpenError, OSError) as e:
             raise StoreError(f"{path}: cannot open database: {e}") from None

@@ -335,3 +335,25 @@ def test_status_matches_what_the_cli_prints(q, site):
     api_data = q.status()
     assert cli_data["jobs"] == api_data["jobs"] == {**dict.fromkeys(cardq.STATUSES, 0), "queued": 2}
     assert cli_data["limits"] == api_data["limits"] and api_data["supervisor"]["running"] is False
+
+
+def test_cardq_files_are_the_owners_only_and_looser_ones_are_reported(tmp_path):
+    old = os.umask(0o022)  # the usual umask, under which plain files come out 0644
+    try:
+        config = tmp_path / "site" / "config.toml"
+        cardq.init(config)
+        with cardq.connect(config) as q:
+            q.submit(items(1), user="u", plan="basic")
+            db = q.config.db_path
+            for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"),
+                         q.config.run_dir / "cardq.key"):
+                assert path.stat().st_mode & 0o777 == 0o600, path
+            assert q.status()["warnings"] == []
+            assert all(c.ok for c in cardq.selftest(config) if c.name == "permissions")
+            db.chmod(0o644)
+            [warning] = q.status()["warnings"]
+            assert str(db) in warning and "mode 644" in warning and "expected 600" in warning
+            [check] = [c for c in cardq.selftest(config) if c.name == "permissions"]
+            assert not check.ok and "mode 644" in check.detail
+    finally:
+        os.umask(old)

@@ -54,6 +54,31 @@ def test_second_supervisor_is_refused_naming_the_first(deploy):
     assert second.returncode == 1
     assert f"another supervisor (pid {first.pid}) is running" in second.stderr
     assert first.poll() is None
+    for path in (d.root / "cardq.log", d.loaded.db_path.with_name("cardq.db.supervisor")):
+        assert path.stat().st_mode & 0o777 == 0o600, path  # not every local user's to read
+
+
+def test_a_second_name_for_the_database_does_not_get_a_second_supervisor(deploy, tmp_path):
+    # A symlink to the database (and one to its folder) finds the running supervisor's lock; a hard link is
+    # refused outright. Before, the lock was keyed on the path's text and a second supervisor "recovered" live jobs.
+    d = deploy()
+    first = d.start()
+    wait_for(lambda: d.supervisor_row(), 30, what="first supervisor up")
+    (tmp_path / "alias.db").symlink_to(d.loaded.db_path)
+    (tmp_path / "folder-alias").symlink_to(d.loaded.db_path.parent)
+    for path in (tmp_path / "alias.db", tmp_path / "folder-alias" / d.loaded.db_path.name):
+        other = tmp_path / f"other-{path.name}.toml"
+        other.write_text(d.config_path.read_text().replace('"path" = "cardq.db"', f'"path" = "{path}"'))
+        second = d.cardq("supervise", "--config", str(other))
+        assert second.returncode == 1 and f"another supervisor (pid {first.pid}) is running" in second.stderr
+        status = d.cardq("status", "--json", "--config", str(other))
+        assert orjson.loads(status.stdout)["supervisor"]["pid"] == first.pid
+    os.link(d.loaded.db_path, tmp_path / "hard.db")
+    other = tmp_path / "other-hard.toml"
+    other.write_text(d.config_path.read_text().replace('"path" = "cardq.db"', f'"path" = "{tmp_path / "hard.db"}"'))
+    second = d.cardq("supervise", "--config", str(other))
+    assert second.returncode == 1 and "has 2 names (hard links)" in second.stderr
+    assert first.poll() is None
 
 
 def side_effect_runs(path: str, job_id: int) -> int:
