@@ -22,7 +22,15 @@ def _cell(v: Any) -> str:
         return "-"
     if isinstance(v, float):
         return f"{v:.3f}"
-    return str(v)
+    return printable(str(v))
+
+
+def printable(text: str) -> str:
+    """Text for a terminal: control characters (newlines, escape sequences, bidi overrides) shown escaped, never
+    acted on — a value from the database must not be able to forge a row or recolour the screen."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 def age(seconds: float | None) -> str:
@@ -60,7 +68,7 @@ def status(data: dict[str, Any]) -> str:
         ["limit", "value", "source"], ([k, v["value"], v["source"]] for k, v in data["limits"].items()))]
     for warning in data.get("warnings") or ():
         out += [f"WARNING: {warning}"]
-    return "\n".join(out)
+    return "\n".join(printable(line) for line in "\n".join(out).split("\n"))
 
 
 def _supervisor(sup: dict[str, Any]) -> str:

@@ -94,9 +94,14 @@ def submit(db: Database, items: Sequence[NewJob], *, user_id: str, plan: str, ki
 
 
 def _check_names(**names: str) -> None:
+    """A user id or kind: 1 to 200 printable characters, no whitespace (no newline or escape sequence can ride in
+    one and forge a line of `cardq status` or `jobs list`)."""
     for field, value in names.items():
-        if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME_LEN:
-            raise InputError(f"{field} {value!r}: expected a non-empty name of at most {MAX_NAME_LEN} characters")
+        if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_LEN or not value.isprintable() \
+                or any(ch.isspace() for ch in value):
+            reason = (f"expected 1 to {MAX_NAME_LEN} printable characters with no spaces or control characters "
+                      "(such as u42, user@example.com, 7f3a-…)")
+            raise InputError(f"{field} {value!r}: {reason}", where=field, reason=reason)
 
 
 def _check_batch(items: Sequence[NewJob], lim: Mapping[str, int]) -> None:

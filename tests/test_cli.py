@@ -995,3 +995,22 @@ def test_e2e_failures_are_one_line_with_their_exit_codes(tmp_path):
     cfg = _run("status", cwd=tmp_path)
     assert cfg.returncode == 2
     assert cfg.stderr.count("\n") == 1 and "workers.count = -1" in cfg.stderr and "Traceback" not in cfg.stderr
+
+
+@pytest.mark.parametrize("user", ["evil\nu42 999", "\x1b[31mred", "tab\there", "a b", "\u202eright-to-left", ""])
+def test_user_ids_that_could_forge_output_are_refused(cq, user):
+    cq.init()
+    items = cq.file("one.jsonl", b'{"title": "x"}\n')
+    line = error_line(cq("submit", items, "--user", user, "--plan", "basic"), 2)
+    assert "expected 1 to 200 printable characters" in line
+
+
+def test_control_characters_in_tables_are_shown_escaped():
+    from cardq import render
+
+    out = render.job_table([{"id": 1, "user_id": "evil\nu42 999\x1b[2J", "plan": "basic", "kind": "card",
+                             "status": "queued", "attempts": 0, "max_attempts": 5, "priority": 0,
+                             "created_at": 0.0, "last_error": None, "updated_at": 0.0, "finished_at": None,
+                             "started_at": None, "run_at": 0.0, "lease_owner": None, "lease_until": None,
+                             "idempotency_key": None}])
+    assert len(out.splitlines()) == 2 and "\\n" in out and "\x1b" not in out and "\\x1b[2J" in out
