@@ -15,6 +15,8 @@ from cardq.store import Database, jobs, limits
 
 PUBLISH_EVERY_S = 1.0
 CHECKPOINT_EVERY_S = 0.5
+WAL_TRUNCATE_ABOVE = 16 * 2**20  # bytes: past this the WAL is started over (see Database.checkpoint)
+WAL_TRUNCATE_WAIT_MS = 100  # the longest writers wait for it
 
 
 class Maintenance:
@@ -34,12 +36,20 @@ class Maintenance:
             got = self.call("recover", lambda: jobs.recover(self.db, processing_timeout_s=self.processing_timeout()))
             if got is not None and got.total:
                 self.log.warning("jobs.recovered", requeued=got.requeued, dead=got.dead)
-        if self._due("checkpoint", now, CHECKPOINT_EVERY_S):
-            # Workers do not checkpoint (a commit that crosses the threshold would pay for it): we do, here,
-            # PASSIVE so that no reader or writer ever waits on it.
-            self.call("checkpoint", self.db.checkpoint)
+        # Workers and actors do not checkpoint (a commit that crosses the threshold would pay for it): we do,
+        # here. PASSIVE on a timer keeps the database file current without anyone waiting; the WAL's size, a
+        # stat on every step, starts the log over once it passes the bound, however fast writers fill it.
+        if self._due("checkpoint", now, CHECKPOINT_EVERY_S) or self._wal_over():
+            self.call("checkpoint", lambda: self.db.checkpoint(truncate_above=WAL_TRUNCATE_ABOVE,
+                                                               wait_ms=WAL_TRUNCATE_WAIT_MS))
         if self._due("publish", now, PUBLISH_EVERY_S):
             self.publish()
+
+    def _wal_over(self) -> bool:
+        try:
+            return self.db.wal_bytes() > WAL_TRUNCATE_ABOVE
+        except OSError:
+            return False
 
     def _due(self, what: str, now: float, every: float) -> bool:
         if now < self.due.get(what, 0.0):
