@@ -176,6 +176,9 @@ class Worker:
                     result = self.handler(job)
                 finally:
                     signal.setitimer(signal.ITIMER_REAL, 0)
+                    # The handler is done: a death from here on (say, while the gate is given back to a stalled
+                    # actor) is not this job's fault and must not count towards its poison kills.
+                    self.ctx.slot.end()
         except JobTimeout:
             return self._fail(claimed, f"timeout: the handler ran longer than job_timeout_s={timeout_s:g}")
         except PermanentError as e:

@@ -7,6 +7,7 @@
   {"fail": "msg"}     raise (transient), or with "permanent": true, PermanentError
   {"side_db": path}   record this job's execution in a side-effect table (idempotent per job id) first
   {"deep": n}         return a result nested n levels deep
+  {"touch_after": p}  create the file p as the handler's last step (it has returned once p exists)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from pathlib import Path
 
 import apsw
 
@@ -42,6 +44,8 @@ def behave(job: Job) -> dict:
         if p.get("permanent"):
             raise PermanentError(p["fail"])
         raise RuntimeError(p["fail"])
+    if "touch_after" in p:
+        Path(p["touch_after"]).write_text(str(job.attempt))
     return {"job": job.id, "attempt": job.attempt, "pid": os.getpid()}
 
 
