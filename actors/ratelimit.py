@@ -70,16 +70,18 @@ class Policy:
 
 
 def gcra(tat: float | None, now: float, cost: int, p: Policy) -> tuple[dict[str, Any], float]:
-    """One GCRA decision: (answer, the key's TAT if allowed). Pure, so its guarantees are property-tested."""
+    """One GCRA decision: (answer, the key's TAT to keep). Pure, so its guarantees are property-tested."""
     t = p.interval
-    tat = now if tat is None or tat < now else tat
+    # A key's TAT is never legitimately more than a full burst ahead; one that is was set before the wall clock
+    # stepped back (NTP, a VM restored), and must not lock the key out for the length of that step.
+    tat = now if tat is None or tat < now else min(tat, now + p.burst * t)
     new_tat = tat + cost * t
     allow_at = new_tat - p.burst * t
     if allow_at <= now + 1e-9:
         return {"allowed": True, "limit": p.limit, "remaining": int((now - allow_at) / t + 1e-9),
                 "retry_after_s": 0.0, "reset_after_s": round(new_tat - now, 6)}, new_tat
     return {"allowed": False, "limit": p.limit, "remaining": 0, "retry_after_s": allow_at - now,
-            "reset_after_s": round(tat - now, 6)}, tat
+            "reset_after_s": round(tat - now, 6)}, tat  # unchanged, or pulled back to "full" after a step back
 
 
 @dataclass
@@ -166,8 +168,9 @@ class RateLimiter(Behaviour):
             raise ActorError(f"cost {a.cost}: expected 1 to {p.burst} (the burst of policy {p.pattern!r})",
                              "bad_request")
         now = time.time()
-        answer, new_tat = gcra(self.tat.get(a.key), now, a.cost, p)
-        if answer["allowed"]:
+        old = self.tat.get(a.key)
+        answer, new_tat = gcra(old, now, a.cost, p)
+        if new_tat != old and (answer["allowed"] or old is not None):  # a grant, or a TAT pulled back to "full"
             ratelimits.save(tx, a.key, new_tat)
             self.tat[a.key] = new_tat  # only once the write went through: memory never runs ahead of SQLite
         return answer

@@ -347,7 +347,7 @@ class ActorServer:
         savepoint = SINGLE not in flags
         if savepoint:
             tx.savepoint()
-        self.ctx.slot.begin(int(fp, 16) if fp else 0, time.time())
+        self.ctx.slot.begin(int(fp, 16) if fp else 0, time.monotonic())
         try:
             result = getattr(self.behaviour, method)(tx, client, args, msg.get("id"))
             if savepoint:

@@ -89,7 +89,8 @@ class Channel:
 
 
 class Slot:
-    """A child's status in shared memory: [job in hand (0: none), its start (epoch s), jobs done, state].
+    """A child's status in shared memory: [job in hand (0: none), its start (time.monotonic(): CLOCK_MONOTONIC,
+    one clock for every process), jobs done, state].
     Written only by the child; a SIGKILL at any instant leaves at worst a stale value, never a held lock."""
 
     JOB, STARTED, DONE, STATE = range(4)

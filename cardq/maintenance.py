@@ -33,7 +33,9 @@ class Maintenance:
             owners = self.owners()
             self.call("extend_leases", lambda: jobs.extend_owned(self.db, owners, lease_s=w.lease_s))
         if self._due("recover", now, sup.recover_interval_s):
-            got = self.call("recover", lambda: jobs.recover(self.db, processing_timeout_s=self.processing_timeout()))
+            live = self.owners()
+            got = self.call("recover", lambda: jobs.recover(self.db, processing_timeout_s=self.processing_timeout(),
+                                                            live_owners=live))
             if got is not None and got.total:
                 self.log.warning("jobs.recovered", requeued=got.requeued, dead=got.dead)
         # Workers and actors do not checkpoint (a commit that crosses the threshold would pay for it): we do,

@@ -297,11 +297,13 @@ class Supervisor:
         child.state = "restarting"
 
     def _enforce_timeouts(self, now: float) -> None:
+        """Kill a worker whose handler runs past job_timeout_s + timeout_grace_s. Both times are monotonic (the
+        slot's start is CLOCK_MONOTONIC, the same clock in every process): a step of the wall clock (NTP, a VM
+        resume) must not kill every busy worker as 'timeout'."""
         limit = self.loaded.config.workers.job_timeout_s + self.loaded.config.supervisor.timeout_grace_s
-        wall = time.time()
         for child in self.children.values():
             if child.alive and child.job_started is not None and child.kill_reason is None \
-                    and wall - child.job_started > limit:
+                    and now - child.job_started > limit:
                 child.kill_reason = "timeout"
                 self.log.warning("child.killed", child=child.spec.name, child_pid=child.proc.pid,
                                  job_id=child.current_job, reason=f"handler still running {limit:g}s after it started")

@@ -23,7 +23,7 @@ class TrackedChild:
     owner: str = ""  # the lease owner of its jobs, new with each incarnation
     incarnation: int = 0
     current_job: int | None = None  # for an actor: the fingerprint of the message in hand
-    job_started: float | None = None  # epoch seconds, as the child wrote it
+    job_started: float | None = None  # time.monotonic() when it started (the same clock in every process)
     jobs_done: int = 0
     restarts: int = 0
     last_exit: str | None = None

@@ -146,7 +146,8 @@ class Worker:
         """Commit the finished jobs' results and claim the next jobs, in one transaction."""
         w = self.loaded.config.workers
         batch, self.pending = self.pending, []
-        lost, held = jobs.finish_and_claim(self.db, batch, self.owner, k=w.prefetch, lease_s=w.lease_s)
+        lost, held = jobs.finish_and_claim(self.db, batch, self.owner, k=w.prefetch, lease_s=w.lease_s,
+                                           horizon_s=w.backoff_max_s + 1)
         self._report(batch, lost)
         return held
 
@@ -170,7 +171,7 @@ class Worker:
             with self.gate(claimed.kind):
                 # The job's clock (the supervisor's timeout, the poison-job count) starts once the gate is ours:
                 # waiting for a permit is not the handler running.
-                self.ctx.slot.begin(claimed.id, time.time())
+                self.ctx.slot.begin(claimed.id, time.monotonic())  # see Supervisor._enforce_timeouts
                 signal.setitimer(signal.ITIMER_REAL, timeout_s)
                 try:
                     result = self.handler(job)

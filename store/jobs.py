@@ -17,6 +17,7 @@ import random
 import secrets
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,19 +75,22 @@ _CLAIM_ONE = _CLAIM.format("=")
 _CLAIM_MANY = _CLAIM.format("IN")
 
 
-def claim(db: Database, owner: str, *, k: int = 1, lease_s: float, now: float | None = None) -> list[Claimed]:
+def claim(db: Database, owner: str, *, k: int = 1, lease_s: float, horizon_s: float | None = None,
+          now: float | None = None) -> list[Claimed]:
     """Atomically move up to k runnable jobs to processing for `owner`, in claim order (see store/fairness.py).
 
     No job is ever handed to two claimers: the select and the update are one statement under the write lock.
-    Jobs in backoff whose run_at has come are promoted to queued first, in the same transaction.
+    Jobs in backoff whose run_at has come are promoted to queued first, in the same transaction — and so are
+    those whose run_at is further than `horizon_s` (the longest backoff) away: only a wall clock stepped back
+    (NTP, a VM restored) puts one there, and it must not wait that step out.
     """
-    return finish_and_claim(db, [], owner, k=k, lease_s=lease_s, now=now)[1]
+    return finish_and_claim(db, [], owner, k=k, lease_s=lease_s, horizon_s=horizon_s, now=now)[1]
 
 
 def finish_and_claim(db: Database, done: list[tuple[int, int, Any]], owner: str, *, k: int, lease_s: float,
-                     now: float | None = None) -> tuple[list[int], list[Claimed]]:
+                     horizon_s: float | None = None, now: float | None = None) -> tuple[list[int], list[Claimed]]:
     """complete_many(done) and claim(k) in ONE transaction: a worker's results and its next jobs for the price of
-    one commit. Returns (ids whose lease was lost, the claimed jobs)."""
+    one commit. Returns (ids whose lease was lost, the claimed jobs). `horizon_s`: see `claim`."""
     now = time.time() if now is None else now
     token = secrets.randbits(62) + 1
     until = now + lease_s
@@ -96,8 +100,9 @@ def finish_and_claim(db: Database, done: list[tuple[int, int, Any]], owner: str,
     def tx(c: apsw.Connection) -> tuple[list[int], list[tuple]]:
         lost = _complete_tx(c, done, batch, now, day) if done else []
         c.execute(
-            "UPDATE jobs SET status = 'queued', updated_at = ? WHERE status = 'scheduled' AND run_at <= ?",
-            (now, now),
+            "UPDATE jobs SET status = 'queued', updated_at = ?1 WHERE status = 'scheduled'"
+            " AND (run_at <= ?1 OR run_at > ?2)",
+            (now, now + horizon_s if horizon_s is not None else float("inf")),
         )
         return lost, c.execute(_CLAIM_ONE if k == 1 else _CLAIM_MANY, (owner, token, until, now, now, k)).fetchall()
 
@@ -227,20 +232,25 @@ class Recovered:
         return self.requeued + self.dead
 
 
-def recover(db: Database, *, processing_timeout_s: float, now: float | None = None) -> Recovered:
+def recover(db: Database, *, processing_timeout_s: float, live_owners: Sequence[str] = (),
+            now: float | None = None) -> Recovered:
     """Take back jobs whose lease expired, or that have been processing longer than processing_timeout_s
     (job_processing_timeout_seconds: a backstop for a holder that keeps renewing a lease on a hung job).
 
-    Each counts as a failed attempt: back to queued at once (the expiry was delay enough), or dead when it was
-    the last attempt. The old holder's token stops working.
+    A lease of one of `live_owners` (holders known to be alive: the caller's own workers, whose death it
+    handles itself) never counts as expired: a wall clock that jumps forward (NTP, a VM resume) must not take
+    running jobs from live workers. Each recovered job counts as a failed attempt: back to queued at once (the
+    expiry was delay enough), or dead when it was the last attempt. The old holder's token stops working.
     """
     now = time.time() if now is None else now
+    live = orjson.dumps(list(live_owners)).decode()
 
     def tx(c: apsw.Connection) -> Recovered:
         rows = c.execute(
-            "SELECT id, attempts, max_attempts, user_id, errors, lease_until < ? FROM jobs"
-            " WHERE status = 'processing' AND (lease_until < ? OR started_at < ?)",
-            (now, now, now - processing_timeout_s),
+            "SELECT id, attempts, max_attempts, user_id, errors, expired FROM (SELECT *, lease_until < ?1"
+            " AND lease_owner NOT IN (SELECT value FROM json_each(?3)) AS expired FROM jobs"
+            " WHERE status = 'processing') WHERE expired OR started_at < ?2",
+            (now, now - processing_timeout_s, live),
         ).fetchall()
         dead = 0
         for *job, expired in rows:
