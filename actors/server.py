@@ -18,8 +18,10 @@ Robustness:
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import queue
+import resource
 import socket
 import struct
 import threading
@@ -58,6 +60,7 @@ class Peer:
     name: str
     sock: socket.socket | None = None  # a duplicate of the connection's socket, read without blocking
     buf: bytearray = field(default_factory=bytearray)  # bytes received, not yet a whole frame
+    last_active: float = field(default_factory=time.monotonic)  # when it last sent something
 
     def send(self, frame: bytes) -> bool:
         try:
@@ -65,6 +68,17 @@ class Peer:
             return True
         except (OSError, ValueError):
             return False
+
+
+def fd_limit() -> int:
+    """This process's descriptor limit, raised first from the soft limit to the hard one (the usual soft limit,
+    1024, is what a busy actor runs into)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 class Behaviour:
@@ -118,6 +132,11 @@ class ActorServer:
         self.path = socket_path(self.run_dir, self.actor, self.shard)
         self.authkey = keys.authkey(keys.load_secret(self.run_dir))
         self.max_frame = self.loaded.config.actors.max_frame_bytes
+        # Each connection costs two descriptors here (the connection and the duplicate read without blocking).
+        self.max_connections = min(self.loaded.config.actors.max_connections, max(8, (fd_limit() - 64) // 2))
+        self.refused = self.evicted = 0
+        self.refused_logged_at = self.evicted_logged_at = 0.0
+        self.listen_paused_until = 0.0
         self.db = app.open_db(self.loaded, autocheckpoint=False)
         self.behaviour = behaviour_cls(self.loaded, self.db, self.shard)
         self.clients: dict[Connection, Peer] = {}
@@ -146,12 +165,47 @@ class ActorServer:
         return sock
 
     def accept(self, listener: socket.socket) -> None:
+        """Take every waiting connection. At max_connections — or when the process is out of descriptors — the
+        connection idle the longest is closed to make room (its client reconnects on its next ask): an app that
+        leaks connections costs its own idle ones, not the actor or anyone else's."""
         while True:
+            if len(self.clients) >= self.max_connections:
+                self._evict_idlest("max_connections")
             try:
                 sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
+            except OSError as e:
+                if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                self._refused(e)
+                if not self._evict_idlest("file descriptors"):
+                    self.listen_paused_until = time.monotonic() + 0.05  # nothing to close: do not spin on it
+                    return
+                continue
             threading.Thread(target=self._handshake, args=(sock,), daemon=True, name="handshake").start()
+
+    def _evict_idlest(self, why: str) -> bool:
+        if not self.clients:
+            return False
+        peer = min(self.clients.values(), key=lambda p: p.last_active)
+        self.evicted += 1
+        self._drop(peer)
+        now = time.monotonic()
+        if now >= self.evicted_logged_at + 1.0:  # at most once a second, with the count so far
+            self.evicted_logged_at = now
+            self.log.warning("gateway.evicting_idle_connections", reason=why, evicted_since_boot=self.evicted,
+                             connections=len(self.clients), max_connections=self.max_connections)
+        return True
+
+    def _refused(self, e: OSError) -> None:
+        """Out of descriptors: counted, and logged at most once a second with the count since."""
+        self.refused += 1
+        now = time.monotonic()
+        if now >= self.refused_logged_at + 1.0:
+            self.refused_logged_at = now
+            self.log.warning("gateway.out_of_descriptors", reason=e.strerror, refused_since_boot=self.refused,
+                             connections=len(self.clients), closing="the connection idle the longest")
 
     def _handshake(self, sock: socket.socket) -> None:
         sock.setblocking(True)
@@ -183,7 +237,8 @@ class ActorServer:
             while not self.ctx.stopping:
                 now = time.time()
                 timeout = max(0.0, min(next_tick - now, 0.5))
-                ready = wait([listener, self.wake_r, self.ctx.channel.conn, *self.clients], timeout)
+                listening = [listener] if time.monotonic() >= self.listen_paused_until else []
+                ready = wait([*listening, self.wake_r, self.ctx.channel.conn, *self.clients], timeout)
                 batch: list[tuple[Peer, dict[str, Any]]] = []
                 for r in ready:
                     if r is listener:
@@ -192,7 +247,7 @@ class ActorServer:
                         os.read(self.wake_r, 4096)
                     elif r is self.ctx.channel.conn:
                         self._commands()
-                    else:
+                    elif r in self.clients:  # (not if an eviction in this round closed it)
                         self._read(self.clients[r], batch)
                 while not self.new_clients.empty():
                     client = self.new_clients.get()
@@ -228,7 +283,12 @@ class ActorServer:
         """Take what the client has sent, without ever waiting for the rest of a frame (a client that trickles
         bytes costs nothing), and append every complete message to the batch."""
         if client.sock is None:
-            client.sock = socket.fromfd(client.conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                client.sock = socket.fromfd(client.conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
+            except OSError as e:  # out of descriptors: this one waits, an idle one makes room
+                self._refused(e)
+                self._evict_idlest("file descriptors")
+                return
         try:
             chunk = client.sock.recv(RECV_CHUNK, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
@@ -239,6 +299,7 @@ class ActorServer:
         if not chunk:
             self._drop(client)
             return
+        client.last_active = time.monotonic()
         buf = client.buf
         buf += chunk
         while len(buf) >= 4:

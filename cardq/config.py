@@ -75,6 +75,7 @@ class ActorsConfig(_Section):
     ratelimit_shards: Annotated[int, Meta(ge=0, le=64)] = 1
     paths_shards: Annotated[int, Meta(ge=0, le=64)] = 1
     max_frame_bytes: Annotated[int, Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    max_connections: Annotated[int, Meta(ge=8, le=1_000_000)] = 4000
 
 
 class RatePolicy(_Section):

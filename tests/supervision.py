@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -70,6 +71,7 @@ class Deployment:
         self.loaded = load_config(self.config_path)
         self.db = Database.open(self.loaded.db_path, create=True)
         self.procs: list[subprocess.Popen] = []
+        self.max_descriptors: int | None = None  # a hard RLIMIT_NOFILE for the supervisor's tree
 
     # -- config ------------------------------------------------------------------------------------------
     def write_config(self, **overrides: dict[str, Any]) -> None:
@@ -89,8 +91,14 @@ class Deployment:
 
     def start(self, *args: str) -> subprocess.Popen:
         out = open(self.root / f"supervise-{len(self.procs)}.out", "wb")  # noqa: SIM115 - closed with the proc
+        limit = self.max_descriptors
+
+        def limit_descriptors() -> None:  # in the child, before exec: the whole tree inherits it
+            if limit is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
         proc = subprocess.Popen([CARDQ, "supervise", *args], env=self.env, cwd=self.root, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=limit_descriptors)
         self.procs.append(proc)
         return proc
 

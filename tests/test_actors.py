@@ -515,3 +515,29 @@ def test_an_op_id_reused_for_a_different_request_is_refused(make):
     out = d.cardq("counter", "incr", "users:signed_up", "1", "--op-id", "7f3a")
     assert out.returncode == 2 and "expected a new op id" in out.stderr and out.stderr.count("\n") == 1
     client.close()
+
+
+@pytest.mark.timeout(240)
+def test_an_app_that_leaks_connections_costs_its_idle_ones_not_the_actor(make, tmp_path):
+    # The supervisor's tree runs with a hard limit of 256 descriptors. An app opens 400 connections to the
+    # counter and never closes them: the actor used to die on EMFILE in accept() (and, restarted, again, until
+    # the supervisor gave up). Now the connection idle the longest makes room; the actor never dies, a fresh
+    # client is served, and an evicted one is served again on its next ask (it reconnects).
+    d = make(actors={"max_connections": 100_000})
+    d.max_descriptors = 256
+    client = up(d, "counter-0")
+    pid = live_pid(client, "counter", 0)
+    loaded = load_config(d.config_path)
+    leaked = []
+    for i in range(400):
+        c = ActorClient.from_config(loaded, name=f"leak-{i}")
+        c.counter.incr("leaks", 1, op_id=f"leak-{i}")
+        leaked.append(c)
+    probe = ActorClient.from_config(loaded, name="probe")
+    assert probe.counter.get("leaks") == 400
+    assert leaked[0].counter.get("leaks") == 400  # evicted long ago: it reconnects and is answered
+    assert live_pid(client, "counter", 0) == pid  # the same process throughout
+    log = [e for e in d.log_lines() if e.get("event") == "gateway.evicting_idle_connections"]
+    assert log and log[0]["max_connections"] <= 96  # (256 - 64) / 2: the descriptor limit, raised and applied
+    for c in [*leaked, probe, client]:
+        c.close()
