@@ -17,6 +17,7 @@ Events that could not reach the collector wait in traffic_inbox; the shard that 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,7 @@ class PathCollector(Behaviour):
         self.dirty: set[tuple[int, str]] = set()  # folded into since the transaction began
         self.paths_by_hour: dict[int, set[str]] = {}
         self.next_prune = 0.0
+        self.late_events = 0  # refused as older than the retention, since this process started
         shards = loaded.config.actors.paths_shards
         # Each shard folds its overflow into its own row: two shards updating one "(other)" row would
         # overwrite each other's counts.
@@ -85,12 +87,21 @@ class PathCollector(Behaviour):
         in-memory aggregates (pure Python that cannot fail on an event msgspec validated on arrival, so a failed
         insert leaves them untouched); before_commit writes the touched aggregates once per transaction."""
         keep: dict[str, Event] = {}
-        sampled_out = 0
+        sampled_out = late = 0
+        # Older than the retention, an event's detail row may already be pruned: a replay could no longer be
+        # recognised as one, and would be counted twice. Such an event is refused as late (and counted).
+        cutoff_ms = int((time.time() - self.loaded.config.paths.retention_days * 86400) * 1000)
         for e in events:
-            if self.rate < 1.0 and int(e.id[-8:], 16) / 2**32 >= self.rate:
+            if e.ts_ms < cutoff_ms:
+                late += 1
+            elif self.rate < 1.0 and int(e.id[-8:], 16) / 2**32 >= self.rate:
                 sampled_out += 1
             else:
                 keep.setdefault(e.id, e)
+        if late:
+            self.late_events += late
+            self.log.warning("paths.late_events", refused=late, late_since_boot=self.late_events,
+                             retention_days=self.loaded.config.paths.retention_days)
         inserted = traffic.insert_events(tx, [e.row() for e in keep.values()])
         scale = 1.0 / self.rate
         for event_id in inserted:
@@ -109,8 +120,8 @@ class PathCollector(Behaviour):
             agg.clients.update(e.client)
             agg.estimated = agg.estimated or self.rate < 1.0
             self.dirty.add(key)
-        return {"accepted": len(inserted), "duplicates": len(events) - sampled_out - len(inserted),
-                "sampled_out": sampled_out}
+        return {"accepted": len(inserted), "duplicates": len(events) - late - sampled_out - len(inserted),
+                "sampled_out": sampled_out, "late": late}
 
     def before_commit(self, tx: Tx) -> None:
         for hour, path in self.dirty:

@@ -541,3 +541,22 @@ def test_an_app_that_leaks_connections_costs_its_idle_ones_not_the_actor(make, t
     assert log and log[0]["max_connections"] <= 96  # (256 - 64) / 2: the descriptor limit, raised and applied
     for c in [*leaked, probe, client]:
         c.close()
+
+
+def test_an_event_older_than_the_retention_is_refused_as_late_never_counted_twice(make):
+    # A replay of an event whose detail row was pruned could not be recognised as a replay: before, it was
+    # counted again (requests 1 -> 2). Events older than retention_days are now refused as late.
+    d = make(paths={"retention_days": 1.0})
+    client = up(d, "paths-0")
+    now_ms = int(time.time() * 1000)
+    fresh = {"path": "/late", "status": 200, "response_ms": 1.0, "client": "c", "method": "GET",
+             "ts_ms": now_ms - 3_600_000, "id": f"{now_ms - 3_600_000:013d}-0000000a", "bytes": None}
+    old = {**fresh, "ts_ms": now_ms - 2 * 86_400_000, "id": f"{now_ms - 2 * 86_400_000:013d}-0000000b"}
+    answer = client.ask("paths", "/late", "record", {"events": [fresh, old]})
+    assert (answer["accepted"], answer["late"], answer["duplicates"]) == (1, 1, 0)
+    again = client.ask("paths", "/late", "record", {"events": [fresh, old]})  # a replay of both
+    assert (again["accepted"], again["late"], again["duplicates"]) == (0, 1, 1)
+    rows = d.db.conn.execute("SELECT hour, requests FROM path_stats_hourly WHERE path = '/late'").fetchall()
+    assert [r[1] for r in rows] == [1.0]  # only the fresh one, once
+    assert any(e.get("event") == "paths.late_events" for e in d.log_lines())
+    client.close()
