@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 
 from cardq.config import LoadedConfig, load_config
+from cardq.errors import ConfigError
 from cardq.handlers import load_handler
 
 
@@ -16,23 +17,27 @@ from cardq.handlers import load_handler
 class Reload:
     new: LoadedConfig
     changes: dict[str, tuple[Any, Any]]  # dotted key -> (old, new)
-    restart_needed: dict[str, list[str]]  # reason -> keys that only apply at the next start
+
+
+# What the running processes were built on: the database, the actors' sockets, key and shards. Changing one
+# live would split the tree (a worker looking for its key in a new run_dir dead-letters every job), so a file
+# that changes one is refused whole until the next start.
+RESTART_ONLY = ("store.", "actors.run_dir", "actors.counter_shards", "actors.ratelimit_shards", "actors.paths_shards",
+                "actors.max_frame_bytes", "actors.max_connections", "paths.enabled")
 
 
 def read_new_config(current: LoadedConfig) -> Reload:
     """The config file as it is now, validated (its handler must import too: a handler that does not is a
-    broken config as well). Raises ConfigError, leaving everything as it was."""
+    broken config as well). Raises ConfigError, leaving everything as it was — also when the file changes a key
+    that only applies at the next start (it names them)."""
     new = load_config(current.path)
     load_handler(new.config.workers.handler)
     changes = diff_configs(current.config, new.config)
-    restart: dict[str, list[str]] = {}
-    if actor_shards(new) != actor_shards(current):
-        restart["actor shard counts apply at the next start"] = [
-            k for k in changes if k.startswith(("actors.", "paths.enabled"))]
-    if new.config.store != current.config.store:
-        restart["store settings apply at the next start; the rest applies now"] = [
-            k for k in changes if k.startswith("store.")]
-    return Reload(new, changes, restart)
+    restart_only = [k for k in changes if k.startswith(RESTART_ONLY)]
+    if restart_only:
+        raise ConfigError(f"{current.path}: {', '.join(restart_only)} changed, which needs a restart (`cardq stop`, "
+                          "then `cardq supervise`); nothing was applied: the running config is kept whole")
+    return Reload(new, changes)
 
 
 def actor_shards(loaded: LoadedConfig) -> dict[str, int]:

@@ -350,8 +350,6 @@ class Supervisor:
             self.log.error("config.reload_failed", reason=str(e), kept_digest=self.loaded.digest)
             self._publish()
             return
-        for reason, keys_ in r.restart_needed.items():
-            self.log.warning("config.restart_needed", reason=reason, keys=keys_)
         new = r.new
         if new.config.workers.count != self.loaded.config.workers.count:
             self.desired = new.config.workers.count
