@@ -374,9 +374,17 @@ def supervise(workers: int | None, burst: bool, config_path: str | None) -> None
 @cli.command(epilog=EXIT_CODES_HELP)
 @config_option
 def reload(config_path: str | None) -> None:
-    """Ask the running supervisor of this database to re-read its config (SIGHUP)."""
-    pid = connect(config_path).reload()
-    click.echo(f"sent SIGHUP to supervisor pid {pid}; see `cardq status` for the config in effect")
+    """Ask the running supervisor of this database to re-read its config (SIGHUP) and say what became of it:
+    applied (with its version), or refused with the reason (exit 2)."""
+    with connect(config_path) as q:
+        r = q.reload()
+    if r["applied"] is None:
+        click.echo(f"sent SIGHUP to supervisor pid {r['pid']}; no answer yet: see `cardq status`")
+    elif r["applied"]:
+        click.echo(f"reloaded: supervisor pid {r['pid']} runs config version {r['config_version']} "
+                   f"({r['config_digest']})")
+    else:
+        raise ConfigError(f"reload refused by supervisor pid {r['pid']}, which keeps its config: {r['error']}")
 
 
 @cli.command(epilog=EXIT_CODES_HELP)

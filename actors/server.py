@@ -275,6 +275,8 @@ class ActorServer:
                 return
             if msg.get("cmd") == "config":
                 config = parse_config(msg["text"].encode(), msg.get("path") or "config.toml")
+                if config.log.level != self.loaded.config.log.level:
+                    logs.set_level(config.log.level)
                 self.loaded = LoadedConfig(config, self.loaded.path, msg["digest"], self.loaded.explicit)
                 self.behaviour.apply_config(self.loaded)
                 self.log.info("actor.config_applied", digest=msg["digest"])

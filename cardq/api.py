@@ -369,11 +369,12 @@ class Queue:
 
     # ---- the supervisor ---------------------------------------------------------------------------------------
 
-    def reload(self) -> int:
-        """Ask the running supervisor to re-read config.toml (SIGHUP); its pid."""
-        from cardq.running import signal_supervisor
+    def reload(self, *, wait_s: float = 10.0) -> dict[str, Any]:
+        """Ask the running supervisor to re-read config.toml (SIGHUP) and wait (up to wait_s) for what became of
+        it: {"pid", "applied": True/False/None (no answer in time), "config_version", "config_digest", "error"}."""
+        from cardq.running import reload_and_wait
 
-        return signal_supervisor(self._loaded, "SIGHUP")
+        return reload_and_wait(self._loaded, self._db(), wait_s)
 
     def stop(self, *, wait: bool = True) -> int:
         """Ask the running supervisor to stop after in-flight jobs (SIGTERM), by default waiting until it has."""

@@ -68,6 +68,37 @@ class LineSink:
         self._thread.join(timeout)
 
 
+class Destination:
+    """Where the supervisor's writer thread puts every line: standard error, or a file that can be reopened —
+    at another path (log.file changed on reload) or at the same one (SIGHUP after logrotate moved it away)."""
+
+    def __init__(self, path: str):
+        self._lock = threading.Lock()
+        self.path = path
+        self._stream = open_destination(path)
+
+    def write(self, line: bytes) -> None:
+        with self._lock:
+            self._stream.write(line if line.endswith(b"\n") else line + b"\n")
+            self._stream.flush()
+
+    def reopen(self, path: str | None = None) -> None:
+        """Open `path` (default: the same one again) and switch to it; the old stream is closed. Raises
+        OSError, leaving the old destination in use, when the new one cannot be opened."""
+        path = self.path if path is None else path
+        stream = open_destination(path)
+        with self._lock:
+            old, self._stream, self.path = self._stream, stream, path
+        if old is not sys.stderr.buffer:
+            old.close()
+
+
+def set_level(level: str) -> None:
+    """Change this process's log level, keeping everything else of its configuration."""
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]))
+
+
 def file_writer(stream: IO[bytes]) -> Callable[[bytes], None]:
     def write(line: bytes) -> None:
         stream.write(line if line.endswith(b"\n") else line + b"\n")

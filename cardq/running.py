@@ -14,6 +14,7 @@ from cardq import logs
 from cardq.config import LoadedConfig
 from cardq.errors import Error
 from cardq.lockfile import NotRunning, running_pid
+from cardq.store import processes
 from cardq.supervisor import Supervisor
 
 
@@ -23,9 +24,11 @@ def supervise(loaded: LoadedConfig, *, workers: int | None, burst: bool,
     non-blocking writer; `on_progress(n)` hears of every n jobs done. Raises RestartIntensityExceeded when
     children kept dying, ConfigError when a child cannot run with this config."""
     cfg = loaded.config.log
-    sink = logs.LineSink(logs.file_writer(logs.open_destination(cfg.file)))
+    destination = logs.Destination(cfg.file)
+    sink = logs.LineSink(destination.write)
     previous = logs.configure("supervisor", level=cfg.level, fmt=cfg.format, sink=sink)
-    sup = Supervisor(loaded, workers=workers, burst=burst, log_sink=sink.put, on_progress=on_progress)
+    sup = Supervisor(loaded, workers=workers, burst=burst, log_sink=sink.put, on_progress=on_progress,
+                     log_destination=destination)
     try:
         sup.run()
     finally:
@@ -46,6 +49,25 @@ def signal_supervisor(loaded: LoadedConfig, name: str) -> int:
     except ProcessLookupError:
         raise Error(f"supervisor pid {pid} is gone") from None
     return pid
+
+
+def reload_and_wait(loaded: LoadedConfig, db: Any, wait_s: float) -> dict[str, Any]:
+    """SIGHUP the supervisor, then wait for its published reload count to move: the outcome of this reload."""
+    def info() -> dict[str, Any]:
+        sup = next((r for r in processes.read_all(db) if r["role"] == "supervisor"), None)
+        return sup["info"] if sup else {}
+
+    before = info().get("reloads", 0)
+    pid = signal_supervisor(loaded, "SIGHUP")
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        now = info()
+        if now.get("reloads", 0) > before:
+            error = now.get("last_reload_error")
+            return {"pid": pid, "applied": error is None, "config_version": now.get("config_version"),
+                    "config_digest": now.get("config_digest"), "error": error}
+        time.sleep(0.05)  # the supervisor publishes the outcome at once; this polls a row, not the jobs
+    return {"pid": pid, "applied": None, "config_version": None, "config_digest": None, "error": None}
 
 
 def wait_stopped(loaded: LoadedConfig, timeout: float) -> None:

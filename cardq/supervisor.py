@@ -46,9 +46,11 @@ BUSY_TICK_S = 0.05
 class Supervisor:
     def __init__(self, loaded: LoadedConfig, *, workers: int | None = None, burst: bool = False,
                  on_progress: Callable[[int], None] | None = None,
-                 log_sink: Callable[[bytes], None] | None = None):
+                 log_sink: Callable[[bytes], None] | None = None, log_destination: logs.Destination | None = None):
         self.loaded = loaded
         self.sink_put = log_sink or (lambda line: None)  # where children's log lines go (the one writer)
+        self.log_destination = log_destination  # reopened on SIGHUP (logrotate) and when log.file changes
+        self.reloads = 0  # SIGHUPs handled, published: `cardq reload` waits for the next one's outcome
         self.desired = workers if workers is not None else loaded.config.workers.count
         self.burst = burst
         self.on_progress = on_progress
@@ -339,7 +341,10 @@ class Supervisor:
     # ---- config -----------------------------------------------------------------------------------------
 
     def reload(self, now: float) -> None:
-        """SIGHUP: re-read the config file. A broken file is refused and the running config kept."""
+        """SIGHUP: reopen the log file (after logrotate moved it away), then re-read the config file. A broken
+        file is refused and the running config kept."""
+        self.reloads += 1
+        self._reopen_log(self.loaded.config.log.file)
         if self.loaded.path is None:
             self.log.warning("config.reload_skipped", reason="running on built-in defaults: no file to re-read")
             return
@@ -351,6 +356,10 @@ class Supervisor:
             self._publish()
             return
         new = r.new
+        if new.config.log.file != self.loaded.config.log.file:
+            self._reopen_log(new.config.log.file)
+        if new.config.log.level != self.loaded.config.log.level:
+            logs.set_level(new.config.log.level)
         if new.config.workers.count != self.loaded.config.workers.count:
             self.desired = new.config.workers.count
         self.loaded = self.maintenance.loaded = new
@@ -368,6 +377,14 @@ class Supervisor:
                       changes={k: [old, new_v] for k, (old, new_v) in r.changes.items()})
         self._publish()
 
+    def _reopen_log(self, path: str) -> None:
+        if self.log_destination is None:
+            return
+        try:
+            self.log_destination.reopen(path)
+        except OSError as e:  # keep logging where it did; say why
+            self.log.error("log.reopen_failed", file=path, reason=e.strerror)
+
     # ---- status -----------------------------------------------------------------------------------------
 
     def _publish(self) -> None:
@@ -378,6 +395,7 @@ class Supervisor:
             info={"run_id": self.run_id, "config_file": self.loaded.source, "config_digest": self.loaded.digest,
                   "config_version": self.config_version, "config_loaded_at": self.config_loaded_at,
                   "last_reload_error": self.last_reload_error, "workers_desired": self.desired,
+                  "reloads": self.reloads,
                   "burst": self.burst})]
         for child in sorted(self.children.values(), key=lambda c: c.spec.name):
             rows.append(processes.ProcessRow(

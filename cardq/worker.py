@@ -115,6 +115,8 @@ class Worker:
         except ConfigError as e:
             self.log.error("worker.config_rejected", reason=str(e), kept_digest=self.loaded.digest)
             return
+        if config.log.level != self.loaded.config.log.level:
+            logs.set_level(config.log.level)
         self.loaded = LoadedConfig(config, self.loaded.path, msg["digest"], self.loaded.explicit)
         self.handler = handler
         if self.client is not None:  # gate timeouts and shards come from the config: connect afresh

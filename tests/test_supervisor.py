@@ -269,6 +269,39 @@ def test_a_reload_that_changes_a_restart_only_key_is_refused_whole(deploy, tmp_p
     assert proc.poll() is None
 
 
+def test_log_settings_apply_on_reload_and_sighup_reopens_the_log_file(deploy, tmp_path):
+    d = deploy(workers={"count": 1}, log={"level": "info"})
+    proc = d.start()
+    wait_for(lambda: d.supervisor_row(), 30)
+    # logrotate: the file is moved away, then SIGHUP; new lines go to a new cardq.log, not the moved one.
+    (d.root / "cardq.log").rename(d.root / "cardq.log.1")
+    out = d.cardq("reload")
+    assert out.returncode == 0 and "reloaded: supervisor pid" in out.stdout and "version 2" in out.stdout
+    d.submit([{"sleep": 0}])
+    wait_for(lambda: any(e.get("event") == "worker.started" or "job_id" in e for e in d.log_lines()), 30,
+             what="lines in the new cardq.log")
+    # log.level = warning on reload: the supervisor's and the worker's info lines stop, at once.
+    d.write_config(log={"level": "warning"})
+    out = d.cardq("reload")
+    assert out.returncode == 0 and "version 3" in out.stdout
+    mark = len(d.log_lines())
+    d.submit([{"fail": "boom"}])  # a failure logs a warning; its claim and start log nothing at info
+    wait_for(lambda: any(e.get("event") == "job.failed" for e in d.log_lines()[mark:]), 30, what="the warning")
+    assert all(e["level"] != "info" for e in d.log_lines()[mark:]), d.log_lines()[mark:]
+    # log.file changed on reload: lines go to the new file from then on.
+    d.write_config(log={"file": "other.log", "level": "warning"})
+    assert d.cardq("reload").returncode == 0
+    d.submit([{"fail": "again"}])
+    wait_for(lambda: (d.root / "other.log").exists() and b"job.failed" in (d.root / "other.log").read_bytes(), 30,
+             what="the new log file")
+    # A reload the supervisor refuses says so, with exit 2.
+    d.write_config(actors={"run_dir": str(tmp_path / "elsewhere")})
+    refused = d.cardq("reload")
+    assert refused.returncode == 2 and "reload refused by supervisor pid" in refused.stderr
+    assert "actors.run_dir changed, which needs a restart" in refused.stderr
+    assert proc.poll() is None
+
+
 def test_sighup_scales_workers_3_1_4_without_losing_a_job(deploy, tmp_path):
     d = deploy(workers={"count": 3})
     ids = d.submit([{"sleep": 0.2} for _ in range(40)])
