@@ -10,7 +10,7 @@ from pathlib import Path
 from cardq import app
 from cardq.config import LoadedConfig
 from cardq.errors import Error
-from cardq.handlers import load_handler
+from cardq.handlers import HandlerCheck
 from cardq.lockfile import NotRunning, running_pid
 from cardq.store import Database
 from cardq.store.schema import SCHEMA_VERSION
@@ -48,7 +48,7 @@ def _checks(config_path: str | None) -> Iterator[Check]:
     finally:
         if db is not None:
             db.close()
-    yield _check("handler", lambda: (load_handler(loaded.config.workers.handler), loaded.config.workers.handler)[1])
+    yield _check("handler", lambda: _handler(loaded.config.workers.handler))
     yield _check("disk", lambda: _disk(loaded))
     loose = loose_permissions(loaded)
     yield Check("permissions", not loose, "; ".join(loose) or "database, WAL, log and key file are the owner's only")
@@ -70,6 +70,11 @@ def loose_permissions(loaded: LoadedConfig) -> list[str]:
         if mode & 0o077:
             out.append(f"{path} mode {mode:o}: readable or writable by others, expected 600 (chmod 600 {path})")
     return out
+
+
+def _handler(spec: str) -> str:
+    HandlerCheck(spec).wait()  # in a child: importing runs the module, which may hang or exit
+    return spec
 
 
 def _check(name: str, fn: Callable[[], str]) -> Check:

@@ -10,7 +10,6 @@ import msgspec
 
 from cardq.config import LoadedConfig, load_config
 from cardq.errors import ConfigError
-from cardq.handlers import load_handler
 
 
 @dataclass(frozen=True)
@@ -27,11 +26,10 @@ RESTART_ONLY = ("store.", "actors.run_dir", "actors.counter_shards", "actors.rat
 
 
 def read_new_config(current: LoadedConfig) -> Reload:
-    """The config file as it is now, validated (its handler must import too: a handler that does not is a
-    broken config as well). Raises ConfigError, leaving everything as it was — also when the file changes a key
-    that only applies at the next start (it names them)."""
+    """The config file as it is now, validated. Raises ConfigError, leaving everything as it was — also when the
+    file changes a key that only applies at the next start (it names them). A changed workers.handler must be
+    checked too, in a child (handlers.HandlerCheck), before the reload applies."""
     new = load_config(current.path)
-    load_handler(new.config.workers.handler)
     changes = diff_configs(current.config, new.config)
     restart_only = [k for k in changes if k.startswith(RESTART_ONLY)]
     if restart_only:

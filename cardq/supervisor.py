@@ -28,10 +28,11 @@ from cardq.actors import keys
 from cardq.children import EXIT_CONFIG, ChildSpec, describe_exit
 from cardq.config import LoadedConfig
 from cardq.errors import ConfigError, Error, StoreError
+from cardq.handlers import HandlerCheck
 from cardq.lockfile import SupervisorLock
 from cardq.maintenance import Maintenance
 from cardq.releases import release
-from cardq.reload import actor_shards, read_new_config
+from cardq.reload import Reload, actor_shards, read_new_config
 from cardq.restarts import RestartPolicy
 from cardq.signals import SignalFlags
 from cardq.store import jobs, processes, usage
@@ -50,7 +51,8 @@ class Supervisor:
         self.loaded = loaded
         self.sink_put = log_sink or (lambda line: None)  # where children's log lines go (the one writer)
         self.log_destination = log_destination  # reopened on SIGHUP (logrotate) and when log.file changes
-        self.reloads = 0  # SIGHUPs handled, published: `cardq reload` waits for the next one's outcome
+        self.reloads = 0  # reloads decided (applied or refused), published: `cardq reload` waits for the next
+        self.pending_reload: tuple[HandlerCheck, Reload] | None = None  # a new handler being checked in a child
         self.desired = workers if workers is not None else loaded.config.workers.count
         self.burst = burst
         self.on_progress = on_progress
@@ -102,6 +104,9 @@ class Supervisor:
                       recovered_orphans=orphans.total, recovered_expired=expired.total)
 
     def close(self) -> None:
+        if self.pending_reload is not None:
+            self.pending_reload[0].poll_and_stop()
+            self.pending_reload = None
         for child in self.children.values():
             if child.alive:
                 child.proc.kill()
@@ -153,6 +158,7 @@ class Supervisor:
     def step(self, now: float) -> bool:
         """Everything the supervisor does, for monotonic time `now`. True once it has finished."""
         self._act_on_signals(now)
+        self._poll_reload()
         self._read_slots()
         for child in list(self.children.values()):
             if child.proc is not None and not child.alive:
@@ -342,19 +348,45 @@ class Supervisor:
 
     def reload(self, now: float) -> None:
         """SIGHUP: reopen the log file (after logrotate moved it away), then re-read the config file. A broken
-        file is refused and the running config kept."""
-        self.reloads += 1
+        file is refused and the running config kept. A new handler is imported in a throwaway child first (a
+        handler module may hang or exit at import); the loop goes on meanwhile, and the outcome comes later."""
         self._reopen_log(self.loaded.config.log.file)
         if self.loaded.path is None:
             self.log.warning("config.reload_skipped", reason="running on built-in defaults: no file to re-read")
             return
+        if self.pending_reload is not None:  # a newer SIGHUP: the file may have changed again
+            self.pending_reload[0].poll_and_stop()
+            self.pending_reload = None
         try:
             r = read_new_config(self.loaded)
         except Error as e:
-            self.last_reload_error = str(e)
-            self.log.error("config.reload_failed", reason=str(e), kept_digest=self.loaded.digest)
-            self._publish()
+            self._reload_refused(str(e))
             return
+        if r.new.config.workers.handler != self.loaded.config.workers.handler:
+            self.pending_reload = (HandlerCheck(r.new.config.workers.handler), r)
+            return
+        self._apply_reload(r)
+
+    def _poll_reload(self) -> None:
+        if self.pending_reload is None:
+            return
+        check, r = self.pending_reload
+        outcome = check.poll()
+        if outcome is None:
+            return
+        self.pending_reload = None
+        if outcome:
+            self._reload_refused(outcome)
+        else:
+            self._apply_reload(r)
+
+    def _reload_refused(self, reason: str) -> None:
+        self.reloads += 1
+        self.last_reload_error = reason
+        self.log.error("config.reload_failed", reason=reason, kept_digest=self.loaded.digest)
+        self._publish()
+
+    def _apply_reload(self, r: Reload) -> None:
         new = r.new
         if new.config.log.file != self.loaded.config.log.file:
             self._reopen_log(new.config.log.file)
@@ -366,6 +398,7 @@ class Supervisor:
         sup = new.config.supervisor
         self.restarts.configure(max_restarts=sup.max_restarts, max_seconds=sup.max_seconds,
                                 backoff_max_s=sup.restart_backoff_max_s)
+        self.reloads += 1
         self.config_version += 1
         self.config_loaded_at = time.time()
         self.last_reload_error = None

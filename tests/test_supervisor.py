@@ -302,6 +302,27 @@ def test_log_settings_apply_on_reload_and_sighup_reopens_the_log_file(deploy, tm
     assert proc.poll() is None
 
 
+def test_a_handler_that_hangs_or_exits_at_import_is_refused_and_the_supervisor_never_stops(deploy):
+    # Before: the supervisor imported the new handler itself on SIGHUP: one that slept at import froze it (leases
+    # not renewed, a dead worker left a zombie); one that called sys.exit(0) stopped it with exit code 0.
+    d = deploy(workers={"count": 1})
+    proc = d.start()
+    wait_for(lambda: d.supervisor_row(), 30)
+    d.write_config(workers={"handler": "exit_at_import:run"})
+    out = d.cardq("reload")
+    assert out.returncode == 2 and "importing it raised SystemExit" in out.stderr
+    d.write_config(workers={"handler": "hang_at_import:run"})
+    os.kill(proc.pid, signal.SIGHUP)
+    # While the import hangs in its child, the supervisor goes on: a job submitted now is done.
+    [jid] = d.submit([{"sleep": 0}])
+    wait_for(lambda: d.job(jid)["status"] == "done", 20, what="a job done during the check")
+    info = wait_for(lambda: (d.supervisor_row()["info"] if d.supervisor_row()["info"]["last_reload_error"]
+                             and "within" in d.supervisor_row()["info"]["last_reload_error"] else None), 60,
+                    what="the hanging import refused")
+    assert "importing it did not finish within 10s" in info["last_reload_error"] and info["config_version"] == 1
+    assert proc.poll() is None
+
+
 def test_sighup_scales_workers_3_1_4_without_losing_a_job(deploy, tmp_path):
     d = deploy(workers={"count": 3})
     ids = d.submit([{"sleep": 0.2} for _ in range(40)])
