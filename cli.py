@@ -376,7 +376,8 @@ def supervise(workers: int | None, burst: bool, config_path: str | None) -> None
 def reload(config_path: str | None) -> None:
     """Ask the running supervisor of this database to re-read its config (SIGHUP) and say what became of it:
     applied (with its version), or refused with the reason (exit 2)."""
-    with connect(config_path) as q:
+    # A broken config.toml still finds the running supervisor (its record), which then refuses the file.
+    with cardq.connect(config_path, name="cli", tolerate_invalid=True) as q:
         r = q.reload()
     if r["applied"] is None:
         click.echo(f"sent SIGHUP to supervisor pid {r['pid']}; no answer yet: see `cardq status`")
@@ -392,7 +393,7 @@ def reload(config_path: str | None) -> None:
 @config_option
 def stop(wait: bool, config_path: str | None) -> None:
     """Ask the running supervisor of this database to stop after in-flight jobs (SIGTERM)."""
-    q = connect(config_path)
+    q = cardq.connect(config_path, name="cli", tolerate_invalid=True)  # works while config.toml is broken
     click.echo(f"sent SIGTERM to supervisor pid {q.stop(wait=False)}")
     if wait:
         q.wait_stopped()

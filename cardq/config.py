@@ -242,10 +242,29 @@ def load_config_for_reading(path: str | os.PathLike | None) -> tuple[LoadedConfi
         try:
             raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-            raise e from None
+            # Not even TOML: the running supervisor's record says which database it uses.
+            running = read_running_record(Path(path))
+            if running is None:
+                raise e from None
+            store = StoreConfig(path=running["database"])
+            return LoadedConfig(Config(store=store), Path(path), "invalid"), str(e)
         store_path = raw.get("store", {}).get("path") if isinstance(raw.get("store"), dict) else None
         store = StoreConfig(path=store_path) if isinstance(store_path, str) else StoreConfig()
         return LoadedConfig(Config(store=store), Path(path), "invalid"), str(e)
+
+
+def running_record_path(config_path: Path) -> Path:
+    """Beside config.toml, the running supervisor's record of what it runs (its database, pid, config digest):
+    found without parsing config.toml, so status, stop and reload work while the file is broken."""
+    return config_path.with_name(config_path.name + ".running")
+
+
+def read_running_record(config_path: Path) -> dict[str, Any] | None:
+    try:
+        record = orjson.loads(running_record_path(config_path).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("database"), str) else None
 
 
 def parse_config(data: bytes, name: str = "config.toml") -> Config:

@@ -16,6 +16,7 @@ as tracked here), children.py (how a child starts and talks).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -23,10 +24,12 @@ from collections.abc import Callable
 from multiprocessing.connection import wait
 from typing import Any
 
+import orjson
+
 from cardq import app, children, logs
 from cardq.actors import keys
 from cardq.children import EXIT_CONFIG, ChildSpec, describe_exit
-from cardq.config import LoadedConfig
+from cardq.config import LoadedConfig, running_record_path
 from cardq.errors import ConfigError, Error, StoreError
 from cardq.handlers import HandlerCheck
 from cardq.lockfile import SupervisorLock
@@ -92,6 +95,7 @@ class Supervisor:
             orphans = jobs.recover_orphans(self.db, owner_prefix=OWNER_PREFIX, current_prefix=self.prefix)
             expired = jobs.recover(self.db, processing_timeout_s=self.maintenance.processing_timeout())
             self.signals.install()
+            self._write_running_record()
         except BaseException:
             self.signals.restore()
             if self.db is not None:
@@ -103,7 +107,30 @@ class Supervisor:
                       config=self.loaded.source, config_digest=self.loaded.digest, database=str(self.loaded.db_path),
                       recovered_orphans=orphans.total, recovered_expired=expired.total)
 
+    def _write_running_record(self) -> None:
+        """What this supervisor runs, beside config.toml (see config.running_record_path)."""
+        if self.loaded.path is None:
+            return
+        record = running_record_path(self.loaded.path)
+        tmp = record.with_name(record.name + f".{os.getpid()}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(orjson.dumps({"pid": os.getpid(), "database": str(self.loaded.db_path),
+                                      "config_digest": self.loaded.digest}))
+            os.replace(tmp, record)
+        except OSError as e:  # a convenience for the CLI, not a reason not to run
+            self.log.warning("supervisor.record_failed", file=str(record), reason=e.strerror)
+
+    def _remove_running_record(self) -> None:
+        if self.loaded.path is not None:
+            record = running_record_path(self.loaded.path)
+            with contextlib.suppress(OSError):
+                if orjson.loads(record.read_bytes()).get("pid") == os.getpid():
+                    record.unlink()
+
     def close(self) -> None:
+        self._remove_running_record()
         if self.pending_reload is not None:
             self.pending_reload[0].poll_and_stop()
             self.pending_reload = None

@@ -323,6 +323,27 @@ def test_a_handler_that_hangs_or_exits_at_import_is_refused_and_the_supervisor_n
     assert proc.poll() is None
 
 
+def test_status_reload_and_stop_work_while_config_toml_is_not_even_toml(deploy, tmp_path):
+    # Before, all three exited 2 — the very moment an operator needs them.
+    d = deploy(workers={"count": 1}, store={"path": str(tmp_path / "data" / "jobs.db")})
+    proc = d.start()
+    wait_for(lambda: d.supervisor_row(), 30)
+    running_digest = d.supervisor_row()["info"]["config_digest"]
+    d.config_path.write_text("[workers\ncount = ")  # not TOML at all: the database is named nowhere readable
+    status = d.cardq("status", "--json")
+    assert status.returncode == 2 and "invalid TOML" in status.stderr
+    data = orjson.loads(status.stdout)
+    assert data["database"] == str(tmp_path / "data" / "jobs.db")  # found through the supervisor's record
+    assert data["supervisor"]["running"] and data["supervisor"]["config_digest"] == running_digest
+    reload = d.cardq("reload")
+    assert reload.returncode == 2 and "reload refused by supervisor pid" in reload.stderr
+    assert "invalid TOML" in reload.stderr
+    stop = d.cardq("stop")
+    assert stop.returncode == 0 and "stopped" in stop.stdout
+    assert proc.wait(30) == 0
+    assert not d.config_path.with_name("config.toml.running").exists()  # its record goes with it
+
+
 def test_sighup_scales_workers_3_1_4_without_losing_a_job(deploy, tmp_path):
     d = deploy(workers={"count": 3})
     ids = d.submit([{"sleep": 0.2} for _ in range(40)])
