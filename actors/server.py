@@ -42,8 +42,9 @@ from cardq.store import dead_letters
 from cardq.store.db import Tx
 
 MAX_FAILURES = 3
-HANDSHAKE_TIMEOUT_S = 2.0
-SEND_TIMEOUT_S = 1.0
+HANDSHAKE_TIMEOUT_S = 2.0  # in all, not per read: a client that trickles its handshake is cut off at 2 s
+SEND_TIMEOUT_S = 1.0  # the handshake's own writes
+MAX_UNREAD = 4 * 1024 * 1024  # bytes of answers a client may leave unread before it is disconnected
 RECV_CHUNK = 256 * 1024  # bytes read from one connection per loop turn: no client can starve the rest, and what
 # one loop turn holds in memory stays bounded however fast clients send
 MAX_PER_FRAME = 1024
@@ -61,13 +62,33 @@ class Peer:
     sock: socket.socket | None = None  # a duplicate of the connection's socket, read without blocking
     buf: bytearray = field(default_factory=bytearray)  # bytes received, not yet a whole frame
     last_active: float = field(default_factory=time.monotonic)  # when it last sent something
+    out: bytearray = field(default_factory=bytearray)  # answers framed, not yet taken by the client's socket
 
-    def send(self, frame: bytes) -> bool:
-        try:
-            self.conn.send_bytes(frame)
-            return True
-        except (OSError, ValueError):
-            return False
+    def queue(self, frame: bytes) -> None:
+        """Frame an answer as multiprocessing.connection does (a big-endian length first) for `flush`."""
+        n = len(frame)
+        self.out += struct.pack("!i", n) if n < 0x7FFFFFFF else struct.pack("!iQ", -1, n)
+        self.out += frame
+
+    def flush(self) -> bool:
+        """Write what the socket takes now, never waiting (a client that does not read must cost the actor
+        nothing); False if the connection is gone."""
+        if self.sock is None:
+            self.sock = socket.fromfd(self.conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
+        while self.out:
+            try:
+                sent = self.sock.send(self.out, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                return False
+            del self.out[:sent]
+        return True
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def fd_limit() -> int:
@@ -214,7 +235,10 @@ class ActorServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(SEND_TIMEOUT_S), 0))
         # The peer's real pid, from the kernel (SO_PEERCRED): a client cannot claim to be another process.
         peer_pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
-        conn = Connection(sock.detach())
+        # The whole handshake has a deadline: a watchdog shuts the socket down, and the read in progress ends.
+        watchdog = threading.Timer(HANDSHAKE_TIMEOUT_S, _shutdown, args=(sock,))
+        watchdog.start()
+        conn = Connection(os.dup(sock.fileno()))
         try:
             deliver_challenge(conn, self.authkey)
             answer_challenge(conn, self.authkey)
@@ -223,6 +247,9 @@ class ActorServer:
             self.log.warning("gateway.refused", reason=f"{type(e).__name__}: {e}"[:200])
             conn.close()
             return
+        finally:
+            watchdog.cancel()
+            sock.close()  # the connection has its own descriptor
         self.new_clients.put(Peer(conn, peer_pid, str(hello.get("name", ""))[:64]))
         with contextlib.suppress(OSError):
             os.write(self.wake_w, b"x")
@@ -237,6 +264,8 @@ class ActorServer:
             while not self.ctx.stopping:
                 now = time.time()
                 timeout = max(0.0, min(next_tick - now, 0.5))
+                if self._flush_pending():  # a slow reader's answers: try again soon, without waiting on it
+                    timeout = min(timeout, 0.01)
                 listening = [listener] if time.monotonic() >= self.listen_paused_until else []
                 ready = wait([*listening, self.wake_r, self.ctx.channel.conn, *self.clients], timeout)
                 batch: list[tuple[Peer, dict[str, Any]]] = []
@@ -382,9 +411,24 @@ class ActorServer:
         for client, msg_id, answer in answers:
             by_client.setdefault(client, []).append({"id": msg_id, **answer})
         for client, out in by_client.items():  # one frame per client per batch: one write, one read
-            frame = protocol.encode(out[0] if len(out) == 1 else {"m": out})
-            if client.conn in self.clients and not client.send(frame):
+            if client.conn not in self.clients:
+                continue
+            client.queue(protocol.encode(out[0] if len(out) == 1 else {"m": out}))
+            if len(client.out) > MAX_UNREAD:
+                self.log.warning("gateway.refused", pid=client.pid,
+                                 reason=f"left over {MAX_UNREAD} bytes of answers unread; disconnected")
                 self._drop(client)
+            elif not client.flush():
+                self._drop(client)
+
+    def _flush_pending(self) -> bool:
+        """Write more of every answer a slow client has not taken yet; whether any is still pending."""
+        pending = False
+        for peer in [p for p in self.clients.values() if p.out]:
+            if not peer.flush():
+                self._drop(peer)
+            pending = pending or bool(peer.out)
+        return pending
 
     def _handle(self, tx: Tx, client: Peer, msg: dict[str, Any]) -> dict[str, Any] | None:
         op, args = msg["op"], msg.get("a", {})

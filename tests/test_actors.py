@@ -3,6 +3,7 @@ client processes, real SIGKILLs. Every wait is a condition with a deadline."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import random
@@ -559,4 +560,48 @@ def test_an_event_older_than_the_retention_is_refused_as_late_never_counted_twic
     rows = d.db.conn.execute("SELECT hour, requests FROM path_stats_hourly WHERE path = '/late'").fetchall()
     assert [r[1] for r in rows] == [1.0]  # only the fresh one, once
     assert any(e.get("event") == "paths.late_events" for e in d.log_lines())
+    client.close()
+
+
+def test_a_client_that_never_reads_and_slow_handshakes_delay_no_one(make):
+    # Before: one client flooding asks without reading its answers blocked the actor's send ~2 s a round (a
+    # probe got 8 ActorTimeouts in 15 s), and handshakes trickled one byte at a time held on for 30 s and more.
+    d = make()
+    client = up(d, "counter-0")
+    loaded = load_config(d.config_path)
+    path = str(socket_path(loaded.run_dir, "counter", 0))
+    flooder = RawClient(path, family="AF_UNIX", authkey=keys.authkey(keys.load_secret(loaded.run_dir)))
+    flooder.send_bytes(orjson.dumps({"pid": os.getpid(), "name": "flooder"}))
+    tricklers = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(20)]
+    for s in tricklers:
+        s.connect(path)
+        s.setblocking(False)
+    frame = orjson.dumps({"m": [{"id": i, "op": "get", "a": {"key": "k"}} for i in range(1000)]})
+    longest, started = 0.0, time.monotonic()
+    flood_cut = False
+    for i in range(400):
+        if not flood_cut:
+            try:
+                flooder._send(struct.pack("!i", len(frame)) + frame)  # asks, and never a read of an answer
+            except OSError:
+                flood_cut = True  # the actor hung up on it
+        if i % 20 == 0:
+            for s in tricklers:
+                with contextlib.suppress(OSError):
+                    s.send(b"\x00")  # a handshake, one byte at a time
+        t = time.monotonic()
+        assert client.counter.get("k") == 0
+        longest = max(longest, time.monotonic() - t)
+    assert longest < 0.5, longest  # no stall of a whole send timeout, let alone several
+    assert flood_cut or any("unread" in e.get("reason", "") for e in d.log_lines())
+    # Every trickled handshake was cut off at its 2 s deadline, however busy it kept itself.
+    for s in tricklers:
+        s.setblocking(True)
+        s.settimeout(30)
+        with contextlib.suppress(OSError):
+            while s.recv(4096):
+                pass
+        s.close()
+    assert time.monotonic() - started < 60
+    flooder.close()
     client.close()
