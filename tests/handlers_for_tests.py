@@ -8,6 +8,7 @@
   {"side_db": path}   record this job's execution in a side-effect table (idempotent per job id) first
   {"deep": n}         return a result nested n levels deep
   {"touch_after": p}  create the file p as the handler's last step (it has returned once p exists)
+  {"append": p}       append "<job id>\n" to the file p first (one write with O_APPEND: a line is whole or absent)
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ from cardq.handlers import Job, PermanentError
 
 def behave(job: Job) -> dict:
     p = job.payload
+    if "append" in p:
+        fd = os.open(p["append"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, f"{job.id}\n".encode())
+        finally:
+            os.close(fd)
     if "side_db" in p:
         record_side_effect(p["side_db"], job.id)
     if "stubborn" in p:
