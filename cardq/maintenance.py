@@ -17,6 +17,7 @@ PUBLISH_EVERY_S = 1.0
 CHECKPOINT_EVERY_S = 0.5
 WAL_TRUNCATE_ABOVE = 16 * 2**20  # bytes: past this the WAL is started over (see Database.checkpoint)
 WAL_TRUNCATE_WAIT_MS = 100  # the longest writers wait for it
+WAL_TRUNCATE_RETRY_MAX_S = 1.0  # truncates that keep failing (a long read) are tried at most this often
 
 
 class Maintenance:
@@ -26,6 +27,8 @@ class Maintenance:
         self.owners = owners  # the lease owners of the live workers
         self.publish = publish
         self.due: dict[str, float] = {}
+        self.truncate_retry_at = 0.0
+        self.truncate_failures = 0
 
     def step(self, now: float) -> None:
         w, sup = self.loaded.config.workers, self.loaded.config.supervisor
@@ -41,9 +44,19 @@ class Maintenance:
         # Workers and actors do not checkpoint (a commit that crosses the threshold would pay for it): we do,
         # here. PASSIVE on a timer keeps the database file current without anyone waiting; the WAL's size, a
         # stat on every step, starts the log over once it passes the bound, however fast writers fill it.
-        if self._due("checkpoint", now, CHECKPOINT_EVERY_S) or self._wal_over():
-            self.call("checkpoint", lambda: self.db.checkpoint(truncate_above=WAL_TRUNCATE_ABOVE,
-                                                               wait_ms=WAL_TRUNCATE_WAIT_MS))
+        truncate = now >= self.truncate_retry_at
+        if self._due("checkpoint", now, CHECKPOINT_EVERY_S) or (truncate and self._wal_over()):
+            size = self.call("checkpoint", lambda: self.db.checkpoint(
+                truncate_above=WAL_TRUNCATE_ABOVE if truncate else None, wait_ms=WAL_TRUNCATE_WAIT_MS))
+            if truncate and size is not None and size > WAL_TRUNCATE_ABOVE:
+                # It could not start the log over. Once in a while a busy writer is the reason, and the next step
+                # succeeds; when it keeps failing, a reader holds an old snapshot (a long read), and trying at
+                # every step would make the writers wait each time for nothing: back off, up to once a second.
+                # The WAL may grow until that read ends.
+                self.truncate_failures += 1
+                self.truncate_retry_at = now + min(WAL_TRUNCATE_RETRY_MAX_S, 0.025 * 2 ** self.truncate_failures)
+            elif truncate and size is not None:
+                self.truncate_failures = 0
         if self._due("publish", now, PUBLISH_EVERY_S):
             self.publish()
 
