@@ -26,6 +26,23 @@ def ensure_run_dir(run_dir: Path) -> Path:
     return key
 
 
+def restore(run_dir: Path, secret: bytes) -> bool:
+    """Put the run directory and its key file (the same secret: clients hold it) back if they are gone; returns
+    whether anything was missing."""
+    key = run_dir / KEY_FILE
+    if key.exists():
+        return False
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = run_dir / f".{KEY_FILE}.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, secret + b"\n")
+    finally:
+        os.close(fd)
+    os.replace(tmp, key)
+    return True
+
+
 def load_secret(run_dir: Path) -> bytes:
     key = run_dir / KEY_FILE
     try:

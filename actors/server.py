@@ -44,6 +44,7 @@ from cardq.store.db import Tx
 MAX_FAILURES = 3
 HANDSHAKE_TIMEOUT_S = 2.0  # in all, not per read: a client that trickles its handshake is cut off at 2 s
 SEND_TIMEOUT_S = 1.0  # the handshake's own writes
+SOCKET_CHECK_S = 1.0  # how often an actor checks that its socket file is still there
 MAX_UNREAD = 4 * 1024 * 1024  # bytes of answers a client may leave unread before it is disconnected
 RECV_CHUNK = 256 * 1024  # bytes read from one connection per loop turn: no client can starve the rest, and what
 # one loop turn holds in memory stays bounded however fast clients send
@@ -259,9 +260,12 @@ class ActorServer:
     def run(self) -> int:
         listener = self.listen()
         self.log.info("actor.started", socket=str(self.path))
-        next_tick = 0.0
+        next_tick, next_check = 0.0, time.monotonic() + SOCKET_CHECK_S
         try:
             while not self.ctx.stopping:
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + SOCKET_CHECK_S
+                    listener = self._still_listening(listener)
                 now = time.time()
                 timeout = max(0.0, min(next_tick - now, 0.5))
                 if self._flush_pending():  # a slow reader's answers: try again soon, without waiting on it
@@ -295,6 +299,20 @@ class ActorServer:
                 self._drop(client)
             self.db.close()
         return EXIT_STOPPED
+
+    def _still_listening(self, listener: socket.socket) -> socket.socket:
+        """The socket file gone (its run_dir deleted under us)? Listen anew at the path, once the supervisor has
+        put the folder back: clients find the file again, and this process never dies of it."""
+        if self.path.exists() or not self.path.parent.is_dir():
+            return listener
+        try:
+            fresh = self.listen()
+        except OSError as e:
+            self.log.warning("actor.relisten_failed", socket=str(self.path), reason=e.strerror)
+            return listener
+        listener.close()
+        self.log.warning("actor.socket_restored", socket=str(self.path))
+        return fresh
 
     def _commands(self) -> None:
         while self.ctx.channel.poll(0):

@@ -54,6 +54,8 @@ class Supervisor:
         self.loaded = loaded
         self.sink_put = log_sink or (lambda line: None)  # where children's log lines go (the one writer)
         self.log_destination = log_destination  # reopened on SIGHUP (logrotate) and when log.file changes
+        self.secret = b""
+        self.run_dir_check_at = 0.0
         self.reloads = 0  # reloads decided (applied or refused), published: `cardq reload` waits for the next
         self.pending_reload: tuple[HandlerCheck, Reload] | None = None  # a new handler being checked in a child
         self.desired = workers if workers is not None else loaded.config.workers.count
@@ -88,6 +90,7 @@ class Supervisor:
         self.lock.acquire()
         try:
             keys.ensure_run_dir(self.loaded.run_dir)
+            self.secret = keys.load_secret(self.loaded.run_dir)  # kept, to put the key back should it vanish
             self.db = app.open_db(self.loaded, create=True)
             self.maintenance = Maintenance(self.db, self.loaded, self.log, owners=self._live_owners,
                                            publish=self._publish)
@@ -197,6 +200,7 @@ class Supervisor:
         self.restarts.step(now)
         self._enforce_timeouts(now)
         self.maintenance.step(now)
+        self._keep_run_dir(now)
         self._wake_idle()
         if self.burst and self._drained():
             self._begin_shutdown(now, "burst: no job left to run")
@@ -352,6 +356,19 @@ class Supervisor:
                 self.on_progress(done)
 
     # ---- periodic work ----------------------------------------------------------------------------------
+
+    def _keep_run_dir(self, now: float) -> None:
+        """The run directory and its key are ours: if someone deletes them, put them back (same key) within a
+        second — actors then listen anew — rather than let workers fail jobs on 'gate: not reachable'."""
+        if now < self.run_dir_check_at:
+            return
+        self.run_dir_check_at = now + 1.0
+        try:
+            if keys.restore(self.loaded.run_dir, self.secret):
+                self.log.warning("run_dir.restored", run_dir=str(self.loaded.run_dir),
+                                 reason="the run directory or its key file was gone")
+        except OSError as e:
+            self.log.error("run_dir.restore_failed", run_dir=str(self.loaded.run_dir), reason=e.strerror)
 
     def _live_owners(self) -> list[str]:
         return [c.owner for c in self.children.values() if c.alive]

@@ -25,11 +25,12 @@ from cardq import app, jsonshape, logs
 from cardq.actors.client import ActorClient
 from cardq.children import EXIT_CONFIG, EXIT_STOPPED, EXIT_STORE, ChildContext
 from cardq.config import LoadedConfig, parse_config
-from cardq.errors import ActorError, ConfigError, Error
+from cardq.errors import ActorError, ActorUnavailable, ConfigError, Error
 from cardq.handlers import Handler, Job, PermanentError, load_handler
 from cardq.store import LeaseLost, StoreError, jobs
 
 IDLE_POLL_S = 1.0  # an idle worker looks for work at least this often, even if no wake-up comes
+GATE_UNAVAILABLE_PAUSE_S = 1.0  # a worker whose gate cannot be reached waits this long before its next claim
 FLUSH_S = 0.02  # with prefetch > 1, finished jobs are committed together at least this often
 
 
@@ -166,11 +167,13 @@ class Worker:
         self.ctx.slot.add_done(len(batch) - len(lost))
 
     def _attempt(self, claimed: jobs.Claimed, timeout_s: float) -> str:
+        gated = False
         try:
             payload = orjson.loads(claimed.payload)
             job = Job(claimed.id, claimed.user_id, claimed.plan, claimed.kind, payload, claimed.attempt,
                       claimed.max_attempts, self.loaded.config)
             with self.gate(claimed.kind):
+                gated = True
                 # The job's clock (the supervisor's timeout, the poison-job count) starts once the gate is ours:
                 # waiting for a permit is not the handler running.
                 self.ctx.slot.begin(claimed.id, time.monotonic())  # see Supervisor._enforce_timeouts
@@ -186,7 +189,16 @@ class Worker:
             return self._fail(claimed, f"timeout: the handler ran longer than job_timeout_s={timeout_s:g}")
         except PermanentError as e:
             return self._fail(claimed, f"permanent: {e}", permanent=True)
-        except ActorError as e:  # the gate could not be had (overloaded, or its actor unreachable): retry later
+        except ActorUnavailable as e:
+            if gated:  # the handler's own call failed: its failure
+                return self._fail(claimed, f"ActorUnavailable: {e}")
+            # The gate's actor cannot be reached (restarting, its socket being put back): not the job's fault.
+            # Give it back untouched — no attempt counted — and wait a moment before claiming again.
+            jobs.give_back(self.db, [(claimed.id, claimed.token)])
+            self.log.warning("job.given_back", reason=f"gate unavailable: {e}"[:300])
+            self.handle_commands(GATE_UNAVAILABLE_PAUSE_S)
+            return "given back"
+        except ActorError as e:  # the gate could not be had (overloaded): retry later
             return self._fail(claimed, f"gate: {e}")
         except Exception as e:  # the handler's failure is data (the job's error), not the worker's
             return self._fail(claimed, f"{type(e).__name__}: {e}")

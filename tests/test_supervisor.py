@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import os
 import random
+import shutil
 import signal
 import time
 
@@ -343,6 +344,30 @@ def test_status_reload_and_stop_work_while_config_toml_is_not_even_toml(deploy, 
     assert stop.returncode == 0 and "stopped" in stop.stdout
     assert proc.wait(30) == 0
     assert not d.config_path.with_name("config.toml.running").exists()  # its record goes with it
+
+
+def test_a_deleted_run_dir_is_put_back_and_no_job_dies_of_it(deploy, tmp_path):
+    # Before: with run_dir deleted, a restarted actor found no key and crash-looped, and jobs died on "gate: not
+    # reachable". The supervisor now puts the folder and the same key back; actors listen anew at their path;
+    # a worker that cannot reach its gate meanwhile gives the job back untouched.
+    d = deploy(workers={"count": 2, "max_attempts": 2, "backoff_base_s": 0.1, "backoff_max_s": 0.2})
+    ids = d.submit([{"sleep": 0.02} for _ in range(300)])
+    proc = d.start()
+    run_dir = d.loaded.run_dir
+    wait_for(lambda: d.statuses(ids).get("done", 0) >= 20, 60, what="work under way")
+    actors = {r["name"]: r["pid"] for r in d.db.read(store_processes.read) if r["role"] == "actor" and r["pid"]}
+    shutil.rmtree(run_dir)
+    os.kill(actors.pop("ratelimit-0"), signal.SIGKILL)  # and the gate's actor restarts into the empty folder
+    wait_for(lambda: d.statuses(ids).get("done", 0) == 300, 120, what="every job done")
+    assert d.statuses(ids) == {"done": 300}  # none dead for the missing folder
+    assert (run_dir / "cardq.key").stat().st_mode & 0o777 == 0o600
+    assert all((run_dir / f"{name}.sock").exists() for name in [*actors, "ratelimit-0"])
+    now = {r["name"]: r for r in d.db.read(store_processes.read) if r["role"] == "actor" and r["pid"]}
+    assert {name: now[name]["pid"] for name in actors} == actors  # the others never died: they listen anew
+    assert now["ratelimit-0"]["restarts"] <= 3  # restarted, not crash-looping
+    assert any(e.get("event") == "run_dir.restored" for e in d.log_lines())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
 
 
 def test_sighup_scales_workers_3_1_4_without_losing_a_job(deploy, tmp_path):
