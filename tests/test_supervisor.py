@@ -247,7 +247,8 @@ def test_sighup_with_broken_config_keeps_the_old_one_and_says_so(deploy):
     assert status["supervisor"]["running"] and status["supervisor"]["last_reload_error"]
     assert "LAST RELOAD FAILED" in d.cardq("status").stdout
     assert proc.poll() is None
-    assert any(line["event"] == "config.reload_failed" for line in d.log_lines())
+    wait_for(lambda: any(line["event"] == "config.reload_failed" for line in d.log_lines()), 30,
+             what="the refusal logged")  # the log is written by a thread: asynchronously
     d.config_path.write_text(good)  # fixed: the next reload applies and clears the error
     assert d.cardq("reload").returncode == 0
     wait_for(lambda: d.supervisor_row()["info"]["config_version"] == 2, 10, what="good config applied")
@@ -365,7 +366,7 @@ def test_a_deleted_run_dir_is_put_back_and_no_job_dies_of_it(deploy, tmp_path):
     now = {r["name"]: r for r in d.db.read(store_processes.read) if r["role"] == "actor" and r["pid"]}
     assert {name: now[name]["pid"] for name in actors} == actors  # the others never died: they listen anew
     assert now["ratelimit-0"]["restarts"] <= 3  # restarted, not crash-looping
-    assert any(e.get("event") == "run_dir.restored" for e in d.log_lines())
+    wait_for(lambda: any(e.get("event") == "run_dir.restored" for e in d.log_lines()), 30, what="logged")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
 
@@ -387,7 +388,11 @@ def test_sighup_scales_workers_3_1_4_without_losing_a_job(deploy, tmp_path):
         assert info["workers_desired"] == count and info["last_reload_error"] is None
     wait_for(lambda: d.statuses(ids) == {"done": 40}, 60, what="every job done")
     assert all(d.job(i)["attempts"] == 1 for i in ids)  # scaling down lost no in-flight job
-    reloaded = [line for line in d.log_lines() if line["event"] == "config.reloaded"]
+    def both_reloads() -> list | None:  # logged by the supervisor's writer thread: asynchronously
+        lines = [line for line in d.log_lines() if line["event"] == "config.reloaded"]
+        return lines if len(lines) >= 2 else None
+
+    reloaded = wait_for(both_reloads, 30, what="both reloads logged")
     assert reloaded[0]["changes"] == {"workers.count": [3, 1]} and reloaded[1]["version"] == 3
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
