@@ -168,4 +168,6 @@ def restore(previous: dict[str, Any]) -> None:
 
 
 def get(**bind: Any) -> Any:
-    return structlog.get_logger().bind(**bind)
+    """A logger that follows the configuration in effect at each call (a lazy proxy: `.bind()` on one would fix
+    the level it was made with, and a level changed on reload would not reach it)."""
+    return structlog.get_logger(**bind)
