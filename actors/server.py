@@ -60,7 +60,8 @@ class Peer:
     conn: Connection  # for sending (blocking, with a send timeout), and for wait()
     pid: int  # the peer's real pid (SO_PEERCRED)
     name: str
-    sock: socket.socket | None = None  # a duplicate of the connection's socket, read without blocking
+    sock: socket.socket | None = None  # a duplicate of the connection's socket, for non-blocking reads and
+    # writes; made once, when the peer is registered (see ActorServer._register)
     buf: bytearray = field(default_factory=bytearray)  # bytes received, not yet a whole frame
     last_active: float = field(default_factory=time.monotonic)  # when it last sent something
     out: bytearray = field(default_factory=bytearray)  # answers framed, not yet taken by the client's socket
@@ -74,8 +75,6 @@ class Peer:
     def flush(self) -> bool:
         """Write what the socket takes now, never waiting (a client that does not read must cost the actor
         nothing); False if the connection is gone."""
-        if self.sock is None:
-            self.sock = socket.fromfd(self.conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
         while self.out:
             try:
                 sent = self.sock.send(self.out, socket.MSG_DONTWAIT)
@@ -283,8 +282,7 @@ class ActorServer:
                     elif r in self.clients:  # (not if an eviction in this round closed it)
                         self._read(self.clients[r], batch)
                 while not self.new_clients.empty():
-                    client = self.new_clients.get()
-                    self.clients[client.conn] = client
+                    self._register(self.new_clients.get())
                 now = time.time()
                 due = now >= next_tick
                 if batch or due:
@@ -328,16 +326,23 @@ class ActorServer:
                 self.behaviour.apply_config(self.loaded)
                 self.log.info("actor.config_applied", digest=msg["digest"])
 
+    def _register(self, peer: Peer) -> None:
+        """A peer whose handshake passed joins the served ones, with the duplicate socket its reads and writes
+        use. Out of descriptors for it: the idlest peer makes room, else this one is refused."""
+        for _ in range(2):
+            try:
+                peer.sock = socket.fromfd(peer.conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
+                self.clients[peer.conn] = peer
+                return
+            except OSError as e:
+                self._refused(e)
+                if not self._evict_idlest("file descriptors"):
+                    break
+        peer.conn.close()
+
     def _read(self, client: Peer, batch: list[tuple[Peer, dict[str, Any]]]) -> None:
         """Take what the client has sent, without ever waiting for the rest of a frame (a client that trickles
         bytes costs nothing), and append every complete message to the batch."""
-        if client.sock is None:
-            try:
-                client.sock = socket.fromfd(client.conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
-            except OSError as e:  # out of descriptors: this one waits, an idle one makes room
-                self._refused(e)
-                self._evict_idlest("file descriptors")
-                return
         try:
             chunk = client.sock.recv(RECV_CHUNK, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):

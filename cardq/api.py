@@ -155,10 +155,14 @@ class Queue:
         if path is None:
             return
         stamp = _stamp(path)
-        if stamp == self._stamp and not (_fresh(stamp) and _content(path) != self._loaded.raw):
+
+        def unchanged() -> bool:
+            return stamp == self._stamp and not (_fresh(stamp) and _content(path) != self._loaded.raw)
+
+        if unchanged():
             return
         with self._lock:
-            if stamp == self._stamp and not (_fresh(stamp) and _content(path) != self._loaded.raw):
+            if unchanged():  # another thread re-read it meanwhile
                 return
             self._stamp = stamp
             try:
