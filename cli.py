@@ -24,6 +24,7 @@ from cardq.errors import (
     JobNotFound,
     LimitExceeded,
     RestartIntensityExceeded,
+    os_problem,
 )
 from cardq.inputs import FORMATS
 from cardq.store.schema import STATUSES
@@ -92,6 +93,12 @@ class CardqGroup(click.Group):
             ctx.exit(130)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except OSError as e:  # a file cardq reached without a guard of its own: still one line, in words
+            if os.environ.get("CARDQ_DEBUG"):
+                raise
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"cardq: {where}{os_problem(e, e.filename)}", err=True)
+            ctx.exit(EXIT_FAILURE)
         except Exception as e:  # a bug: say so in one line; CARDQ_DEBUG=1 shows the traceback
             if os.environ.get("CARDQ_DEBUG"):
                 raise

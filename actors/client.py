@@ -302,7 +302,8 @@ def _result(answer: dict[str, Any]) -> Any:
     if answer.get("ok"):
         return answer.get("r")
     code = str(answer.get("code", "error"))
-    cls = {"overloaded": Overloaded, "timeout": ActorTimeout, "bad_request": InvalidRequest}.get(code, ActorError)
+    cls = {"overloaded": Overloaded, "timeout": ActorTimeout, "bad_request": InvalidRequest,
+           "unavailable": ActorUnavailable}.get(code, ActorError)
     return cls(str(answer.get("err", "the actor refused the request")), code)
 
 

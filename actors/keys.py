@@ -3,26 +3,36 @@ hash. Created by `cardq init` (or the first supervisor); never logged."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
 import secrets
 from pathlib import Path
 
-from cardq.errors import Error
+from cardq.errors import Error, FileError
 
 KEY_FILE = "cardq.key"
 
 
 def ensure_run_dir(run_dir: Path) -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """The run directory (0700) and its key file, made if missing; FileError (one line) when they cannot be."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise FileError(run_dir, "create the run directory (actors.run_dir)", e) from None
     key = run_dir / KEY_FILE
     if not key.exists():
-        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, secrets.token_hex(32).encode() + b"\n")
-        finally:
-            os.close(fd)
+            fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, secrets.token_hex(32).encode() + b"\n")
+            finally:
+                os.close(fd)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                key.unlink(missing_ok=True)  # never leave an empty or half-written key behind
+            raise FileError(key, "write the key file", e) from None
     return key
 
 
@@ -51,7 +61,7 @@ def load_secret(run_dir: Path) -> bytes:
     except FileNotFoundError:
         raise Error(f"{key}: no key file; run `cardq init` (or start `cardq supervise`) first") from None
     except OSError as e:
-        raise Error(f"{key}: cannot read the key file: {e.strerror}") from None
+        raise FileError(key, "read the key file", e) from None
     if st.st_mode & 0o077:
         raise Error(f"{key}: key file is readable by others (mode {st.st_mode & 0o777:o}); expected 0600")
     if len(data) < 32:

@@ -90,7 +90,7 @@ class Waiter:
     msg_id: int | None
     permit: str
     pid: int
-    since: float
+    since: float  # time.monotonic(), as is the deadline: a wall-clock step must not expire or prolong a wait
     deadline: float
 
 
@@ -188,14 +188,15 @@ class RateLimiter(Behaviour):
                     w.client, w.msg_id = client, msg_id  # answer the retry, not the lost connection
             return DEFER
         if len(gate.permits) < gate.cfg.max_concurrency and not gate.waiters:
-            self._grant(tx, gate, a.permit, client.pid, now, now)
+            self._grant(tx, gate, a.permit, client.pid, 0.0)
             return {"permit": a.permit, "waited_ms": 0.0}
         if len(gate.waiters) < gate.cfg.max_queue:
             # Never wait longer than the caller will: a permit granted after it gave up would be held by no one.
             wait_s = gate.cfg.queue_timeout_ms / 1000
             if a.wait_ms is not None:
                 wait_s = min(wait_s, a.wait_ms / 1000)
-            gate.waiters.append(Waiter(client, msg_id, a.permit, client.pid, now, now + wait_s))
+            mono = time.monotonic()
+            gate.waiters.append(Waiter(client, msg_id, a.permit, client.pid, mono, mono + wait_s))
             return DEFER
         gate.dropped += 1
         gate.last_drop_at = now
@@ -207,7 +208,7 @@ class RateLimiter(Behaviour):
         held = gate.permits.pop(a.permit, None) is not None
         if held:
             store_gates.remove(tx, a.permit)
-            self._admit(tx, gate, time.time())
+            self._admit(tx, gate)
         else:
             gate.waiters = deque(w for w in gate.waiters if w.permit != a.permit)
         return {"released": held}
@@ -218,32 +219,34 @@ class RateLimiter(Behaviour):
         return {name: {**gate.stats(), "config": self.config_digest} for name, gate in self.gates.items()
                 if protocol.shard_of(f"gate:{name}", shards) == self.shard}
 
-    def _grant(self, tx: Tx, gate: Gate, permit: str, pid: int, since: float, now: float) -> None:
-        started = process_start(pid)
+    def _grant(self, tx: Tx, gate: Gate, permit: str, pid: int, waited_s: float) -> None:
+        started, now = process_start(pid), time.time()
         store_gates.add(tx, store_gates.Permit(permit, gate.name, pid, started, now))
         gate.permits[permit] = (pid, started, now)
-        gate.waits_ms.append((now - since) * 1000)
+        gate.waits_ms.append(waited_s * 1000)
 
-    def _admit(self, tx: Tx, gate: Gate, now: float) -> None:
-        self._expire(gate, now)  # never grant to a waiter whose caller has given up
+    def _admit(self, tx: Tx, gate: Gate) -> None:
+        mono = time.monotonic()
+        self._expire(gate, mono)  # never grant to a waiter whose caller has given up
         while gate.waiters and len(gate.permits) < gate.cfg.max_concurrency:
             w = gate.waiters.popleft()
-            self._grant(tx, gate, w.permit, w.pid, w.since, now)
+            self._grant(tx, gate, w.permit, w.pid, mono - w.since)
             if w.msg_id is not None:
                 self.answers.append((w.client, w.msg_id, {"ok": True, "r": {
-                    "permit": w.permit, "waited_ms": round((now - w.since) * 1000, 3)}}))
+                    "permit": w.permit, "waited_ms": round((mono - w.since) * 1000, 3)}}))
 
-    def _expire(self, gate: Gate, now: float) -> None:
-        """Answer every waiter whose time is up (wherever it stands in the queue) and take it out."""
-        if not any(w.deadline <= now for w in gate.waiters):
+    def _expire(self, gate: Gate, mono: float) -> None:
+        """Answer every waiter whose time is up (wherever it stands in the queue; `mono` is time.monotonic())
+        and take it out."""
+        if not any(w.deadline <= mono for w in gate.waiters):
             return
         keep = deque()
         for w in gate.waiters:
-            if w.deadline > now:
+            if w.deadline > mono:
                 keep.append(w)
                 continue
             gate.dropped += 1
-            gate.last_drop_at = now
+            gate.last_drop_at = time.time()
             if w.msg_id is not None:
                 self.answers.append((w.client, w.msg_id, {"ok": False, "code": "overloaded", "err": (
                     f"gate {gate.name}: no permit within {round((w.deadline - w.since) * 1000)} ms; retry later")}))
@@ -251,9 +254,9 @@ class RateLimiter(Behaviour):
 
     def tick(self, tx: Tx, now: float) -> list[tuple[Peer, int, dict[str, Any]]]:
         for gate in self.gates.values():
-            self._expire(gate, now)
+            self._expire(gate, time.monotonic())
             if self.resized:
-                self._admit(tx, gate, now)
+                self._admit(tx, gate)
         self.resized = False
         if now >= self.next_reap:
             self.next_reap = now + REAP_EVERY_S
@@ -279,7 +282,7 @@ class RateLimiter(Behaviour):
                 store_gates.remove(tx, permit)
                 self.log.warning("gate.permit_reaped", gate=gate.name, permit=permit)
             if dead:
-                self._admit(tx, gate, now)
+                self._admit(tx, gate)
 
     def on_tick_failed(self) -> None:
         """Rebuild the gates' permits from SQLite (the tick's grants and releases were rolled back)."""
@@ -289,14 +292,28 @@ class RateLimiter(Behaviour):
             if p.gate in self.gates:
                 self.gates[p.gate].permits[p.permit_id] = (p.pid, p.pid_started, p.acquired_at)
 
+    def on_store_failed(self) -> list[tuple[Peer, int]]:
+        """Permits, rate-limit state and the queue as SQLite has them: the failed transaction's grants, releases
+        and check results never happened. Waiters are dropped (told "unavailable"): their asks may have been in
+        it, and a grant to them could not be stored anyway."""
+        self.on_tick_failed()
+        self.tat = ratelimits.load_all(self.db)
+        self.answers = []
+        dropped = [(w.client, w.msg_id) for g in self.gates.values() for w in g.waiters if w.msg_id is not None]
+        for gate in self.gates.values():
+            gate.waiters.clear()
+        return dropped
+
     def on_disconnect(self, client: Peer) -> None:
         for gate in self.gates.values():
             gate.waiters = deque(w for w in gate.waiters if w.client is not client)
         self.next_reap = 0.0  # if it died, its permits go at the next tick
 
     def next_tick(self, now: float) -> float:
-        deadlines = [g.waiters[0].deadline for g in self.gates.values() if g.waiters]
-        return min([now + REAP_EVERY_S, *deadlines]) if deadlines else now + REAP_EVERY_S
+        # The earliest waiter's deadline, which is monotonic, as wall time (what the server expects).
+        mono = time.monotonic()
+        deadlines = [now + min(w.deadline for w in g.waiters) - mono for g in self.gates.values() if g.waiters]
+        return min([now + REAP_EVERY_S, *deadlines])
 
 
 def process_start(pid: int) -> int:

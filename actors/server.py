@@ -35,9 +35,9 @@ import msgspec
 from cardq import app, logs
 from cardq.actors import keys, protocol
 from cardq.actors.protocol import socket_path
-from cardq.children import EXIT_STOPPED, ChildContext
+from cardq.children import EXIT_STOPPED, EXIT_STORE, ChildContext
 from cardq.config import LoadedConfig, parse_config
-from cardq.errors import InputError, StoreError
+from cardq.errors import Error, InputError, StoreError
 from cardq.store import dead_letters
 from cardq.store.db import Tx
 
@@ -139,6 +139,12 @@ class Behaviour:
     def on_rollback(self) -> None:
         """A message's changes were rolled back: drop whatever in-memory state it may have touched."""
 
+    def on_store_failed(self) -> list[tuple[Peer, int]]:
+        """A whole transaction (a batch or a tick) failed to commit: rebuild memory from SQLite. Returns the
+        deferred asks dropped with it (they are answered "unavailable")."""
+        self.on_tick_failed()
+        return []
+
     def apply_config(self, loaded: LoadedConfig) -> None:
         """A reloaded config (SIGHUP), already validated by the supervisor."""
         self.loaded = loaded
@@ -157,6 +163,8 @@ class ActorServer:
         self.max_connections = min(self.loaded.config.actors.max_connections, max(8, (fd_limit() - 64) // 2))
         self.refused = self.evicted = 0
         self.refused_logged_at = self.evicted_logged_at = 0.0
+        self.store_failing_since: float | None = None  # monotonic: since when the database refuses our batches
+        self.store_failures = 0
         self.listen_paused_until = 0.0
         self.db = app.open_db(self.loaded, autocheckpoint=False)
         self.behaviour = behaviour_cls(self.loaded, self.db, self.shard)
@@ -211,6 +219,7 @@ class ActorServer:
             return False
         peer = min(self.clients.values(), key=lambda p: p.last_active)
         self.evicted += 1
+        self.ctx.slot.connections(self.refused, self.evicted)  # for `cardq status`
         self._drop(peer)
         now = time.monotonic()
         if now >= self.evicted_logged_at + 1.0:  # at most once a second, with the count so far
@@ -220,8 +229,9 @@ class ActorServer:
         return True
 
     def _refused(self, e: OSError) -> None:
-        """Out of descriptors: counted, and logged at most once a second with the count since."""
+        """Out of descriptors: counted (`cardq status` shows it), and logged at most once a second."""
         self.refused += 1
+        self.ctx.slot.connections(self.refused, self.evicted)
         now = time.monotonic()
         if now >= self.refused_logged_at + 1.0:
             self.refused_logged_at = now
@@ -259,14 +269,13 @@ class ActorServer:
     def run(self) -> int:
         listener = self.listen()
         self.log.info("actor.started", socket=str(self.path))
-        next_tick, next_check = 0.0, time.monotonic() + SOCKET_CHECK_S
+        next_tick, next_check = 0.0, time.monotonic() + SOCKET_CHECK_S  # both monotonic
         try:
             while not self.ctx.stopping:
                 if time.monotonic() >= next_check:
                     next_check = time.monotonic() + SOCKET_CHECK_S
                     listener = self._still_listening(listener)
-                now = time.time()
-                timeout = max(0.0, min(next_tick - now, 0.5))
+                timeout = max(0.0, min(next_tick - time.monotonic(), 0.5))
                 if self._flush_pending():  # a slow reader's answers: try again soon, without waiting on it
                     timeout = min(timeout, 0.01)
                 listening = [listener] if time.monotonic() >= self.listen_paused_until else []
@@ -283,12 +292,15 @@ class ActorServer:
                         self._read(self.clients[r], batch)
                 while not self.new_clients.empty():
                     self._register(self.new_clients.get())
-                now = time.time()
-                due = now >= next_tick
+                # Ticks are scheduled on the monotonic clock: a step of the wall clock (NTP, a VM resume) must
+                # neither stop them for a day nor fire them all at once. (Behaviours speak wall time.)
+                mono = time.monotonic()
+                due = mono >= next_tick
                 if batch or due:
                     self.process(batch, tick=due)
                     # a message may have set an earlier deadline (a gate waiter's): never sleep past it
-                    upcoming = self.behaviour.next_tick(now)
+                    wall = time.time()
+                    upcoming = mono + (self.behaviour.next_tick(wall) - wall)
                     next_tick = upcoming if due else min(next_tick, upcoming)
         finally:
             listener.close()
@@ -398,36 +410,64 @@ class ActorServer:
     def process(self, batch: list[tuple[Peer, dict[str, Any]]], *, tick: bool) -> None:
         """Apply a batch in one transaction, commit, then answer. The periodic tick runs in a transaction of its
         own, so that a failing tick rolls back alone and cannot take the messages (or the actor) with it."""
+        answers: list[tuple[Peer, int, dict[str, Any]]] = []
 
         def messages(tx: Tx) -> list[tuple[Peer, int, dict[str, Any]]]:
-            answers = []
+            answers.clear()  # (a retry after a busy database starts over)
             for client, msg in batch:
                 answer = self._handle(tx, client, msg)
                 if answer is not None and msg.get("id") is not None:
                     answers.append((client, msg["id"], answer))
-            answers += self.behaviour.drain_answers()
+            answers.extend(self.behaviour.drain_answers())
             self.behaviour.before_commit(tx)
             return answers
 
         def periodic(tx: Tx) -> list[tuple[Peer, int, dict[str, Any]]]:
-            answers = self.behaviour.tick(tx, time.time())
-            answers += self.behaviour.drain_answers()
+            answers.clear()
+            answers.extend(self.behaviour.tick(tx, time.time()))
+            answers.extend(self.behaviour.drain_answers())
             self.behaviour.before_commit(tx)
             return answers
 
-        # A store failure here (database locked past every retry, disk full) ends the process: the supervisor
-        # restarts it, memory is rebuilt from SQLite, and unanswered asks are retried by their clients.
-        answers = self.db.batch(messages, f"{self.actor} batch") if batch else []
+        out: list[tuple[Peer, int, dict[str, Any]]] = []
+        if batch:
+            try:
+                out += self.db.batch(messages, f"{self.actor} batch")
+                self._store_ok()
+            except StoreError as e:
+                self._store_failed(e, [(c, m["id"]) for c, m in batch if m.get("id") is not None] + answers)
         if tick:
             try:
-                answers += self.db.batch(periodic, f"{self.actor} tick")
-            except StoreError:
-                raise
+                out += self.db.batch(periodic, f"{self.actor} tick")
+                self._store_ok()
+            except StoreError as e:
+                self._store_failed(e, answers)
             except Exception as e:  # a bug in periodic work: log it, start its state afresh, keep serving
                 self.behaviour.on_tick_failed()
                 self.log.error("actor.tick_failed", error=f"{type(e).__name__}: {e}"[:300])
         self.ctx.slot.idle()
-        self._send(answers)
+        self._send(out)
+
+    def _store_failed(self, e: StoreError, asks: list[tuple[Any, ...]]) -> None:
+        """The database refused the transaction (disk full, read-only, locked past every retry, ...): nothing of
+        it was stored, so nothing of it is answered as done. Every ask it held is answered "unavailable" (the
+        client sees ActorUnavailable at once, not a timeout; an op id makes its retry exactly-once), memory is
+        rebuilt from SQLite, and the actor keeps serving: the next batch tries again. Logged once per outage."""
+        told = {(peer, msg_id) for peer, msg_id, *_ in asks}
+        told.update(self.behaviour.on_store_failed())
+        err = _error("unavailable", f"{self.actor}: {e}"[:500])
+        self._send([(peer, msg_id, err) for peer, msg_id in told])
+        self.store_failures += 1
+        if self.store_failing_since is None:
+            self.store_failing_since = time.monotonic()
+            self.log.error("actor.store_failing", reason=str(e)[:300],
+                           answering="unavailable to every ask until the database takes writes again")
+
+    def _store_ok(self) -> None:
+        if self.store_failing_since is not None:
+            failed_for = round(time.monotonic() - self.store_failing_since, 1)
+            self.log.warning("actor.store_recovered", failed_for_s=failed_for, batches_refused=self.store_failures)
+            self.store_failing_since, self.store_failures = None, 0
 
     def _send(self, answers: list[tuple[Peer, int, dict[str, Any]]]) -> None:
         by_client: dict[Peer, list[dict[str, Any]]] = {}
@@ -543,4 +583,8 @@ def main(ctx: ChildContext) -> int:
 
     module, _, cls = BEHAVIOURS[ctx.spec.args["actor"]].partition(":")
     behaviour = getattr(importlib.import_module(module), cls)
-    return ActorServer(ctx, behaviour).run()
+    try:
+        return ActorServer(ctx, behaviour).run()
+    except Error as e:  # its database or key file cannot be used: one line, and the supervisor restarts it
+        logs.get(actor=ctx.spec.args["actor"], shard=ctx.spec.args["shard"]).error("actor.failed", reason=str(e))
+        return EXIT_STORE

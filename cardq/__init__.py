@@ -35,6 +35,7 @@ from cardq.errors import (
     AlreadyRunning,
     ConfigError,
     Error,
+    FileError,
     InputError,
     InvalidRequest,
     InvalidTransition,
@@ -46,13 +47,14 @@ from cardq.errors import (
     RestartIntensityExceeded,
     StoreBusy,
     StoreError,
+    StoreUnwritable,
 )
 from cardq.handlers import Job, PermanentError
 
 __all__ = [
     "FINISHED", "FORMATS", "MAX_PRIORITY", "STATUSES", "ActorError", "ActorTimeout", "ActorUnavailable",
-    "AlreadyRunning", "Batch", "ConfigError", "CounterResult", "Error", "InputError", "InvalidRequest",
+    "AlreadyRunning", "Batch", "ConfigError", "CounterResult", "Error", "FileError", "InputError", "InvalidRequest",
     "InvalidTransition", "Job", "JobInfo", "JobNotFound", "JobPage", "LeaseLost", "Limit", "LimitExceeded",
     "NotRunning", "Overloaded", "PermanentError", "Queue", "RateLimitDecision", "RestartIntensityExceeded",
-    "StoreBusy", "StoreError", "connect", "init", "read_items", "selftest", "supervise",
+    "StoreBusy", "StoreError", "StoreUnwritable", "connect", "init", "read_items", "selftest", "supervise",
 ]

@@ -355,9 +355,9 @@ class Queue:
         data["config"] = {"file": loaded.source, "digest": loaded.digest, "error": self.config_error}
         data["supervisor"] = supervisor_summary(loaded, data["processes"])
         data["gates"] = self._gate_stats() if data["supervisor"]["running"] else None
-        from cardq.checks import loose_permissions
+        from cardq.checks import disk_warnings, loose_permissions
 
-        data["warnings"] = loose_permissions(loaded)
+        data["warnings"] = disk_warnings(loaded) + loose_permissions(loaded)
         return data
 
     def _gate_stats(self) -> dict[str, Any] | str:

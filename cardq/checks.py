@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cardq import app
 from cardq.config import LoadedConfig
-from cardq.errors import Error
+from cardq.errors import Error, read_only_fs
 from cardq.handlers import HandlerCheck
 from cardq.lockfile import NotRunning, running_pid
 from cardq.store import Database
@@ -69,6 +69,24 @@ def loose_permissions(loaded: LoadedConfig) -> list[str]:
             continue  # not there (yet): nothing to expose
         if mode & 0o077:
             out.append(f"{path} mode {mode:o}: readable or writable by others, expected 600 (chmod 600 {path})")
+    return out
+
+
+def disk_warnings(loaded: LoadedConfig) -> list[str]:
+    """The database's file system nearly or quite full, or mounted read-only (each as one line)."""
+    folder = loaded.db_path.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return []
+    out = []
+    if read_only_fs(folder):
+        out.append(f"{folder}: the file system is read-only: nothing can be stored; workers wait for it to be "
+                   "remounted read-write")
+    elif free < MIN_FREE_BYTES:
+        state = "disk full" if free < 1024 * 1024 else "disk nearly full"
+        out.append(f"{folder}: {state}: {free // 1024} KiB free (at least {MIN_FREE_BYTES // 2**20} MiB expected); "
+                   "writes that need room fail, workers wait and carry on by themselves once space is freed")
     return out
 
 

@@ -40,6 +40,7 @@ START_METHOD = "spawn"
 EXIT_STOPPED = 0  # asked to stop, or stopped itself cleanly
 EXIT_CONFIG = 78  # cannot run with this config (e.g. the handler does not import): restarting will not help
 EXIT_STORE = 75  # the database failed under it; its jobs are released and it is restarted
+EXIT_CRASHED = 70  # an unexpected exception (a bug), logged as child.crashed; restarted
 
 
 @dataclass(frozen=True)
@@ -90,11 +91,13 @@ class Channel:
 
 class Slot:
     """A child's status in shared memory: [job in hand (0: none), its start (time.monotonic(): CLOCK_MONOTONIC,
-    one clock for every process), jobs done, state].
+    one clock for every process), jobs done, state, and for an actor: connections refused for want of
+    descriptors, idle connections closed to make room].
     Written only by the child; a SIGKILL at any instant leaves at worst a stale value, never a held lock."""
 
-    JOB, STARTED, DONE, STATE = range(4)
-    STATES = ("starting", "idle", "busy")
+    JOB, STARTED, DONE, STATE, REFUSED, EVICTED = range(6)
+    SIZE = 6
+    STATES = ("starting", "idle", "busy", "blocked")  # blocked: waiting for the database to take writes
 
     def __init__(self, array: Any):
         self.a = array
@@ -113,6 +116,15 @@ class Slot:
     def idle(self) -> None:
         self.a[self.JOB] = 0
         self.a[self.STATE] = 1
+
+    def blocked(self, on: bool) -> None:
+        self.a[self.STATE] = 3 if on else 2
+
+    def connections(self, refused: int, evicted: int) -> None:
+        self.a[self.REFUSED], self.a[self.EVICTED] = refused, evicted
+
+    def read_connections(self) -> tuple[int, int]:
+        return int(self.a[self.REFUSED]), int(self.a[self.EVICTED])
 
     def read(self) -> tuple[int | None, float | None, int, str]:
         """(job in hand, its start, jobs done, state), consistent with each other."""
@@ -145,7 +157,7 @@ def start(spec: ChildSpec, loaded: LoadedConfig) -> tuple[mp.process.BaseProcess
     ctx = mp.get_context(START_METHOD)
     ours, theirs = ctx.Pipe(duplex=True)
     log_read, log_write = ctx.Pipe(duplex=False)
-    array = ctx.RawArray("d", 4)
+    array = ctx.RawArray("d", Slot.SIZE)
     proc = ctx.Process(target=_entry, args=(spec, loaded, theirs, log_write, array, os.getpid()), name=spec.name)
     proc.start()
     theirs.close()  # the child has its copies; the supervisor keeps only its ends
@@ -179,10 +191,22 @@ def _entry(spec: ChildSpec, loaded: LoadedConfig, conn: Connection, log_conn: Co
     cfg = loaded.config.log
     logs.configure(spec.role, level=cfg.level, fmt=cfg.format, sink=sink)  # "auto": the terminal we share
     module, _, func = spec.target.partition(":")
-    target = getattr(importlib.import_module(module), func)
-    code = target(ChildContext(spec, loaded, Channel(conn), Slot(array), stop))
+    try:
+        target = getattr(importlib.import_module(module), func)
+        code = target(ChildContext(spec, loaded, Channel(conn), Slot(array), stop))
+    except Exception as e:  # a bug: one log line saying where, not a traceback on the supervisor's stderr
+        logs.get().error("child.crashed", child=spec.name, error=f"{type(e).__name__}: {e}"[:500], at=_where(e))
+        code = EXIT_CRASHED
     sink.close()
     sys.exit(code or 0)
+
+
+def _where(e: BaseException) -> str:
+    """file:line of the innermost frame of an exception's traceback."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"
 
 
 def describe_exit(code: int | None, kill_reason: str | None) -> str:
@@ -198,4 +222,5 @@ def describe_exit(code: int | None, kill_reason: str | None) -> str:
             return f"killed by {signal.Signals(-code).name}"
         except ValueError:
             return f"killed by signal {-code}"
-    return {0: "stopped", EXIT_CONFIG: "config error", EXIT_STORE: "database error"}.get(code, f"exit code {code}")
+    return {0: "stopped", EXIT_CONFIG: "config error", EXIT_STORE: "database error",
+            EXIT_CRASHED: "crashed (see child.crashed in the log)"}.get(code, f"exit code {code}")

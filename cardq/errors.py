@@ -7,6 +7,10 @@ types to exit codes in one table (cli.py), and an HTTP layer maps them to status
 
 from __future__ import annotations
 
+import errno
+import os
+from pathlib import Path
+
 
 class Error(Exception):
     """Base of every cardq error: str(e) is a complete one-line message."""
@@ -53,6 +57,51 @@ class InvalidTransition(Error):
 
 class StoreError(Error):
     """The database could not be used (missing, not cardq's, too new, full, read-only, unreadable)."""
+
+
+class StoreUnwritable(StoreError):
+    """The database cannot take writes now, for a reason outside cardq that may pass: its disk is full, or its
+    file system is read-only. Nothing was changed. Writers that can wait (workers, actors) wait and retry, and
+    resume by themselves once the operator has freed space; `problem` is "disk full" or "read-only"."""
+
+    def __init__(self, message: str, problem: str):
+        super().__init__(message)
+        self.problem = problem
+
+
+class FileError(Error):
+    """A file or folder cardq needs (the lock file, the log file, the run directory, its key) could not be made,
+    written or read: `path` names it, `problem` says why in words (disk full, read-only file system, permission
+    denied, ...)."""
+
+    def __init__(self, path: str | Path, what: str, e: OSError):
+        self.path, self.problem = str(path), os_problem(e, path)
+        super().__init__(f"{path}: cannot {what}: {self.problem}")
+
+
+def os_problem(e: OSError, path: str | Path | None = None) -> str:
+    """An OSError in the words an operator acts on, with what to do about it."""
+    code = e.errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "disk full (no space left on its file system); free space and cardq carries on"
+    if code == errno.EROFS or (path is not None and read_only_fs(path)):
+        return "read-only file system; remount it read-write, or configure a path on a writable one"
+    if code in (errno.EACCES, errno.EPERM):
+        return "permission denied; check the owner and mode of the file and of its folder"
+    if code == errno.ENOENT:
+        return "no such file or folder"
+    return e.strerror or str(e)
+
+
+def read_only_fs(path: str | Path) -> bool:
+    """Is the file system that holds `path` (or its nearest existing folder) mounted read-only?"""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return bool(os.statvfs(p).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 class StoreBusy(StoreError):

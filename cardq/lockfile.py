@@ -15,7 +15,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from cardq.errors import AlreadyRunning, NotRunning
+from cardq.errors import AlreadyRunning, FileError, NotRunning
 
 
 def lock_path(db_path: Path) -> Path:
@@ -42,7 +42,10 @@ class SupervisorLock:
 
     def acquire(self) -> None:
         check_one_name(self.db_path)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise FileError(self.path, "create the supervisor's lock file", e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -52,8 +55,12 @@ class SupervisorLock:
                 f"another supervisor (pid {holder}) is running on this database ({self.path}); "
                 "stop it first with `cardq stop`"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for `cardq stop` and `status`
+        except OSError as e:
+            os.close(fd)
+            raise FileError(self.path, "write the supervisor's pid to its lock file", e) from None
         self._fd = fd
 
     def release(self) -> None:

@@ -9,18 +9,24 @@ the supervisor's one writer thread puts every process's lines in one place.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import logging
 import os
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import IO, Any
 
 import orjson
 import structlog
 
+from cardq.errors import FileError, os_problem
+
 QUEUE_MAX = 10_000
+FILE_RETRY_S = 1.0  # a log file that failed a write (disk full) is tried again at most this often
 
 
 class LineSink:
@@ -70,27 +76,99 @@ class LineSink:
 
 class Destination:
     """Where the supervisor's writer thread puts every line: standard error, or a file that can be reopened —
-    at another path (log.file changed on reload) or at the same one (SIGHUP after logrotate moved it away)."""
+    at another path (log.file changed on reload) or at the same one (SIGHUP after logrotate moved it away).
+
+    A file that cannot take a line (its disk is full) hands its lines to standard error — under systemd, the
+    journal — with a one-line note saying why, and is tried again once a second; the lines go back to the file,
+    with a note, once it takes them again. A full disk costs the log file some lines, never the log."""
 
     def __init__(self, path: str):
         self._lock = threading.Lock()
         self.path = path
         self._stream = open_destination(path)
+        self._failing_since: float | None = None  # monotonic: when the file refused a line, if it does now
+        self._retry_at = 0.0
 
     def write(self, line: bytes) -> None:
+        line = line if line.endswith(b"\n") else line + b"\n"
         with self._lock:
-            self._stream.write(line if line.endswith(b"\n") else line + b"\n")
-            self._stream.flush()
+            if self._stream is sys.stderr.buffer:
+                self._stream.write(line)
+                self._stream.flush()
+                return
+            now = time.monotonic()
+            if self._failing_since is None or now >= self._retry_at:
+                try:
+                    if self._stream.closed:  # closed when it failed (see _file_failed)
+                        self._stream = open_destination(self.path, raw=True)
+                    if self._failing_since is not None:
+                        # The write that failed may have left half a line: end it, so every line parses.
+                        self._stream.write(_unfinished_line_end(self.path)
+                                           + _note("log.file_resumed", self.path, since=self._failing_since))
+                    self._stream.write(line)
+                    self._stream.flush()
+                    self._failing_since = None
+                    return
+                except OSError as e:
+                    self._file_failed(e, now)
+            sys.stderr.buffer.write(line)
+            sys.stderr.buffer.flush()
+
+    def _file_failed(self, e: OSError, now: float) -> None:
+        with contextlib.suppress(OSError):
+            # What a failed flush left in the buffer would come out, half a line, on the next try: drop it
+            # (close() closes the file even when its last flush fails).
+            self._stream.close()
+        with contextlib.suppress(OSError):
+            _drop_unfinished_line(self.path)
+        if self._failing_since is None:
+            self._failing_since = now
+            sys.stderr.buffer.write(_note("log.file_failed", self.path, reason=os_problem(e, self.path),
+                                          lines_go_to="standard error until the file takes them again"))
+        self._retry_at = now + FILE_RETRY_S
 
     def reopen(self, path: str | None = None) -> None:
         """Open `path` (default: the same one again) and switch to it; the old stream is closed. Raises
-        OSError, leaving the old destination in use, when the new one cannot be opened."""
+        FileError, leaving the old destination in use, when the new one cannot be opened."""
         path = self.path if path is None else path
         stream = open_destination(path)
         with self._lock:
             old, self._stream, self.path = self._stream, stream, path
+            self._failing_since = None
         if old is not sys.stderr.buffer:
-            old.close()
+            with contextlib.suppress(OSError):
+                old.close()
+
+
+def _drop_unfinished_line(path: str) -> None:
+    """Cut the file back to its last complete line (what a write that ran out of space left half done)."""
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        tail = 65536
+        f.seek(max(0, size - tail))
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            end = data.rfind(b"\n")
+            if end >= 0 or size <= tail:
+                f.truncate(size - len(data) + end + 1)
+
+
+def _unfinished_line_end(path: str) -> bytes:
+    """b"\\n" if the file ends in the middle of a line."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if not size:
+            return b""
+        f.seek(size - 1)
+        return b"" if f.read(1) == b"\n" else b"\n"
+
+
+def _note(event: str, path: str, *, since: float | None = None, **fields: str) -> bytes:
+    """A line of the log's own, about the log file."""
+    extra = {"failed_for_s": round(time.monotonic() - since, 1)} if since is not None else {}
+    return orjson.dumps({"event": event, "level": "warning" if event.endswith("failed") else "info",
+                         "timestamp": datetime.datetime.now(datetime.UTC).isoformat(), "file": path, **fields,
+                         **extra}) + b"\n"
 
 
 def set_level(level: str) -> None:
@@ -107,12 +185,18 @@ def file_writer(stream: IO[bytes]) -> Callable[[bytes], None]:
     return write
 
 
-def open_destination(path: str) -> IO[bytes]:
-    """'' → standard error; else the file, appended to."""
+def open_destination(path: str, *, raw: bool = False) -> IO[bytes]:
+    """'' → standard error; else the file, appended to (FileError, in one line, when it cannot be opened).
+    raw: no exception translation (a retry of a file that was open a moment ago)."""
     if not path:
         return sys.stderr.buffer
-    # 0600: job ids, users and errors are not every local user's to read.
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600), "ab")
+    try:
+        # 0600: job ids, users and errors are not every local user's to read.
+        return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600), "ab")
+    except OSError as e:
+        if raw:
+            raise
+        raise FileError(path, "open the log file (log.file)", e) from None
 
 
 class _SinkLogger:

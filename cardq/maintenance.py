@@ -1,11 +1,14 @@
 """The supervisor's periodic work on the database, each on its own period: renew the leases of live workers'
 jobs, recover expired or overlong jobs, checkpoint the WAL, publish the process table for `cardq status`.
 
-A failing store call is logged and retried at its next period; it never stops the supervisor.
+A failing store call is retried at its next period; it never stops the supervisor. A run of failures (a full
+disk fails every write for as long as it lasts) is logged once when it starts and once when it ends, not at every
+period.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +32,7 @@ class Maintenance:
         self.due: dict[str, float] = {}
         self.truncate_retry_at = 0.0
         self.truncate_failures = 0
+        self.failing: dict[str, tuple[float, int]] = {}  # what -> (monotonic since, failures), while it fails
 
     def step(self, now: float) -> None:
         w, sup = self.loaded.config.workers, self.loaded.config.supervisor
@@ -74,10 +78,19 @@ class Maintenance:
 
     def call(self, what: str, fn: Callable[[], Any]) -> Any:
         try:
-            return fn()
+            out = fn()
         except StoreError as e:
-            self.log.error(f"supervisor.{what}_failed", reason=str(e))
+            since, count = self.failing.get(what, (None, 0))
+            if since is None:
+                self.log.error(f"supervisor.{what}_failed", reason=str(e), retrying="at its next period")
+                since = time.monotonic()
+            self.failing[what] = (since, count + 1)
             return None
+        if what in self.failing:
+            since, count = self.failing.pop(what)
+            self.log.warning(f"supervisor.{what}_recovered", failed_for_s=round(time.monotonic() - since, 1),
+                             failures=count)
+        return out
 
     def processing_timeout(self) -> float:
         """job_processing_timeout_seconds in effect (a database override applies too)."""

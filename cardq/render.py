@@ -42,6 +42,9 @@ def age(seconds: float | None) -> str:
     return f"{seconds:.1f}s"
 
 
+STALE_AFTER_S = 5.0  # the supervisor publishes every second: older than this, it could not write
+
+
 def status(data: dict[str, Any]) -> str:
     jobs, today = data["jobs"], data["today"]
     out = [
@@ -86,6 +89,14 @@ def _supervisor(sup: dict[str, Any]) -> str:
         lines.append(table(["worker", "pid", "state", "job", "done", "restarts", "last exit"],
                            ([w["name"], w["pid"], w["state"], w["current_job"], w["jobs_done"], w["restarts"],
                              w["last_exit"]] for w in sup["workers"])))
+    for w in sup["workers"]:
+        refused, evicted = w.get("connections_refused", 0), w.get("connections_evicted", 0)
+        if refused or evicted:
+            lines.append(f"{w['name']}: {refused} connections refused (out of file descriptors), {evicted} idle "
+                         "connections closed to make room (actors.max_connections); an app may be leaking clients")
+    if sup.get("heartbeat_age_s", 0) > STALE_AFTER_S:
+        lines.append(f"(as published {age(sup['heartbeat_age_s'])} ago: the supervisor has not been able to "
+                     "write since; see its log and the warnings below)")
     return "\n".join(lines)
 
 

@@ -105,7 +105,8 @@ def supervisor_summary(loaded: LoadedConfig, rows: list[dict[str, Any]]) -> dict
         "last_reload_error": info.get("last_reload_error"),
         "workers_desired": info.get("workers_desired"),
         "workers": [
-            {k: r[k] for k in ("name", "pid", "state", "current_job", "jobs_done", "restarts", "last_exit")}
+            {**{k: r[k] for k in ("name", "pid", "state", "current_job", "jobs_done", "restarts", "last_exit")},
+             **r["info"]}  # an actor's: connections_refused, connections_evicted
             for r in rows if r["role"] != "supervisor"
         ],
     }

@@ -459,8 +459,8 @@ class Supervisor:
             return
         try:
             self.log_destination.reopen(path)
-        except OSError as e:  # keep logging where it did; say why
-            self.log.error("log.reopen_failed", file=path, reason=e.strerror)
+        except Error as e:  # keep logging where it did; say why
+            self.log.error("log.reopen_failed", file=path, reason=str(e))
 
     # ---- status -----------------------------------------------------------------------------------------
 
@@ -478,7 +478,9 @@ class Supervisor:
             rows.append(processes.ProcessRow(
                 name=child.spec.name, role=child.spec.role, pid=child.proc.pid if child.alive else None,
                 state=child.state, current_job=child.current_job, jobs_done=child.jobs_done,
-                restarts=child.restarts, last_exit=child.last_exit, started_at=child.started_at))
+                restarts=child.restarts, last_exit=child.last_exit, started_at=child.started_at,
+                info={"connections_refused": child.connections_refused,
+                      "connections_evicted": child.connections_evicted} if child.spec.role == "actor" else {}))
         self.maintenance.call("publish", lambda: processes.publish(self.db, rows))
 
 

@@ -31,6 +31,8 @@ class TrackedChild:
     kill_reason: str | None = None  # "timeout" or "shutdown" when the supervisor killed it
     jobs_done_base: int = 0  # jobs done by earlier incarnations (the slot counts this one's)
     retiring: bool = False  # scaled away or shutting down: not restarted
+    connections_refused: int = 0  # an actor's, this incarnation: refused for want of descriptors
+    connections_evicted: int = 0  # an actor's, this incarnation: idle ones closed to make room
 
     @property
     def alive(self) -> bool:
@@ -71,6 +73,8 @@ class TrackedChild:
         if self.slot is None:
             return 0
         job, started, done, state = self.slot.read()
+        if self.spec.role == "actor":
+            self.connections_refused, self.connections_evicted = self.slot.read_connections()
         self.current_job, self.job_started = job, started
         if self.state not in ("stopping", "stopped", "restarting"):
             self.state = "busy" if job else state

@@ -16,7 +16,8 @@ import contextlib
 import random
 import signal
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import orjson
 import structlog
@@ -27,11 +28,14 @@ from cardq.children import EXIT_CONFIG, EXIT_STOPPED, EXIT_STORE, ChildContext
 from cardq.config import LoadedConfig, parse_config
 from cardq.errors import ActorError, ActorUnavailable, ConfigError, Error
 from cardq.handlers import Handler, Job, PermanentError, load_handler
-from cardq.store import LeaseLost, StoreError, jobs
+from cardq.store import LeaseLost, StoreBusy, StoreError, StoreUnwritable, jobs
+
+T = TypeVar("T")
 
 IDLE_POLL_S = 1.0  # an idle worker looks for work at least this often, even if no wake-up comes
 GATE_UNAVAILABLE_PAUSE_S = 1.0  # a worker whose gate cannot be reached waits this long before its next claim
 FLUSH_S = 0.02  # with prefetch > 1, finished jobs are committed together at least this often
+STORE_RETRY_FIRST_S, STORE_RETRY_MAX_S = 0.2, 5.0  # waits between writes tried on a full (or read-only) disk
 
 
 class JobTimeout(BaseException):
@@ -81,7 +85,8 @@ class Worker:
                 self.handle_commands(0)
                 if self.ctx.stopping:
                     self.flush()
-                    jobs.give_back(self.db, [(j.id, j.token) for j in held[n:]])
+                    rest = [(j.id, j.token) for j in held[n:]]
+                    self.durable("give back", lambda rest=rest: jobs.give_back(self.db, rest))
                     break
                 self.run_one(job)
                 if self.pending and time.monotonic() - self.pending_since >= FLUSH_S:
@@ -148,17 +153,51 @@ class Worker:
     def claim_next(self) -> list[jobs.Claimed]:
         """Commit the finished jobs' results and claim the next jobs, in one transaction."""
         w = self.loaded.config.workers
-        batch, self.pending = self.pending, []
-        lost, held = jobs.finish_and_claim(self.db, batch, self.owner, k=w.prefetch, lease_s=w.lease_s,
-                                           horizon_s=w.backoff_max_s + 1)
+        batch = self.pending  # cleared only once committed: a write that failed is tried again with it
+        lost, held = self.durable("finish and claim", lambda: jobs.finish_and_claim(
+            self.db, batch, self.owner, k=w.prefetch, lease_s=w.lease_s, horizon_s=w.backoff_max_s + 1))
+        self.pending = []
         self._report(batch, lost)
         return held
 
     def flush(self) -> None:
         """Commit every finished job's result in one transaction (a job whose lease was lost is reported)."""
         if self.pending:
-            batch, self.pending = self.pending, []
-            self._report(batch, jobs.complete_many(self.db, batch))
+            batch = self.pending
+            lost = self.durable("store results", lambda: jobs.complete_many(self.db, batch))
+            self.pending = []
+            self._report(batch, lost)
+
+    def durable(self, what: str, write: Callable[[], T]) -> T:
+        """Run a store write; while the database cannot take it — its disk full, its file system read-only, or
+        locked past every retry — wait and try again (0.2 s doubling to 5 s), instead of exiting: a worker that
+        exits gives its jobs back with a write that fails the same way, and its restarts become a crash loop.
+        The results in hand stay in memory until they are stored; the slot says "blocked" meanwhile.
+
+        A stop that comes while blocked ends the wait: what was not stored is lost from here, but not from the
+        queue (its jobs are still the leases' and run again once recovered)."""
+        delay, since = STORE_RETRY_FIRST_S, None
+        while True:
+            try:
+                out = write()
+            except (StoreUnwritable, StoreBusy) as e:
+                if since is None:
+                    since = time.monotonic()
+                    self.ctx.slot.blocked(True)
+                    self.log.error("worker.blocked", waiting_to=what, reason=str(e),
+                                   retrying="every few seconds, until the database takes writes again")
+                self.handle_commands(delay)
+                if self.ctx.stopping:
+                    self.log.warning("worker.stopped_blocked", unstored_results=len(self.pending),
+                                     reason="stopped while the database took no writes; their jobs run again")
+                    self.pending = []
+                    raise
+                delay = min(delay * 2, STORE_RETRY_MAX_S)
+                continue
+            if since is not None:
+                self.ctx.slot.blocked(False)
+                self.log.warning("worker.unblocked", waited_s=round(time.monotonic() - since, 1), was_waiting_to=what)
+            return out
 
     def _report(self, batch: list[tuple[int, int, Any]], lost: list[int]) -> None:
         for job_id in lost:
@@ -194,7 +233,7 @@ class Worker:
                 return self._fail(claimed, f"ActorUnavailable: {e}")
             # The gate's actor cannot be reached (restarting, its socket being put back): not the job's fault.
             # Give it back untouched — no attempt counted — and wait a moment before claiming again.
-            jobs.give_back(self.db, [(claimed.id, claimed.token)])
+            self.durable("give back", lambda: jobs.give_back(self.db, [(claimed.id, claimed.token)]))
             self.log.warning("job.given_back", reason=f"gate unavailable: {e}"[:300])
             self.handle_commands(GATE_UNAVAILABLE_PAUSE_S)
             return "given back"
@@ -214,8 +253,8 @@ class Worker:
 
     def _fail(self, claimed: jobs.Claimed, error: str, permanent: bool = False) -> str:
         try:
-            out = jobs.fail(self.db, claimed.id, claimed.token, error, permanent=permanent, backoff=self.backoff,
-                            rng=self.rng)
+            out = self.durable("record a failure", lambda: jobs.fail(
+                self.db, claimed.id, claimed.token, error, permanent=permanent, backoff=self.backoff, rng=self.rng))
         except LeaseLost as e:
             self.log.warning("job.lease_lost", reason=str(e))
             return "lost"
@@ -238,9 +277,11 @@ def main(ctx: ChildContext) -> int:
         return EXIT_STORE
     try:
         return worker.run()
+    except (StoreUnwritable, StoreBusy):
+        return EXIT_STOPPED  # asked to stop while blocked (see Worker.durable): already logged
     except StoreError as e:
-        # The database failed under us (locked past every retry, disk full): exit, and let the supervisor
-        # release what we held and start a fresh worker.
+        # The database failed under us in a way waiting does not mend (corrupt, replaced): exit, and let the
+        # supervisor release what we held and start a fresh worker.
         log.error("worker.store_error", reason=str(e))
         return EXIT_STORE
     finally:

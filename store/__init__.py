@@ -10,8 +10,8 @@ signatures is SQLite's (`change_token` rather than PRAGMA data_version, opaque b
 Each operation says in its docstring what it guarantees atomically. Operations taking a Database run in one
 transaction of their own (writes begin IMMEDIATE and retry a locked database with backoff, then raise
 StoreBusy); operations taking a Tx run inside the caller's. Errors are cardq.errors types: StoreError (and
-StoreBusy, LeaseLost) for the database, InputError, LimitExceeded, JobNotFound, InvalidTransition for what the
-caller asked.
+StoreBusy; StoreUnwritable, when a disk is full or read-only and nothing was changed; LeaseLost) for the
+database, InputError, LimitExceeded, JobNotFound, InvalidTransition for what the caller asked.
 
 Modules hold their tables: db (connection, pragmas, transactions), schema (versions, migrations), jobs (the job
 state machine), submit (batches under limits), admin (operator actions), queries (reads), limits, usage (per-user
@@ -19,7 +19,15 @@ counters; the one owner of user_load), fairness, processes (the supervisor's pub
 ratelimits, gates, traffic, dead_letters (the actors' state).
 """
 
-from cardq.errors import InvalidTransition, JobNotFound, LeaseLost, LimitExceeded, StoreBusy, StoreError
+from cardq.errors import (
+    InvalidTransition,
+    JobNotFound,
+    LeaseLost,
+    LimitExceeded,
+    StoreBusy,
+    StoreError,
+    StoreUnwritable,
+)
 from cardq.store.db import Database, Tx
 
 # module -> the operations a backend provides (what code above store/ may call).
@@ -56,5 +64,5 @@ TYPES: dict[str, tuple[str, ...]] = {
 
 __all__ = [
     "CONTRACT", "TYPES", "Database", "InvalidTransition", "JobNotFound", "LeaseLost", "LimitExceeded", "StoreBusy",
-    "StoreError", "Tx",
+    "StoreError", "StoreUnwritable", "Tx",
 ]

@@ -24,7 +24,7 @@ from typing import TypeVar
 
 import apsw
 
-from cardq.errors import StoreBusy, StoreError
+from cardq.errors import StoreBusy, StoreError, StoreUnwritable, os_problem, read_only_fs
 from cardq.store import schema, usage
 
 T = TypeVar("T")
@@ -94,8 +94,10 @@ class Database:
                 path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
             conn = apsw.Connection(str(path), flags=flags, statementcachesize=256)
-        except (apsw.CantOpenError, OSError) as e:
-            raise StoreError(f"{path}: cannot open database: {e}") from None
+        except OSError as e:
+            raise StoreError(f"{path}: cannot create the database: {os_problem(e, path)}") from None
+        except apsw.CantOpenError:
+            raise StoreError(f"{path}: cannot open the database: {_why_unopenable(path)}") from None
         db = cls(conn, path, busy_retries=busy_retries, timezone=timezone)
         try:
             conn.setbusytimeout(busy_timeout_ms)
@@ -153,7 +155,10 @@ class Database:
         up: it is tried again next time; the WAL may grow meanwhile and shrinks once that read ends).
         """
         c = self.conn
-        c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        try:
+            c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except apsw.Error as e:  # (a full disk: the database file cannot grow to take the pages)
+            raise translate(e, self.path) from None
         size = self.wal_bytes()
         if truncate_above is None or size <= truncate_above:
             return size
@@ -162,6 +167,8 @@ class Database:
             c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()  # busy = 1 when it had to give up
         except (apsw.BusyError, apsw.LockedError):
             pass  # someone held on past wait_ms: next time
+        except apsw.Error as e:
+            raise translate(e, self.path) from None
         finally:
             c.setbusytimeout(self.busy_timeout_ms)
         return self.wal_bytes()
@@ -188,7 +195,10 @@ class Database:
         """A number that changes whenever ANOTHER connection commits to the database (a cheap read of shared
         memory, no table touched). Compare two tokens to learn whether anything may have changed since; a
         different backend gives its own kind of token with the same meaning."""
-        return self.conn.execute("PRAGMA data_version").fetchall()[0][0]
+        try:
+            return self.conn.execute("PRAGMA data_version").fetchall()[0][0]
+        except apsw.Error as e:
+            raise translate(e, self.path) from None
 
     def batch(self, fn: Callable[[Tx], T], what: str = "batch") -> T:
         """Run fn(tx) in one write transaction (see `write`): for callers above store/ that combine several store
@@ -254,14 +264,49 @@ def translate(e: apsw.Error, path: Path) -> StoreError:
         return e
     if isinstance(e, apsw.NotADBError):
         return StoreError(f"{path}: not a SQLite database (refused, file left untouched)")
-    if isinstance(e, apsw.FullError):
-        return StoreError(f"{path}: disk full: the write was rolled back, nothing was changed; free space and retry")
+    if isinstance(e, apsw.FullError) or (isinstance(e, apsw.IOError) and disk_full(path)):
+        # (SQLite reports some writes that ran out of space, the -shm file's growth say, as I/O errors.)
+        return StoreUnwritable(f"{path}: disk full: the write was rolled back, nothing was changed; free space "
+                               "on its file system (writers wait and retry until then)", "disk full")
+    if isinstance(e, apsw.ReadOnlyError | apsw.IOError) and read_only_fs(path):
+        return StoreUnwritable(f"{path}: the file system is read-only: the write was rolled back, nothing was "
+                               "changed; remount it read-write (writers wait and retry until then)", "read-only")
     if isinstance(e, apsw.ReadOnlyError):
         return StoreError(f"{path}: database is read-only for this user; check file and folder permissions")
     if isinstance(e, apsw.CorruptError):
         return StoreError(f"{path}: database file is corrupt: {e}")
-    if isinstance(e, apsw.CantOpenError | apsw.IOError | apsw.PermissionsError):
+    if isinstance(e, apsw.CantOpenError):
+        return StoreError(f"{path}: cannot open the database: {_why_unopenable(path)}")
+    if isinstance(e, apsw.IOError | apsw.PermissionsError):
         return StoreError(f"{path}: cannot use database: {e}")
     if isinstance(e, apsw.BusyError | apsw.LockedError):
         return StoreBusy(f"{path}: database is locked by another process")
     return StoreError(f"{path}: database error: {type(e).__name__}: {e}")
+
+
+DISK_FULL_BELOW = 64 * 1024  # bytes free: less than a few pages cannot take a commit
+
+
+def disk_full(path: Path) -> bool:
+    """Is the file system that holds the database out of space (for this user)?"""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < DISK_FULL_BELOW
+
+
+def _why_unopenable(path: Path) -> str:
+    """SQLite says only "unable to open database file": find out why, in words an operator acts on. (Opening a
+    WAL database writes beside it — the -wal and -shm files — so the folder must be writable too.)"""
+    folder = path.parent
+    if read_only_fs(path):
+        return ("read-only file system: cardq writes its -wal and -shm files beside the database; remount it "
+                "read-write, or move the database")
+    if disk_full(path):
+        return "disk full: no room for the -wal and -shm files beside it; free space on its file system"
+    for target, need in ((path, os.R_OK | os.W_OK), (folder, os.W_OK | os.X_OK)):
+        if target.exists() and not os.access(target, need):
+            return (f"permission denied on {target} (cardq needs to read and write the database and create files "
+                    "in its folder); check their owner and mode")
+    return "SQLite could not open it (unable to open database file)"

@@ -51,6 +51,8 @@ def behave(job: Job) -> dict:
         if p.get("permanent"):
             raise PermanentError(p["fail"])
         raise RuntimeError(p["fail"])
+    if "big" in p:  # a result that takes room in the database
+        return {"job": job.id, "blob": "x" * p["big"]}
     if "touch_after" in p:
         Path(p["touch_after"]).write_text(str(job.attempt))
     return {"job": job.id, "attempt": job.attempt, "pid": os.getpid()}

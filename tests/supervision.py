@@ -63,8 +63,9 @@ def pid_gone(pid: int) -> bool:
 
 
 class Deployment:
-    def __init__(self, root: Path, **overrides: dict[str, Any]):
+    def __init__(self, root: Path, *, out_dir: Path | None = None, **overrides: dict[str, Any]):
         self.root = root
+        self.out_dir = out_dir or root  # where each supervise's stdout and stderr go
         self.config_path = root / "config.toml"
         self.config: dict[str, dict[str, Any]] = {k: dict(v) for k, v in BASE_CONFIG.items()}
         self.write_config(**overrides)
@@ -90,7 +91,7 @@ class Deployment:
                               timeout=timeout, check=check)
 
     def start(self, *args: str) -> subprocess.Popen:
-        out = open(self.root / f"supervise-{len(self.procs)}.out", "wb")  # noqa: SIM115 - closed with the proc
+        out = open(self.out_dir / f"supervise-{len(self.procs)}.out", "wb")  # noqa: SIM115 - closed with the proc
         limit = self.max_descriptors
 
         def limit_descriptors() -> None:  # in the child, before exec: the whole tree inherits it
@@ -151,7 +152,7 @@ class Deployment:
         return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
 
     def output(self, n: int = 0) -> str:
-        return (self.root / f"supervise-{n}.out").read_text(errors="replace")
+        return (self.out_dir / f"supervise-{n}.out").read_text(errors="replace")
 
 
 def with_suppressed(fn, *args) -> None:

@@ -1,15 +1,19 @@
 """Steps of the wall clock (an NTP correction, a VM resumed or restored) change no duration: job timeouts run
 on the monotonic clock, leases of live workers are not 'expired' by a jump forward, and neither retries in
-backoff nor a rate-limited key wait out a jump back. Each test injects the step through the time it passes."""
+backoff nor a rate-limited key nor a gate's waiter wait out a jump back. Each test injects the step through the
+time it passes."""
 
 from __future__ import annotations
 
+import os
 import random
 import time
+from multiprocessing import Pipe
 
 import pytest
 
-from cardq.actors.ratelimit import Policy, gcra
+from cardq.actors.ratelimit import Acquire, Policy, RateLimiter, gcra
+from cardq.actors.server import Peer
 from cardq.children import ChildSpec
 from cardq.config import load_config
 from cardq.store import jobs
@@ -89,3 +93,32 @@ def test_a_jump_back_locks_a_rate_limited_key_out_for_one_window_at_most():
     assert not answer["allowed"] and answer["retry_after_s"] <= p.interval + 1e-6
     answer, _ = gcra(tat, T0 - DAY + p.interval, 1, p)  # and refills at its rate from there
     assert answer["allowed"]
+
+
+def _gate_with_a_waiter(db):
+    """A RateLimiter (in this process, on a real database) whose gate is full, with one caller queued."""
+    loaded = load_config(None)
+    rl = RateLimiter(loaded, db, 0)
+    gate = loaded.config.gates["generation"]
+    conn, _other = Pipe()
+    peer = Peer(conn, os.getpid(), "test")
+    for i in range(gate.max_concurrency):
+        db.batch(lambda tx, i=i: rl.acquire(tx, peer, Acquire("generation", f"p{i}"), i))
+    db.batch(lambda tx: rl.acquire(tx, peer, Acquire("generation", "waiting", wait_ms=5000), 99))
+    assert [w.permit for w in rl.gates["generation"].waiters] == ["waiting"]
+    return rl, (conn, _other)
+
+
+@pytest.mark.parametrize("step", [400.0, -DAY])
+def test_a_wall_clock_step_neither_expires_nor_prolongs_a_gate_wait(db, monkeypatch, step):
+    rl, _pipes = _gate_with_a_waiter(db)
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + step)
+    answers = db.batch(lambda tx: rl.tick(tx, time.time()))
+    assert not answers and [w.permit for w in rl.gates["generation"].waiters] == ["waiting"]  # still waiting
+    # Its next deadline, in the wall time the server asks in, is its 5 s wait from now, not a day away.
+    assert rl.next_tick(time.time()) - time.time() <= 5.0
+    real_mono = time.monotonic
+    monkeypatch.setattr(time, "monotonic", lambda: real_mono() + 5.0)  # its 5 s have really passed
+    answers = db.batch(lambda tx: rl.tick(tx, time.time()))
+    assert [a[2]["code"] for a in answers] == ["overloaded"] and not rl.gates["generation"].waiters
