@@ -542,6 +542,16 @@ def test_an_app_that_leaks_connections_costs_its_idle_ones_not_the_actor(make, t
     log = wait_for(lambda: [e for e in d.log_lines() if e.get("event") == "gateway.evicting_idle_connections"], 30,
                    what="the eviction logged")
     assert log[0]["max_connections"] <= 96  # (256 - 64) / 2: the descriptor limit, raised and applied
+
+    def counter_row() -> dict | None:  # `cardq status --json`, once the supervisor has published the count
+        got = d.cardq("status", "--json")
+        rows = [w for w in orjson.loads(got.stdout)["supervisor"]["workers"] if w["name"] == "counter-0"]
+        return rows[0] if rows and rows[0]["connections_evicted"] >= 300 else None
+
+    row = wait_for(counter_row, 30, interval=0.2, what="the evictions in cardq status")
+    assert row["connections_evicted"] <= 400 and row["connections_refused"] >= 0
+    text = d.cardq("status").stdout
+    assert "counter-0: " in text and "idle connections closed to make room" in text
     for c in [*leaked, probe, client]:
         c.close()
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+import cardq
 from cardq import logs
 
 from conftest import wait_for
@@ -90,6 +91,18 @@ def test_a_full_disk_is_waited_out_and_nothing_is_lost(small_disk: Path, tmp_pat
         line = one_line(refused.stderr)
         assert "cardq.db: disk full" in line and "nothing was changed" in line
 
+        # An app's counter increments are answered "unavailable" at once (not a timeout) once the database
+        # cannot take them (the first few may still fit in the WAL's free frames), and the actor stays up.
+        with cardq.connect(d.config_path, name="app") as q:
+            for i in range(3000):
+                try:
+                    q.counter.incr("cards", 1, op_id=f"during-{i}")
+                except cardq.ActorUnavailable as e:
+                    assert "disk full" in str(e)
+                    break
+            else:
+                raise AssertionError("3000 counter increments stored on a full disk")
+
         done_while_full = d.statuses().get("done", 0)
         os.unlink(filler)  # space returns: work goes on by itself
         wait_for(lambda: d.statuses(ids).get("done", 0) == n, 120, what="every job done after space returned")
@@ -98,7 +111,9 @@ def test_a_full_disk_is_waited_out_and_nothing_is_lost(small_disk: Path, tmp_pat
 
         ran = [int(x) for x in effects.read_text().split()]
         assert sorted(ran) == sorted(ids)  # each job's side effect exactly once: nothing lost, nothing repeated
-        assert not any(w["restarts"] for w in d.workers())  # no worker exited over it
+        assert not any(w["restarts"] for w in d.workers())  # no process exited over it
+        with cardq.connect(d.config_path, name="app") as q:
+            assert q.counter.incr("cards", 1, op_id="after") == i + 1  # the refused one was not stored
         wait_for(lambda: events(d).count("worker.unblocked") >= 2, 30, what="worker.unblocked logged")
     finally:
         d.close()
