@@ -19,7 +19,7 @@ class TrackedChild:
     channel: Channel | None = None
     log_conn: Connection | None = None
     slot: Slot | None = None
-    state: str = "starting"  # starting, idle, busy, stopping, restarting, stopped
+    state: str = "starting"  # starting, idle, busy, blocked, stopping, restarting, stopped
     owner: str = ""  # the lease owner of its jobs, new with each incarnation
     incarnation: int = 0
     current_job: int | None = None  # for an actor: the fingerprint of the message in hand

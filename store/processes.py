@@ -19,7 +19,7 @@ class ProcessRow:
     name: str  # "supervisor", "worker-1", ...
     role: str
     pid: int | None
-    state: str  # starting / idle / busy / stopping / restarting / stopped / running
+    state: str  # starting / idle / busy / blocked (waiting for the database to take writes) / stopping / ...
     current_job: int | None = None
     jobs_done: int = 0
     restarts: int = 0
