@@ -5,9 +5,12 @@ emission interval T = window_s / limit keeps one number per key, its theoretical
 of cost c is allowed when max(TAT, now) + c*T - burst*T <= now. In any window of window_s seconds at most
 limit + burst requests are allowed, and retry_after_s is exactly when the same request would be.
 
-Gates. At most max_concurrency permits at once; up to max_queue acquirers wait (in order, up to
-queue_timeout_ms); past that the answer is "overloaded" at once — the soft "we're overloaded, retry". Permits
-are rows, so they survive an actor restart; a permit whose holder process has died is released within a second.
+Gates. A permit is a slot lock (actors/gateslots.py): callers take a free one in their own process; this actor
+keeps the queue for those that found none — up to max_queue acquirers wait (in order, up to queue_timeout_ms);
+past that the answer is "overloaded" at once, the soft "we're overloaded, retry". For a queued caller the actor
+takes a slot when one frees (it looks every few milliseconds while anyone waits) and holds it on the caller's
+behalf; those permits are rows too, so they survive an actor restart, and one whose holder process has died is
+released within a second.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Annotated, Any
 import msgspec
 
 from cardq.actors import protocol
+from cardq.actors.gateslots import GateSlots
 from cardq.actors.server import DEFER, SINGLE, Behaviour, Peer
 from cardq.config import GateConfig, LoadedConfig
 from cardq.errors import ActorError
@@ -32,6 +36,7 @@ from cardq.store import ratelimits
 from cardq.store.db import Tx
 
 REAP_EVERY_S = 1.0
+SLOT_POLL_S = 0.005  # while callers wait: how often freed slots are looked for
 WAIT_SAMPLES = 1000
 
 
@@ -98,8 +103,12 @@ class Waiter:
 class Gate:
     name: str
     cfg: GateConfig
-    permits: dict[str, tuple[int, int, float]] = field(default_factory=dict)  # permit -> (pid, started, at)
+    slots: GateSlots  # this actor's handles: the slots it holds for queued callers
+    # permit -> (holder pid, its start, granted at, the slot held for it; None: none was free when the actor
+    # restarted and took its permits back — over the limit until that holder releases)
+    permits: dict[str, tuple[int, int, float, int | None]] = field(default_factory=dict)
     waiters: deque[Waiter] = field(default_factory=deque)
+    queue_marked: bool = False  # do we hold the slots' queue lock (see GateSlots.queue_waiting)
     dropped: int = 0
     last_drop_at: float | None = None
     waits_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WAIT_SAMPLES))
@@ -107,7 +116,8 @@ class Gate:
     def stats(self) -> dict[str, Any]:
         waits = sorted(self.waits_ms)
         return {
-            "active": len(self.permits), "queued": len(self.waiters), "dropped_since_boot": self.dropped,
+            "active": self.slots.count_held(self.cfg.max_concurrency), "queued": len(self.waiters),
+            "dropped_since_boot": self.dropped,
             "avg_wait_ms": round(sum(waits) / len(waits), 3) if waits else 0.0,
             "p95_wait_ms": round(waits[max(0, math.ceil(0.95 * len(waits)) - 1)], 3) if waits else 0.0,
             "last_drop_at": self.last_drop_at, "max_concurrency": self.cfg.max_concurrency,
@@ -128,8 +138,7 @@ class RateLimiter(Behaviour):
         self.apply_config(loaded)
         # A gate renamed or removed from config.toml: its permits mean nothing any more.
         store_gates.remove_unknown(db, list(self.loaded.config.gates))
-        for p in store_gates.permits(db):
-            self._gate(p.gate).permits[p.permit_id] = (p.pid, p.pid_started, p.acquired_at)
+        self._sync_permits()  # a restarted actor takes the slots back for the permits it held
         self.next_reap = 0.0
         self.resized = False
 
@@ -151,7 +160,7 @@ class RateLimiter(Behaviour):
             if cfg is None:
                 raise ActorError(f"unknown gate {name!r}; gates are: {', '.join(self.loaded.config.gates)} "
                                  "(add [gates.NAME] to config.toml)", "bad_request")
-            gate = self.gates[name] = Gate(name, cfg)
+            gate = self.gates[name] = Gate(name, cfg, GateSlots(self.loaded.run_dir, name))
         return gate
 
     def policy_for(self, key: str) -> Policy:
@@ -187,8 +196,7 @@ class RateLimiter(Behaviour):
                 if w.permit == a.permit:
                     w.client, w.msg_id = client, msg_id  # answer the retry, not the lost connection
             return DEFER
-        if len(gate.permits) < gate.cfg.max_concurrency and not gate.waiters:
-            self._grant(tx, gate, a.permit, client.pid, 0.0)
+        if not gate.waiters and self._grant(tx, gate, a.permit, client.pid, 0.0):
             return {"permit": a.permit, "waited_ms": 0.0}
         if len(gate.waiters) < gate.cfg.max_queue:
             # Never wait longer than the caller will: a permit granted after it gave up would be held by no one.
@@ -197,6 +205,7 @@ class RateLimiter(Behaviour):
                 wait_s = min(wait_s, a.wait_ms / 1000)
             mono = time.monotonic()
             gate.waiters.append(Waiter(client, msg_id, a.permit, client.pid, mono, mono + wait_s))
+            self._mark_queue(gate)
             return DEFER
         gate.dropped += 1
         gate.last_drop_at = now
@@ -205,13 +214,15 @@ class RateLimiter(Behaviour):
 
     def release(self, tx: Tx, client: Peer, a: Release, msg_id: int | None) -> dict[str, Any]:
         gate = self._gate(a.gate)
-        held = gate.permits.pop(a.permit, None) is not None
-        if held:
+        held = gate.permits.pop(a.permit, None)
+        if held is not None:
             store_gates.remove(tx, a.permit)
+            gate.slots.give(held[3])
             self._admit(tx, gate)
         else:
             gate.waiters = deque(w for w in gate.waiters if w.permit != a.permit)
-        return {"released": held}
+            self._mark_queue(gate)
+        return {"released": held is not None}
 
     def gate_stats(self, tx: Tx, client: Peer, a: Any, msg_id: int | None) -> dict[str, Any]:
         """The gates this shard serves (a gate lives on the shard its name hashes to)."""
@@ -219,21 +230,35 @@ class RateLimiter(Behaviour):
         return {name: {**gate.stats(), "config": self.config_digest} for name, gate in self.gates.items()
                 if protocol.shard_of(f"gate:{name}", shards) == self.shard}
 
-    def _grant(self, tx: Tx, gate: Gate, permit: str, pid: int, waited_s: float) -> None:
+    def _grant(self, tx: Tx, gate: Gate, permit: str, pid: int, waited_s: float) -> bool:
+        """Take a free slot and hold it for `pid` as `permit`; False when every slot is held."""
+        slot = gate.slots.try_take(gate.cfg.max_concurrency)
+        if slot is None:
+            return False
         started, now = process_start(pid), time.time()
         store_gates.add(tx, store_gates.Permit(permit, gate.name, pid, started, now))
-        gate.permits[permit] = (pid, started, now)
+        gate.permits[permit] = (pid, started, now, slot)
         gate.waits_ms.append(waited_s * 1000)
+        return True
 
     def _admit(self, tx: Tx, gate: Gate) -> None:
+        """Grant the waiters at the head of the queue the slots that are free now."""
         mono = time.monotonic()
         self._expire(gate, mono)  # never grant to a waiter whose caller has given up
-        while gate.waiters and len(gate.permits) < gate.cfg.max_concurrency:
+        while gate.waiters and self._grant(tx, gate, gate.waiters[0].permit, gate.waiters[0].pid,
+                                           mono - gate.waiters[0].since):
             w = gate.waiters.popleft()
-            self._grant(tx, gate, w.permit, w.pid, mono - w.since)
             if w.msg_id is not None:
                 self.answers.append((w.client, w.msg_id, {"ok": True, "r": {
                     "permit": w.permit, "waited_ms": round((mono - w.since) * 1000, 3)}}))
+        self._mark_queue(gate)
+
+    def _mark_queue(self, gate: Gate) -> None:
+        """Hold the gate's queue lock exactly while callers wait, so that newcomers queue behind them rather
+        than take a freed slot first. (Taking it may fail for an instant: tried again at the next tick.)"""
+        want = bool(gate.waiters)
+        if want != gate.queue_marked and gate.slots.mark_queue(want):
+            gate.queue_marked = want
 
     def _expire(self, gate: Gate, mono: float) -> None:
         """Answer every waiter whose time is up (wherever it stands in the queue; `mono` is time.monotonic())
@@ -254,9 +279,8 @@ class RateLimiter(Behaviour):
 
     def tick(self, tx: Tx, now: float) -> list[tuple[Peer, int, dict[str, Any]]]:
         for gate in self.gates.values():
-            self._expire(gate, time.monotonic())
-            if self.resized:
-                self._admit(tx, gate)
+            if gate.waiters or self.resized or gate.queue_marked:
+                self._admit(tx, gate)  # a slot freed by a holder in another process: the next waiter's
         self.resized = False
         if now >= self.next_reap:
             self.next_reap = now + REAP_EVERY_S
@@ -276,21 +300,32 @@ class RateLimiter(Behaviour):
     def _reap(self, tx: Tx, now: float) -> None:
         """Release permits whose holder process is gone."""
         for gate in self.gates.values():
-            dead = [p for p, (pid, started, _) in gate.permits.items() if not holder_alive(pid, started)]
+            dead = [p for p, (pid, started, _, _) in gate.permits.items() if not holder_alive(pid, started)]
             for permit in dead:
-                del gate.permits[permit]
+                gate.slots.give(gate.permits.pop(permit)[3])
                 store_gates.remove(tx, permit)
                 self.log.warning("gate.permit_reaped", gate=gate.name, permit=permit)
             if dead:
                 self._admit(tx, gate)
 
     def on_tick_failed(self) -> None:
-        """Rebuild the gates' permits from SQLite (the tick's grants and releases were rolled back)."""
+        """Bring the gates' permits back in line with SQLite (the tick's grants and releases were rolled back)."""
+        self._sync_permits()
+
+    def _sync_permits(self) -> None:
+        """Permits as SQLite has them: one held in memory but not stored gives its slot back; one stored but not
+        held (an actor restarted, or a release rolled back) takes a slot again."""
+        stored = {p.permit_id: p for p in store_gates.permits(self.db)}
         for gate in self.gates.values():
-            gate.permits.clear()
-        for p in store_gates.permits(self.db):
-            if p.gate in self.gates:
-                self.gates[p.gate].permits[p.permit_id] = (p.pid, p.pid_started, p.acquired_at)
+            for permit in [p for p in gate.permits if p not in stored]:
+                gate.slots.give(gate.permits.pop(permit)[3])
+        for p in stored.values():
+            if p.gate not in self.loaded.config.gates:
+                continue
+            gate = self._gate(p.gate)
+            if p.permit_id not in gate.permits:
+                slot = gate.slots.try_take(gate.cfg.max_concurrency)
+                gate.permits[p.permit_id] = (p.pid, p.pid_started, p.acquired_at, slot)
 
     def on_store_failed(self) -> list[tuple[Peer, int]]:
         """Permits, rate-limit state and the queue as SQLite has them: the failed transaction's grants, releases
@@ -302,17 +337,22 @@ class RateLimiter(Behaviour):
         dropped = [(w.client, w.msg_id) for g in self.gates.values() for w in g.waiters if w.msg_id is not None]
         for gate in self.gates.values():
             gate.waiters.clear()
+            self._mark_queue(gate)
         return dropped
 
     def on_disconnect(self, client: Peer) -> None:
         for gate in self.gates.values():
             gate.waiters = deque(w for w in gate.waiters if w.client is not client)
+            self._mark_queue(gate)
         self.next_reap = 0.0  # if it died, its permits go at the next tick
 
     def next_tick(self, now: float) -> float:
-        # The earliest waiter's deadline, which is monotonic, as wall time (what the server expects).
+        # While anyone waits, look for freed slots every SLOT_POLL_S (a holder in another process gives its slot
+        # back without telling us); and never sleep past a waiter's deadline, which is monotonic: as wall time.
         mono = time.monotonic()
         deadlines = [now + min(w.deadline for w in g.waiters) - mono for g in self.gates.values() if g.waiters]
+        if deadlines or any(g.queue_marked for g in self.gates.values()):
+            deadlines.append(now + SLOT_POLL_S)
         return min([now + REAP_EVERY_S, *deadlines])
 
 

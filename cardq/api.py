@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from cardq import app, inputs
+from cardq import app, inputs, wakeups
 from cardq.actors.client import ActorClient
 from cardq.actors.recorder import EventRecorder
 from cardq.config import LoadedConfig
@@ -258,6 +258,8 @@ class Queue:
         r = store_submit.submit(self._db(), parsed, user_id=user, plan=plan, kind=kind, priority=priority,
                                 max_attempts=loaded.config.workers.max_attempts,
                                 configured=loaded.limit_values(), progress=progress)
+        if r.created:
+            wakeups.ring(loaded.run_dir)  # idle workers start on it now, not at their next look
         return Batch(r.ids, r.created, r.existing)
 
     def submit_file(self, file: str | os.PathLike, *, user: str, plan: str, fmt: str = "auto",
@@ -310,11 +312,16 @@ class Queue:
 
     def retry(self, job_id: int) -> list[int]:
         """Queue a dead, cancelled or scheduled job again now, with a full set of attempts."""
-        return admin.retry(self._db(), job_id)
+        ids = admin.retry(self._db(), job_id)
+        wakeups.ring(self._loaded.run_dir)
+        return ids
 
     def retry_dead(self, *, user: str | None = None, kind: str | None = None) -> list[int]:
         """Queue every dead job again (narrowed by user and kind); the ids queued again."""
-        return admin.retry(self._db(), status="dead", user_id=user, kind=kind)
+        ids = admin.retry(self._db(), status="dead", user_id=user, kind=kind)
+        if ids:
+            wakeups.ring(self._loaded.run_dir)
+        return ids
 
     def cancel(self, job_id: int) -> str:
         """Cancel a queued, scheduled or processing job; returns the status it had."""
@@ -399,8 +406,10 @@ class Queue:
 
     @contextmanager
     def gate(self, name: str) -> Iterator[str]:
-        """Hold a permit of concurrency gate `name` for the block (waits in its bounded queue; Overloaded when the
-        queue is full or no permit came in time; ActorUnavailable when no supervisor runs)."""
+        """Hold a permit of concurrency gate `name` for the block: a free one is taken in this process (a kernel
+        lock, microseconds; it works with no supervisor running); when none is free the caller waits in the
+        gate's bounded queue at the RateLimiter actor (Overloaded when the queue is full or no permit came in
+        time; ActorUnavailable when no supervisor runs)."""
         with self._client().gate(name) as permit:
             yield permit
 

@@ -16,7 +16,7 @@ import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import orjson
@@ -53,7 +53,7 @@ class WorkersConfig(_Section):
     max_attempts: Annotated[int, Meta(ge=1, le=1000)] = 5
     backoff_base_s: Annotated[float, Meta(ge=0)] = 2.0
     backoff_max_s: Annotated[float, Meta(ge=0)] = 300.0
-    prefetch: Annotated[int, Meta(ge=1, le=1000)] = 1
+    prefetch: Annotated[int, Meta(ge=1, le=1000)] | Literal["auto"] = "auto"
     gate: str = "generation"
     gate_by_kind: dict[str, str] = msgspec.field(default_factory=dict)
 

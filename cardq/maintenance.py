@@ -15,6 +15,7 @@ from typing import Any
 from cardq.config import LoadedConfig
 from cardq.errors import StoreError
 from cardq.store import Database, jobs, limits
+from cardq.wakeups import ring
 
 PUBLISH_EVERY_S = 1.0
 CHECKPOINT_EVERY_S = 0.5
@@ -45,6 +46,7 @@ class Maintenance:
                                                             live_owners=live))
             if got is not None and got.total:
                 self.log.warning("jobs.recovered", requeued=got.requeued, dead=got.dead)
+                ring(self.loaded.run_dir)  # requeued jobs are runnable: wake idle workers
         # Workers and actors do not checkpoint (a commit that crosses the threshold would pay for it): we do,
         # here. PASSIVE on a timer keeps the database file current without anyone waiting; the WAL's size, a
         # stat on every step, starts the log over once it passes the bound, however fast writers fill it.

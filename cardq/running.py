@@ -104,6 +104,7 @@ def supervisor_summary(loaded: LoadedConfig, rows: list[dict[str, Any]]) -> dict
         "config_loaded_at": info.get("config_loaded_at"),
         "last_reload_error": info.get("last_reload_error"),
         "workers_desired": info.get("workers_desired"),
+        "wakeups_sent": info.get("wakeups_sent"),
         "workers": [
             {**{k: r[k] for k in ("name", "pid", "state", "current_job", "jobs_done", "restarts", "last_exit")},
              **r["info"]}  # an actor's: connections_refused, connections_evicted

@@ -30,7 +30,7 @@ from cardq import app, children, logs
 from cardq.actors import keys
 from cardq.children import EXIT_CONFIG, ChildSpec, describe_exit
 from cardq.config import LoadedConfig, running_record_path
-from cardq.errors import ConfigError, Error, StoreError
+from cardq.errors import ConfigError, Error, FileError, StoreError
 from cardq.handlers import HandlerCheck
 from cardq.lockfile import SupervisorLock
 from cardq.maintenance import Maintenance
@@ -40,10 +40,10 @@ from cardq.restarts import RestartPolicy
 from cardq.signals import SignalFlags
 from cardq.store import jobs, processes, usage
 from cardq.tracked import TrackedChild
-from cardq.wakeups import Wakeups
+from cardq.wakeups import Doorbell, Wakeups
 
 OWNER_PREFIX = "cardq:"
-IDLE_TICK_S = 0.002  # with an idle worker: how often the store's change token is compared (cheap)
+IDLE_TICK_MAX_S = 0.5  # with nothing to do, the loop still runs this often (checkpoint, publish, leases)
 BUSY_TICK_S = 0.05
 
 
@@ -78,6 +78,8 @@ class Supervisor:
         self.started_at = time.time()
         self.maintenance: Maintenance | None = None
         self.wakeups: Wakeups | None = None
+        self.doorbell: Doorbell | None = None
+        self.wakeups_sent = 0  # idle workers woken (in status: what traffic does not cause)
         self.log = logs.get()
         self.lock = SupervisorLock(loaded.db_path)
         self.db = None
@@ -95,12 +97,15 @@ class Supervisor:
             self.maintenance = Maintenance(self.db, self.loaded, self.log, owners=self._live_owners,
                                            publish=self._publish)
             self.wakeups = Wakeups(self.db)
+            self.doorbell = self._doorbell()
             orphans = jobs.recover_orphans(self.db, owner_prefix=OWNER_PREFIX, current_prefix=self.prefix)
             expired = jobs.recover(self.db, processing_timeout_s=self.maintenance.processing_timeout())
             self.signals.install()
             self._write_running_record()
         except BaseException:
             self.signals.restore()
+            if self.doorbell is not None:
+                self.doorbell.close()
             if self.db is not None:
                 self.db.close()
                 self.db = None
@@ -148,8 +153,17 @@ class Supervisor:
                 self.log.error("supervisor.status_clear_failed", reason=str(e))
             self.db.close()
             self.db = None
+        if self.doorbell is not None:
+            self.doorbell.close()
+            self.doorbell = None
         self.lock.release()
         self.signals.restore()
+
+    def _doorbell(self) -> Doorbell:
+        try:
+            return Doorbell(self.loaded.run_dir)
+        except OSError as e:
+            raise FileError(self.loaded.run_dir / "wake.sock", "create the wake-up socket", e) from None
 
     def run(self) -> None:
         """Start, supervise until told to stop (or, with burst, until the queue is drained). Raises the failure
@@ -157,7 +171,10 @@ class Supervisor:
         self.start()
         try:
             while not self.step(time.monotonic()):
-                self._wait(IDLE_TICK_S if self._any_idle() else BUSY_TICK_S)
+                if self._any_idle():  # nothing to poll: rings and children wake us; periodic work sets the pace
+                    self._wait(min(IDLE_TICK_MAX_S, self.wakeups.seconds_to_next()))
+                else:
+                    self._wait(BUSY_TICK_S)
             self.log.info("supervisor.exit", reason=self.stop_reason, failed=self.failure is not None)
         finally:
             self.close()
@@ -166,12 +183,16 @@ class Supervisor:
 
     def _wait(self, timeout: float) -> None:
         """Until a child says something, exits or logs, a signal arrives, or `timeout` passes."""
-        waitables: list[Any] = [self.signals.wake_r]
+        waitables: list[Any] = [self.signals.wake_r, self.doorbell.sock]
         for child in self.children.values():
             waitables += child.waitables()
         for ready in wait(waitables, timeout):
             if ready == self.signals.wake_r:
                 self.signals.drain()
+                continue
+            if ready is self.doorbell.sock:
+                if self.doorbell.drain():
+                    self.wakeups.rung = True
                 continue
             for child in self.children.values():
                 if child.channel is not None and ready is child.channel.conn:
@@ -315,6 +336,7 @@ class Supervisor:
         child.drain_events()
         child.drain_logs(self.sink_put)
         release(self.db, self.loaded, self.log, child, code, reason)
+        self.wakeups.rung = True  # what it held may be runnable again
         child.last_exit = reason
         child.forget_process()
         level = "info" if code == 0 or child.retiring else "warning"
@@ -367,6 +389,10 @@ class Supervisor:
             if keys.restore(self.loaded.run_dir, self.secret):
                 self.log.warning("run_dir.restored", run_dir=str(self.loaded.run_dir),
                                  reason="the run directory or its key file was gone")
+            if self.doorbell.gone():  # (its socket file went with the folder)
+                fresh = Doorbell(self.loaded.run_dir)
+                self.doorbell.sock.close()
+                self.doorbell, self.wakeups.rung = fresh, True
         except OSError as e:
             self.log.error("run_dir.restore_failed", run_dir=str(self.loaded.run_dir), reason=e.strerror)
 
@@ -376,6 +402,7 @@ class Supervisor:
     def _wake_idle(self) -> None:
         idle = [c for c in self.children.values() if c.alive and c.state == "idle" and c.spec.role == "worker"]
         if idle and self.maintenance.call("wakeups", self.wakeups.due):
+            self.wakeups_sent += len(idle)
             for child in idle:
                 child.channel.send({"cmd": "wake"})
 
@@ -472,7 +499,7 @@ class Supervisor:
             info={"run_id": self.run_id, "config_file": self.loaded.source, "config_digest": self.loaded.digest,
                   "config_version": self.config_version, "config_loaded_at": self.config_loaded_at,
                   "last_reload_error": self.last_reload_error, "workers_desired": self.desired,
-                  "reloads": self.reloads,
+                  "reloads": self.reloads, "wakeups_sent": self.wakeups_sent,
                   "burst": self.burst})]
         for child in sorted(self.children.values(), key=lambda c: c.spec.name):
             rows.append(processes.ProcessRow(

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import orjson
 import structlog
 
-from cardq import app, jsonshape, logs
+from cardq import app, jsonshape, logs, wakeups
 from cardq.actors.client import ActorClient
 from cardq.children import EXIT_CONFIG, EXIT_STOPPED, EXIT_STORE, ChildContext
 from cardq.config import LoadedConfig, parse_config
@@ -35,6 +35,11 @@ T = TypeVar("T")
 IDLE_POLL_S = 1.0  # an idle worker looks for work at least this often, even if no wake-up comes
 GATE_UNAVAILABLE_PAUSE_S = 1.0  # a worker whose gate cannot be reached waits this long before its next claim
 FLUSH_S = 0.02  # with prefetch > 1, finished jobs are committed together at least this often
+# prefetch = "auto": claim about this much work at the pace measured (a job's time, smoothed), 1 to AUTO_MAX jobs.
+# Short enough that a batch never keeps jobs from idle workers for long; long enough that many tiny jobs share one
+# transaction. A job far slower than its batch was sized for gives the rest of the batch back at once.
+PREFETCH_WINDOW_S = 0.005
+PREFETCH_AUTO_MAX = 64
 STORE_RETRY_FIRST_S, STORE_RETRY_MAX_S = 0.2, 5.0  # waits between writes tried on a full (or read-only) disk
 
 
@@ -60,6 +65,7 @@ class Worker:
         self.client: ActorClient | None = None  # to the actors, made on first use
         self.pending: list[tuple[int, int, Any]] = []  # finished, not yet committed: (id, token, result)
         self.pending_since = 0.0
+        self.pace: float | None = None  # seconds a job takes here, smoothed; None until one has run since idle
 
     @property
     def backoff(self) -> jobs.Backoff:
@@ -75,6 +81,7 @@ class Worker:
                 break
             held = self.claim_next()
             if not held:
+                self.pace = None  # what comes next may be another kind of job: start at one again
                 self.ctx.slot.idle()
                 self.ctx.channel.send({"ev": "idle"})
                 self.handle_commands(IDLE_POLL_S)
@@ -84,16 +91,52 @@ class Worker:
                 # the rest back untouched instead of running it.
                 self.handle_commands(0)
                 if self.ctx.stopping:
-                    self.flush()
-                    rest = [(j.id, j.token) for j in held[n:]]
-                    self.durable("give back", lambda rest=rest: jobs.give_back(self.db, rest))
+                    self.give_back(held[n:])
                     break
+                started = time.monotonic()
                 self.run_one(job)
+                took = time.monotonic() - started
+                self._measure(took)
+                if n + 1 < len(held) and took > 4 * PREFETCH_WINDOW_S and self._auto:
+                    # Far slower than the batch was sized for: the rest would wait on this worker while others
+                    # may be idle. Give it back for whoever is free (this worker included).
+                    self.give_back(held[n + 1:])
+                    break
                 if self.pending and time.monotonic() - self.pending_since >= FLUSH_S:
                     self.flush()
         self.flush()
         self.log.info("worker.stopped")
         return EXIT_STOPPED
+
+    @property
+    def _auto(self) -> bool:
+        return self.loaded.config.workers.prefetch == "auto"
+
+    def batch_size(self) -> int:
+        """How many jobs the next claim takes: the configured prefetch, or with "auto" enough for
+        PREFETCH_WINDOW_S at the measured pace (one until a job has run)."""
+        p = self.loaded.config.workers.prefetch
+        if p != "auto":
+            return p
+        if self.pace is None:
+            return 1
+        return max(1, min(PREFETCH_AUTO_MAX, int(PREFETCH_WINDOW_S / max(self.pace, 1e-7))))
+
+    def _measure(self, took: float) -> None:
+        """A moving average that follows a slowdown faster than a speed-up (a single slow job is handled by giving
+        its batch back, not by shrinking every batch after it)."""
+        if self.pace is None:
+            self.pace = took
+        else:
+            alpha = 0.5 if took > self.pace else 0.2
+            self.pace += alpha * (took - self.pace)
+
+    def give_back(self, held: list[jobs.Claimed]) -> None:
+        """Put claimed jobs that never started back in the queue, untouched, and wake the idle workers."""
+        self.flush()
+        rest = [(j.id, j.token) for j in held]
+        self.durable("give back", lambda: jobs.give_back(self.db, rest))
+        wakeups.ring(self.loaded.run_dir)
 
     def handle_commands(self, wait_s: float) -> None:
         """Act on every command waiting (waiting up to wait_s for the first)."""
@@ -154,8 +197,9 @@ class Worker:
         """Commit the finished jobs' results and claim the next jobs, in one transaction."""
         w = self.loaded.config.workers
         batch = self.pending  # cleared only once committed: a write that failed is tried again with it
+        k = self.batch_size()
         lost, held = self.durable("finish and claim", lambda: jobs.finish_and_claim(
-            self.db, batch, self.owner, k=w.prefetch, lease_s=w.lease_s, horizon_s=w.backoff_max_s + 1))
+            self.db, batch, self.owner, k=k, lease_s=w.lease_s, horizon_s=w.backoff_max_s + 1))
         self.pending = []
         self._report(batch, lost)
         return held
@@ -234,6 +278,7 @@ class Worker:
             # The gate's actor cannot be reached (restarting, its socket being put back): not the job's fault.
             # Give it back untouched — no attempt counted — and wait a moment before claiming again.
             self.durable("give back", lambda: jobs.give_back(self.db, [(claimed.id, claimed.token)]))
+            wakeups.ring(self.loaded.run_dir)
             self.log.warning("job.given_back", reason=f"gate unavailable: {e}"[:300])
             self.handle_commands(GATE_UNAVAILABLE_PAUSE_S)
             return "given back"

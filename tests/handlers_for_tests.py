@@ -51,6 +51,11 @@ def behave(job: Job) -> dict:
         if p.get("permanent"):
             raise PermanentError(p["fail"])
         raise RuntimeError(p["fail"])
+    if "hold" in p:  # time spent inside the gate's permit, as a monotonic interval appended to a file
+        started = time.monotonic()
+        time.sleep(p["hold"])
+        with open(p["intervals"], "a") as f:
+            f.write(f"{started} {time.monotonic()}\n")
     if "big" in p:  # a result that takes room in the database
         return {"job": job.id, "blob": "x" * p["big"]}
     if "touch_after" in p:

@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 import cardq
+from cardq.actors.gateslots import GateSlots
 from cardq.actors.protocol import socket_path
 from cardq.store import usage
 
@@ -203,8 +204,14 @@ def test_actor_calls_fail_at_once_when_no_supervisor_runs(site, tmp_path):
             q.ratelimit.check("ip:1.2.3.4")
         decision = q.ratelimit.check("ip:1.2.3.4", on_unavailable="allow")
         assert decision.allowed and decision.unavailable and q.ratelimit.allowed_unavailable == 1
-        with pytest.raises(cardq.ActorUnavailable), q.gate("generation"):
+        with q.gate("generation"):  # a free slot is a lock in this process: no actor needed
             pass
+        occupier = GateSlots(q.config.run_dir, "generation")
+        while occupier.try_take(4) is not None:
+            pass
+        with pytest.raises(cardq.ActorUnavailable), q.gate("generation"):  # none free: the queue is the actor's
+            pass
+        occupier.close()
         with pytest.raises(cardq.ActorUnavailable):
             q.counter.incr("k")
         with pytest.raises(cardq.InputError, match="on_unavailable"):
@@ -244,28 +251,37 @@ def test_wait_returns_when_jobs_finish_and_sleeps_while_nothing_changes(tmp_path
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_permit_whose_release_failed_is_given_back_by_any_thread(tmp_path):
-    # A request holds the gate while the supervisor is stopped (a deploy): its release cannot reach the actor.
-    # The thread ends; the next call of any thread, once actors are back, gives the permit back.
-    d = Deployment(tmp_path, workers={"count": 0})
+    # A request holds a permit that the actor holds for it (it queued: no slot was free) while the supervisor is
+    # stopped (a deploy): its release cannot reach the actor. The thread ends; the next call of any thread, once
+    # actors are back, gives the permit back.
+    d = Deployment(tmp_path, workers={"count": 0}, gates={"one": {"max_concurrency": 1}})
     try:
         first = d.start()
         run_dir = d.loaded.run_dir
         wait_for(lambda: socket_path(run_dir, "ratelimit", 0).exists(), 60, what="the rate limiter")
         q = cardq.connect(d.config_path)
+        occupier = GateSlots(run_dir, "one")  # another holder has the only slot: the request must queue
+        assert occupier.try_take(1) == 0
 
         def request() -> None:
-            with q.gate("generation"):
+            with q.gate("one"):
                 first.send_signal(signal.SIGTERM)
                 first.wait(60)
 
         t = threading.Thread(target=request)
         t.start()
+        wait_for(lambda: q.gate_stats()["one"]["queued"] == 1, 30, what="the request queued at the actor")
+        occupier.give(0)  # the actor takes the slot for the request
         t.join(120)
+        occupier.close()
         assert q._unreleased  # kept by the Queue, not by the thread's client that is gone
         d.start()
         wait_for(lambda: socket_path(run_dir, "ratelimit", 0).exists(), 60, what="the rate limiter again")
-        wait_for(lambda: q.gate_stats()["generation"]["active"] == 0, 30, what="the permit given back")
+        # The restarted actor holds the slot again for that permit; the Queue's next call gives it back.
+        wait_for(lambda: q.gate_stats()["one"]["active"] == 0, 30, what="the permit given back")
         assert not q._unreleased
+        with q.gate("one"):  # and the gate's only slot is free again
+            pass
         q.close()
     finally:
         d.close()

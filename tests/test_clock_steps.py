@@ -95,9 +95,11 @@ def test_a_jump_back_locks_a_rate_limited_key_out_for_one_window_at_most():
     assert answer["allowed"]
 
 
-def _gate_with_a_waiter(db):
+def _gate_with_a_waiter(db, tmp_path):
     """A RateLimiter (in this process, on a real database) whose gate is full, with one caller queued."""
-    loaded = load_config(None)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[actors]\nrun_dir = "{tmp_path / "run"}"\n')
+    loaded = load_config(config)
     rl = RateLimiter(loaded, db, 0)
     gate = loaded.config.gates["generation"]
     conn, _other = Pipe()
@@ -110,8 +112,8 @@ def _gate_with_a_waiter(db):
 
 
 @pytest.mark.parametrize("step", [400.0, -DAY])
-def test_a_wall_clock_step_neither_expires_nor_prolongs_a_gate_wait(db, monkeypatch, step):
-    rl, _pipes = _gate_with_a_waiter(db)
+def test_a_wall_clock_step_neither_expires_nor_prolongs_a_gate_wait(db, monkeypatch, step, tmp_path):
+    rl, _pipes = _gate_with_a_waiter(db, tmp_path)
     real_time = time.time
     monkeypatch.setattr(time, "time", lambda: real_time() + step)
     answers = db.batch(lambda tx: rl.tick(tx, time.time()))
@@ -122,3 +124,4 @@ def test_a_wall_clock_step_neither_expires_nor_prolongs_a_gate_wait(db, monkeypa
     monkeypatch.setattr(time, "monotonic", lambda: real_mono() + 5.0)  # its 5 s have really passed
     answers = db.batch(lambda tx: rl.tick(tx, time.time()))
     assert [a[2]["code"] for a in answers] == ["overloaded"] and not rl.gates["generation"].waiters
+    rl.gates["generation"].slots.close()  # its slot locks: this process holds them

@@ -17,6 +17,7 @@ import apsw
 import orjson
 import pytest
 
+import cardq
 from cardq.store import processes as store_processes
 
 from conftest import wait_for
@@ -574,3 +575,50 @@ def test_stop_lets_a_gated_job_finish_and_release_its_permit(deploy):
     assert proc.wait(30) == 0, d.output()
     assert d.job(jid)["status"] == "done" and d.job(jid)["attempts"] == 1
     assert d.db.conn.execute("SELECT count(*) FROM gate_permits").fetchall()[0][0] == 0
+
+
+def test_idle_workers_sleep_through_app_traffic_and_wake_for_a_submit(deploy):
+    # Before: idle workers were woken whenever any process committed — the actors' rate-limit checks and traffic
+    # events included — and the supervisor compared the database's change counter every 2 ms to find out. Now a
+    # submit rings a doorbell, and nothing else wakes them.
+    d = deploy()
+    d.start()
+
+    def idle_row() -> dict | None:
+        row = d.supervisor_row()
+        workers = d.workers()
+        return row if row and len(workers) == 2 and all(w["state"] == "idle" for w in workers) else None
+
+    before = wait_for(idle_row, 60, what="both workers idle")["info"]["wakeups_sent"]
+    with cardq.connect(d.config_path, name="app") as q:
+        for i in range(500):
+            q.ratelimit.check(f"ip:{i % 50}")
+            q.counter.incr("hits", 1)
+            q.events.record(path=f"/p/{i % 10}", status=200, response_ms=1.0, client_ip="10.0.0.1",
+                            request_id=f"r{i}")
+        q.events.flush()
+        traffic_ended = time.time()
+        # Two publishes after the traffic (the table is rewritten once a second): no wake-up was sent for it.
+        row = wait_for(lambda: (r := d.supervisor_row()) and r["heartbeat_at"] > traffic_ended + 1.5 and r, 30,
+                       what="the supervisor's row published after the traffic")
+        assert row["info"]["wakeups_sent"] == before
+        [job] = q.submit([{}], user="u1", plan="enterprise").ids
+        assert q.wait([job], timeout=60)[0].status == "done"
+    row = wait_for(lambda: (r := d.supervisor_row()) and r["info"]["wakeups_sent"] > before and r, 30,
+                   what="the wake-up for the submit, published")
+    assert row["info"]["wakeups_sent"] <= before + 2  # one ring: each idle worker woken once
+
+
+def test_auto_prefetch_spreads_slow_jobs_and_batches_fast_ones(deploy):
+    # prefetch = "auto" (the default): 6 jobs of 1 s on 3 workers are spread, 2 each (~2 s in all, never one
+    # worker holding all 6 for 6 s, as a fixed prefetch of 32 would); thousands of tiny jobs are claimed many per
+    # transaction (claimed_at shared by several jobs shows a batch).
+    d = deploy(workers={"count": 3, "prefetch": "auto", "gate": ""})
+    slow = d.submit([{"sleep": 1.0}] * 6)
+    fast = d.submit([{}] * 3000)
+    assert d.cardq("supervise", "--burst", timeout=120).returncode == 0
+    runs = collections.Counter(d.job(i)["result"]["pid"] for i in slow)
+    assert max(runs.values()) <= 3, runs  # a fixed large prefetch: one worker runs all 6
+    claims = d.db.conn.execute(
+        f"SELECT count(DISTINCT started_at) FROM jobs WHERE id IN ({','.join(map(str, fast))})").fetchall()[0][0]
+    assert claims < 1500, claims  # batched: far fewer claim instants than jobs

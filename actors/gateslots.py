@@ -1,0 +1,128 @@
+"""A concurrency gate's permits as kernel locks: permit i of gate G is an exclusive flock() on the file
+<run_dir>/gates/G.<i>, for i below the gate's max_concurrency. Whoever holds the lock holds the permit.
+
+Why locks: taking a free permit is one non-blocking flock() in the caller's own process — about a microsecond,
+no actor round trip, no database write — and the kernel gives it back the instant its holder dies, however it
+dies (a SIGKILL included). Workers and apps take the same files, so max_concurrency holds across both.
+
+Waiting is the RateLimiter actor's job: a caller that finds no free slot, or finds callers already queued, asks
+the actor, which keeps the bounded FIFO queue (max_queue, queue_timeout_ms, "overloaded, retry"), takes a slot
+when one frees and holds it for the caller until it is released (or its holder dies). While anyone waits there,
+the actor holds G.queue exclusively; a caller that sees that lock joins the queue instead of taking a slot ahead
+of those waiting (first come, first served).
+
+Locks belong to an open file description: every holder opens the files itself (two threads must not share one
+GateSlots), and a released lock is released for every process that inherited the descriptor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+from pathlib import Path
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def gates_dir(run_dir: Path) -> Path:
+    return run_dir / "gates"
+
+
+def _file_stem(gate: str) -> str:
+    """The gate's name as a file name (any TOML key can name a gate)."""
+    return gate if SAFE_NAME.fullmatch(gate) else "g-" + hashlib.sha256(gate.encode()).hexdigest()[:16]
+
+
+class GateSlots:
+    """One holder's handles on one gate's slot files. Not thread-safe: one per thread (or process)."""
+
+    def __init__(self, run_dir: Path, gate: str):
+        self.gate = gate
+        self.dir = gates_dir(run_dir)
+        self.stem = _file_stem(gate)
+        self._fds: dict[int | str, int] = {}
+        self.held: set[int] = set()
+
+    def _fd(self, key: int | str) -> int:
+        fd = self._fds.get(key)
+        if fd is not None and key not in self.held and os.fstat(fd).st_nlink == 0:
+            # Its file was deleted (the run directory removed and put back): a lock on it would no longer
+            # exclude anyone who opens the new file. Open the new one.
+            os.close(fd)
+            fd = None
+        if fd is None:
+            path = self.dir / f"{self.stem}.{key}"
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except FileNotFoundError:  # the folder is gone (run_dir deleted): make it again
+                self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._fds[key] = fd
+        return fd
+
+    def try_take(self, limit: int, start: int = 0) -> int | None:
+        """Take a free slot below `limit` (trying from `start`, so that holders spread out); its number, or None
+        when all are held. Never waits."""
+        for n in range(limit):
+            i = (start + n) % limit
+            if i in self.held:
+                continue
+            try:
+                fcntl.flock(self._fd(i), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            self.held.add(i)
+            return i
+        return None
+
+    def give(self, i: int) -> None:
+        """Release slot i (held by this object)."""
+        if i in self.held:
+            self.held.discard(i)
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._fds[i], fcntl.LOCK_UN)
+
+    def queue_waiting(self) -> bool:
+        """Is anyone queued at the actor for this gate (does it hold the queue lock)?"""
+        fd = self._fd("queue")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+
+    def mark_queue(self, waiting: bool) -> bool:
+        """The actor: hold the queue lock while callers wait (see queue_waiting). Never blocks (a caller checking
+        holds it shared for an instant — or, stopped by a signal right then, for longer): False if it could not
+        be taken now; try again later."""
+        try:
+            fcntl.flock(self._fd("queue"), (fcntl.LOCK_EX | fcntl.LOCK_NB) if waiting else fcntl.LOCK_UN)
+            return True
+        except BlockingIOError:
+            return False
+
+    def count_held(self, limit: int) -> int:
+        """How many of the slots below `limit` anyone holds now (from /proc/locks; for statistics only)."""
+        files = set()
+        for i in range(limit):
+            with contextlib.suppress(OSError):
+                st = os.fstat(self._fd(i))
+                files.add(f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}")
+        try:
+            text = Path("/proc/locks").read_text()
+        except OSError:
+            return len(self.held)
+        # "1: FLOCK  ADVISORY  WRITE 1234 00:2a:5678 0 EOF" (a line with "->" is a blocked waiter, not a holder)
+        return sum(1 for line in text.splitlines()
+                   if (f := line.split()) and len(f) >= 6 and f[1] == "FLOCK" and f[3] == "WRITE" and f[5] in files)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+        self.held.clear()
