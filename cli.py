@@ -26,9 +26,7 @@ from cardq.errors import (
     RestartIntensityExceeded,
     os_problem,
 )
-from cardq.inputs import FORMATS
-from cardq.store.schema import STATUSES
-from cardq.store.submit import MAX_PRIORITY
+from cardq.vocabulary import FORMATS, MAX_PRIORITY, STATUSES
 
 EXIT_CODES_HELP = """\b
 Exit codes:

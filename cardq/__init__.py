@@ -10,24 +10,9 @@
 Every error is a `cardq.Error`; the names below are the public API (see README.md, "Using cardq from Python").
 """
 
-from cardq.api import (
-    FINISHED,
-    FORMATS,
-    MAX_PRIORITY,
-    STATUSES,
-    Batch,
-    CounterResult,
-    JobInfo,
-    JobPage,
-    Limit,
-    Queue,
-    RateLimitDecision,
-    connect,
-    init,
-    read_items,
-    selftest,
-    supervise,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from cardq.errors import (
     ActorError,
     ActorTimeout,
@@ -49,7 +34,51 @@ from cardq.errors import (
     StoreError,
     StoreUnwritable,
 )
-from cardq.handlers import Job, PermanentError
+
+if TYPE_CHECKING:
+    from cardq.api import (
+        FINISHED,
+        FORMATS,
+        MAX_PRIORITY,
+        STATUSES,
+        Batch,
+        CounterResult,
+        JobInfo,
+        JobPage,
+        Limit,
+        Queue,
+        RateLimitDecision,
+        connect,
+        init,
+        read_items,
+        selftest,
+        supervise,
+    )
+    from cardq.handlers import Job, PermanentError
+
+# Loaded on first use, not at `import cardq`: an app (or `cardq --help`) that imports cardq pays for the store,
+# the config schema and the actor client only when it calls them.
+_LAZY = {
+    **dict.fromkeys(["FINISHED", "FORMATS", "MAX_PRIORITY", "STATUSES", "Batch", "CounterResult", "JobInfo",
+                     "JobPage", "Limit", "Queue", "RateLimitDecision", "connect", "init", "read_items",
+                     "selftest", "supervise"], "cardq.api"),
+    "Job": "cardq.handlers",
+    "PermanentError": "cardq.handlers",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cardq' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once: later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "FINISHED", "FORMATS", "MAX_PRIORITY", "STATUSES", "ActorError", "ActorTimeout", "ActorUnavailable",

@@ -31,15 +31,12 @@ from cardq.actors.client import ActorClient
 from cardq.actors.recorder import EventRecorder
 from cardq.config import LoadedConfig
 from cardq.errors import ActorUnavailable, ConfigError, Error, InputError, JobNotFound
-from cardq.inputs import FORMATS
 from cardq.store import Database, admin, processes, queries, usage
 from cardq.store import limits as store_limits
 from cardq.store import submit as store_submit
 from cardq.store.limits import Limit
-from cardq.store.schema import STATUSES
-from cardq.store.submit import MAX_PRIORITY
+from cardq.vocabulary import FINISHED, FORMATS, MAX_PRIORITY, STATUSES
 
-FINISHED = ("done", "dead", "cancelled")
 WAIT_MIN_S, WAIT_MAX_S = 0.002, 0.1  # wait(): first and longest sleep between looks at the change token
 
 

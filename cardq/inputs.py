@@ -19,9 +19,7 @@ import orjson
 from cardq import jsonshape
 from cardq.errors import InputError
 from cardq.store.submit import NewJob
-
-FORMATS = ("auto", "jsonl", "json", "csv")
-
+from cardq.vocabulary import FORMATS
 
 Item = NewJob  # what a parsed item is: exactly what the store inserts (payload JSON, idempotency key, where)
 

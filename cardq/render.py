@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cardq.store.limits import Limit
+if TYPE_CHECKING:
+    from cardq.store.limits import Limit
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

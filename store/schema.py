@@ -21,10 +21,9 @@ from pathlib import Path
 import apsw
 
 from cardq.errors import StoreError
+from cardq.vocabulary import ACTIVE_STATUSES, STATUSES  # noqa: F401 - (re-exported for the store)
 
 APPLICATION_ID = 0x63617264  # "card"
-ACTIVE_STATUSES = ("queued", "scheduled", "processing")
-STATUSES = (*ACTIVE_STATUSES, "done", "dead", "cancelled")
 
 
 MIGRATIONS: list[str] = [

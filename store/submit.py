@@ -15,9 +15,9 @@ import apsw
 from cardq.errors import InputError, LimitExceeded
 from cardq.store import fairness, limits, usage
 from cardq.store.db import Database
+from cardq.vocabulary import MAX_PRIORITY
 
 MAX_NAME_LEN = 200
-MAX_PRIORITY = 1_000_000
 _CHUNK = 5000
 _INSERT = (
     "INSERT INTO jobs (id, user_id, plan, kind, payload, status, priority, vt, max_attempts, run_at, created_at,"

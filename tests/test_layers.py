@@ -18,7 +18,7 @@ CLI_FILE = ROOT / "cli.py"
 
 # Lowest first. A module may import its own layer and the layers below it, never one above.
 LAYERS: list[tuple[str, set[str] | str]] = [
-    ("errors and config", {"cardq.errors", "cardq.config"}),
+    ("errors and config", {"cardq.errors", "cardq.config", "cardq.vocabulary"}),
     ("store", "cardq.store"),
     ("runtime", "*"),  # everything not named elsewhere: supervisor, workers, actors, logs, handlers, inputs, ...
     ("public API", {"cardq", "cardq.api"}),
