@@ -10,7 +10,6 @@
 Every error is a `cardq.Error`; the names below are the public API (see README.md, "Using cardq from Python").
 """
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
 from cardq.errors import (
@@ -71,6 +70,8 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'cardq' has no attribute {name!r}")
+    import importlib
+
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # once: later lookups are plain attribute reads
     return value

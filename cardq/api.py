@@ -22,13 +22,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
-from cardq import app, inputs, wakeups
-from cardq.actors.client import ActorClient
-from cardq.actors.recorder import EventRecorder
+from cardq import app
 from cardq.config import LoadedConfig
 from cardq.errors import ActorUnavailable, ConfigError, Error, InputError, JobNotFound
 from cardq.store import Database, admin, processes, queries, usage
@@ -36,6 +34,13 @@ from cardq.store import limits as store_limits
 from cardq.store import submit as store_submit
 from cardq.store.limits import Limit
 from cardq.vocabulary import FINISHED, FORMATS, MAX_PRIORITY, STATUSES
+
+# Loaded on first use (`cardq status` needs none of them): the actor client and the event recorder on the first
+# actor call, the input parser and the doorbell on the first submit.
+if TYPE_CHECKING:
+    from cardq import inputs
+    from cardq.actors.client import ActorClient
+    from cardq.actors.recorder import EventRecorder
 
 WAIT_MIN_S, WAIT_MAX_S = 0.002, 0.1  # wait(): first and longest sleep between looks at the change token
 
@@ -201,6 +206,8 @@ class Queue:
         if local.client is None or local.client_generation != generation:
             if local.client is not None:
                 local.client.close()
+            from cardq.actors.client import ActorClient
+
             local.client = ActorClient.from_config(loaded, name=f"{self.name}-{threading.get_ident()}",
                                                    unreleased=self._unreleased)
             local.client_generation = generation
@@ -246,6 +253,8 @@ class Queue:
         (which limit, allowed, current, requested, resets_at) or InputError (which item, what is wrong); either
         way nothing was submitted.
         """
+        from cardq import doorbell, inputs
+
         items = list(items)
         if items and all(isinstance(i, inputs.Item) for i in items):
             parsed = items
@@ -256,7 +265,7 @@ class Queue:
                                 max_attempts=loaded.config.workers.max_attempts,
                                 configured=loaded.limit_values(), progress=progress)
         if r.created:
-            wakeups.ring(loaded.run_dir)  # idle workers start on it now, not at their next look
+            doorbell.ring(loaded.run_dir)  # idle workers start on it now, not at their next look
         return Batch(r.ids, r.created, r.existing)
 
     def submit_file(self, file: str | os.PathLike, *, user: str, plan: str, fmt: str = "auto",
@@ -309,15 +318,19 @@ class Queue:
 
     def retry(self, job_id: int) -> list[int]:
         """Queue a dead, cancelled or scheduled job again now, with a full set of attempts."""
+        from cardq import doorbell
+
         ids = admin.retry(self._db(), job_id)
-        wakeups.ring(self._loaded.run_dir)
+        doorbell.ring(self._loaded.run_dir)
         return ids
 
     def retry_dead(self, *, user: str | None = None, kind: str | None = None) -> list[int]:
         """Queue every dead job again (narrowed by user and kind); the ids queued again."""
+        from cardq import doorbell
+
         ids = admin.retry(self._db(), status="dead", user_id=user, kind=kind)
         if ids:
-            wakeups.ring(self._loaded.run_dir)
+            doorbell.ring(self._loaded.run_dir)
         return ids
 
     def cancel(self, job_id: int) -> str:
@@ -419,6 +432,9 @@ class Queue:
         if self._events is None or self._events_pid != os.getpid():  # after a fork the sender thread is gone
             with self._lock:
                 if self._events is None or self._events_pid != os.getpid():
+                    from cardq.actors.client import ActorClient
+                    from cardq.actors.recorder import EventRecorder
+
                     loaded, name = self._loaded, self.name
                     self._events = EventRecorder(
                         loaded, lambda: ActorClient.from_config(loaded, name=f"{name}-events"), name=name)
@@ -504,6 +520,8 @@ def read_items(file: str | os.PathLike, *, fmt: str = "auto",
     """Read a batch from a JSONL file, a JSON array or a CSV with a header ("-": standard input); InputError
     naming the first bad line."""
     name = "<stdin>" if str(file) == "-" else str(file)
+    from cardq import inputs
+
     return inputs.parse_items(inputs.read_text(str(file), name), name, fmt, idempotency_key_field)
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from cardq import app
 from cardq.config import LoadedConfig
 from cardq.errors import Error, read_only_fs
-from cardq.handlers import HandlerCheck
 from cardq.lockfile import NotRunning, running_pid
 from cardq.store import Database
 from cardq.store.schema import SCHEMA_VERSION
@@ -91,6 +90,8 @@ def disk_warnings(loaded: LoadedConfig) -> list[str]:
 
 
 def _handler(spec: str) -> str:
+    from cardq.handlers import HandlerCheck  # (here: `cardq status` imports this module for its warnings alone)
+
     HandlerCheck(spec).wait()  # in a child: importing runs the module, which may hang or exit
     return spec
 

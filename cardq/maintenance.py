@@ -13,9 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 from cardq.config import LoadedConfig
+from cardq.doorbell import ring
 from cardq.errors import StoreError
 from cardq.store import Database, jobs, limits
-from cardq.wakeups import ring
 
 PUBLISH_EVERY_S = 1.0
 CHECKPOINT_EVERY_S = 0.5

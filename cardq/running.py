@@ -10,12 +10,10 @@ from typing import Any
 
 import msgspec
 
-from cardq import logs
 from cardq.config import LoadedConfig
 from cardq.errors import Error
 from cardq.lockfile import NotRunning, running_pid
 from cardq.store import processes
-from cardq.supervisor import Supervisor
 
 
 def supervise(loaded: LoadedConfig, *, workers: int | None, burst: bool,
@@ -23,6 +21,11 @@ def supervise(loaded: LoadedConfig, *, workers: int | None, burst: bool,
     """Run a supervisor in this process until it stops. The log goes where [log] says, through one
     non-blocking writer; `on_progress(n)` hears of every n jobs done. Raises RestartIntensityExceeded when
     children kept dying, ConfigError when a child cannot run with this config."""
+    # Here, not at the top: `cardq status` and `stop` import this module too, and need neither the supervisor
+    # nor structlog (which loads asyncio: ~90 ms).
+    from cardq import logs
+    from cardq.supervisor import Supervisor
+
     cfg = loaded.config.log
     destination = logs.Destination(cfg.file)
     sink = logs.LineSink(destination.write)

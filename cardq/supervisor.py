@@ -30,6 +30,7 @@ from cardq import app, children, logs
 from cardq.actors import keys
 from cardq.children import EXIT_CONFIG, ChildSpec, describe_exit
 from cardq.config import LoadedConfig, running_record_path
+from cardq.doorbell import Doorbell
 from cardq.errors import ConfigError, Error, FileError, StoreError
 from cardq.handlers import HandlerCheck
 from cardq.lockfile import SupervisorLock
@@ -40,7 +41,7 @@ from cardq.restarts import RestartPolicy
 from cardq.signals import SignalFlags
 from cardq.store import jobs, processes, usage
 from cardq.tracked import TrackedChild
-from cardq.wakeups import Doorbell, Wakeups
+from cardq.wakeups import Wakeups
 
 OWNER_PREFIX = "cardq:"
 IDLE_TICK_MAX_S = 0.5  # with nothing to do, the loop still runs this often (checkpoint, publish, leases)
@@ -170,6 +171,9 @@ class Supervisor:
         that stopped it, if one did (RestartIntensityExceeded, ConfigError)."""
         self.start()
         try:
+            if self.burst and self.maintenance.call("pending", lambda: usage.pending_total(self.db)) == 0:
+                # Nothing to run: say so and stop, rather than start a tree of processes to find it out.
+                self._begin_shutdown(time.monotonic(), "burst: no job to run")
             while not self.step(time.monotonic()):
                 if self._any_idle():  # nothing to poll: rings and children wake us; periodic work sets the pace
                     self._wait(min(IDLE_TICK_MAX_S, self.wakeups.seconds_to_next()))

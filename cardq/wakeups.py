@@ -1,10 +1,8 @@
 """When to wake idle workers: when someone made jobs runnable and rang the doorbell, or when a job in backoff
 became due — never by polling the database.
 
-The doorbell is a Unix datagram socket in the run directory (0600, in a 0700 folder: only cardq's user can ring).
-Whoever makes jobs runnable — a submit, a retry, through the API or the CLI — rings it after the commit: one
-`sendto` that never blocks and never fails the caller (no supervisor: nobody to tell; a full socket buffer:
-wake-ups are already pending). The supervisor waits on it with everything else, so with nothing to do it sleeps.
+The doorbell (doorbell.py) is rung by whoever makes jobs runnable; the supervisor waits on it with everything
+else, so with nothing to do it sleeps.
 
 Why not watch the database: its change counter (PRAGMA data_version) moves on every commit of every process —
 the actors' rate-limit checks and traffic events included — so idle workers were woken for nothing, and
@@ -16,64 +14,11 @@ a second anyway (worker.IDLE_POLL_S), and the next due time of jobs in backoff i
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
 import time
-from pathlib import Path
 
 from cardq.store import Database, jobs
 
-DOORBELL = "wake.sock"
 DUE_REFRESH_S = 1.0  # how often the earliest job in backoff is looked up again
-
-
-def ring(run_dir: Path) -> None:
-    """Tell the supervisor that jobs became runnable. Never blocks, never raises."""
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.setblocking(False)
-        s.sendto(b"!", str(run_dir / DOORBELL))
-
-
-class Doorbell:
-    """The supervisor's end of the doorbell."""
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / DOORBELL
-        fresh = run_dir / f".wake.{os.getpid()}"
-        fresh.unlink(missing_ok=True)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        old = os.umask(0o177)  # 0600 from the start: no window in which another user could ring
-        try:
-            self.sock.bind(str(fresh))
-        finally:
-            os.umask(old)
-        os.replace(fresh, self.path)  # a dead predecessor's socket file is simply replaced
-        self.sock.setblocking(False)
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def drain(self) -> bool:
-        """Take every ring waiting; whether there was any."""
-        rang = False
-        while True:
-            try:
-                self.sock.recv(64)
-                rang = True
-            except (BlockingIOError, InterruptedError):
-                return rang
-            except OSError:
-                return rang
-
-    def gone(self) -> bool:
-        """Was our socket file removed (the run directory deleted under us)? Then make a new Doorbell."""
-        return not self.path.exists()
-
-    def close(self) -> None:
-        self.sock.close()
-        with contextlib.suppress(OSError):
-            self.path.unlink()
 
 
 class Wakeups:

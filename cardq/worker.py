@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import orjson
 import structlog
 
-from cardq import app, jsonshape, logs, wakeups
+from cardq import app, doorbell, jsonshape, logs
 from cardq.actors.client import ActorClient
 from cardq.children import EXIT_CONFIG, EXIT_STOPPED, EXIT_STORE, ChildContext
 from cardq.config import LoadedConfig, parse_config
@@ -136,7 +136,7 @@ class Worker:
         self.flush()
         rest = [(j.id, j.token) for j in held]
         self.durable("give back", lambda: jobs.give_back(self.db, rest))
-        wakeups.ring(self.loaded.run_dir)
+        doorbell.ring(self.loaded.run_dir)
 
     def handle_commands(self, wait_s: float) -> None:
         """Act on every command waiting (waiting up to wait_s for the first)."""
@@ -278,7 +278,7 @@ class Worker:
             # The gate's actor cannot be reached (restarting, its socket being put back): not the job's fault.
             # Give it back untouched — no attempt counted — and wait a moment before claiming again.
             self.durable("give back", lambda: jobs.give_back(self.db, [(claimed.id, claimed.token)]))
-            wakeups.ring(self.loaded.run_dir)
+            doorbell.ring(self.loaded.run_dir)
             self.log.warning("job.given_back", reason=f"gate unavailable: {e}"[:300])
             self.handle_commands(GATE_UNAVAILABLE_PAUSE_S)
             return "given back"
