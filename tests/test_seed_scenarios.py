@@ -42,6 +42,9 @@ def test_scenario_1_one_batch_of_50(d):
 def test_scenario_2_three_parallel_batches_are_interleaved(d):
     """Three users submit 50 each at the same moment; one worker then serves them in turn, not one user after
     another (CardMaker's global FIFO claimed this and did not do it)."""
+    # One job per claim, so that started_at shows the claim order (a batch shares one started_at, and its jobs
+    # would sort by id; the claim itself takes them in the same fair order).
+    d.write_config(workers={"prefetch": 1})
     files = {u: items_file(d, f"{u}.jsonl", 50) for u in ("anna", "boris", "chen")}
     procs = [subprocess.Popen([CARDQ, "submit", f, "--user", u, "--plan", "enterprise", "-q"], env=d.env,
                               cwd=d.root, stdout=subprocess.PIPE, text=True) for u, f in files.items()]

@@ -18,6 +18,7 @@ import orjson
 import pytest
 
 import cardq
+from cardq.actors.gateslots import GateSlots
 from cardq.store import processes as store_processes
 
 from conftest import wait_for
@@ -563,18 +564,19 @@ def test_reload_with_a_handler_that_does_not_import_is_refused(deploy):
 
 
 def test_stop_lets_a_gated_job_finish_and_release_its_permit(deploy):
-    """Workers stop before the actors they use: a job inside the gate finishes and gives its permit back."""
+    """A stop lets a job inside the gate finish and give its permit back."""
     d = deploy(workers={"count": 1})
     [jid] = d.submit([{"sleep": 1.0}])
     proc = d.start()
-    # Inside the gate = its permit row exists (committed before the acquire is answered). Not busy_worker_on: the
-    # processes table is published once a second and can miss a 1 s job altogether.
-    wait_for(lambda: d.db.conn.execute("SELECT count(*) FROM gate_permits").fetchall()[0][0] == 1, 30,
-             what="the job holds its permit")
+    # Inside the gate = one of its slot locks is held (a worker takes a free slot in its own process). Not
+    # busy_worker_on: the processes table is published once a second and can miss a 1 s job altogether.
+    slots = GateSlots(d.loaded.run_dir, "generation")
+    wait_for(lambda: slots.count_held(4) == 1, 30, what="the job holds its permit")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0, d.output()
     assert d.job(jid)["status"] == "done" and d.job(jid)["attempts"] == 1
-    assert d.db.conn.execute("SELECT count(*) FROM gate_permits").fetchall()[0][0] == 0
+    assert slots.count_held(4) == 0
+    slots.close()
 
 
 def test_idle_workers_sleep_through_app_traffic_and_wake_for_a_submit(deploy):
