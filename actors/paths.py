@@ -35,6 +35,7 @@ KLL_K = 200  # normalized rank error ~1.65%
 HLL_LG_K = 14  # relative standard error ~0.8% once in HLL mode; exact-ish (coupon list/set) below ~2k
 HOURS_IN_MEMORY = 2
 INBOX_BATCH = 2000
+INBOX_IDLE_MAX_S = 8.0  # the longest an event in the inbox (the collector was down) waits to be drained
 
 
 class Record(msgspec.Struct, forbid_unknown_fields=True):
@@ -65,6 +66,7 @@ class PathCollector(Behaviour):
         self.dirty: set[tuple[int, str]] = set()  # folded into since the transaction began
         self.paths_by_hour: dict[int, set[str]] = {}
         self.next_prune = 0.0
+        self.tick_every = 1.0  # seconds to the next inbox drain (see tick)
         self.late_events = 0  # refused as older than the retention, since this process started
         shards = loaded.config.actors.paths_shards
         # Each shard folds its overflow into its own row: two shards updating one "(other)" row would
@@ -169,6 +171,9 @@ class PathCollector(Behaviour):
 
     def tick(self, tx: Tx, now: float) -> list:
         rows = traffic.inbox_take(tx, self.shard, INBOX_BATCH)
+        # An empty inbox (the usual: apps reach this actor directly) is looked at less and less often, up to
+        # every INBOX_IDLE_MAX_S; one with rows, at once again (each wake-up of an idle process costs CPU).
+        self.tick_every = 1.0 if rows else min(INBOX_IDLE_MAX_S, self.tick_every * 2)
         if rows:
             events, bad = [], 0
             for _row_id, text in rows:  # each row on its own: one bad row must not stop the rest (or the actor)
@@ -195,7 +200,7 @@ class PathCollector(Behaviour):
         return []
 
     def next_tick(self, now: float) -> float:
-        return now + 1.0
+        return now + self.tick_every
 
 
 def read_stats(db: Database, hour: int | None = None, path: str | None = None,

@@ -37,6 +37,7 @@ from cardq.store.db import Tx
 
 REAP_EVERY_S = 1.0
 SLOT_POLL_S = 0.005  # while callers wait: how often freed slots are looked for
+IDLE_TICK_S = 30.0  # with no permit held and nobody waiting
 WAIT_SAMPLES = 1000
 
 
@@ -353,7 +354,10 @@ class RateLimiter(Behaviour):
         deadlines = [now + min(w.deadline for w in g.waiters) - mono for g in self.gates.values() if g.waiters]
         if deadlines or any(g.queue_marked for g in self.gates.values()):
             deadlines.append(now + SLOT_POLL_S)
-        return min([now + REAP_EVERY_S, *deadlines])
+        # Holders to watch (permits this actor holds for callers, reaped within REAP_EVERY_S of their death), or
+        # nothing: then only the forgetting of old rate-limit keys, now and then.
+        watching = any(g.permits for g in self.gates.values())
+        return min([now + (REAP_EVERY_S if watching else IDLE_TICK_S), *deadlines])
 
 
 def process_start(pid: int) -> int:

@@ -17,6 +17,7 @@ from cardq.doorbell import ring
 from cardq.errors import StoreError
 from cardq.store import Database, jobs, limits
 
+WRITES = {"extend_leases", "recover", "publish"}  # the calls that commit (see _written)
 PUBLISH_EVERY_S = 1.0
 CHECKPOINT_EVERY_S = 0.5
 WAL_TRUNCATE_ABOVE = 16 * 2**20  # bytes: past this the WAL is started over (see Database.checkpoint)
@@ -28,18 +29,22 @@ class Maintenance:
     def __init__(self, db: Database, loaded: LoadedConfig, log: Any, *, owners: Callable[[], list[str]],
                  publish: Callable[[], None]):
         self.db, self.loaded, self.log = db, loaded, log
-        self.owners = owners  # the lease owners of the live workers
+        self.owners = owners  # the lease owners of the live workers (busy_only=True: of those not idle)
         self.publish = publish
         self.due: dict[str, float] = {}
         self.truncate_retry_at = 0.0
         self.truncate_failures = 0
         self.failing: dict[str, tuple[float, int]] = {}  # what -> (monotonic since, failures), while it fails
+        self.token: int | None = None  # the database's change token at the last checkpoint
+        self.wrote = True  # this process committed since the last checkpoint (its own commits move no token)
+        self.written_at = 0.0  # monotonic: when a checkpoint last found that another process had written
 
     def step(self, now: float) -> None:
         w, sup = self.loaded.config.workers, self.loaded.config.supervisor
         if self._due("extend", now, w.lease_s / 3):
-            owners = self.owners()
-            self.call("extend_leases", lambda: jobs.extend_owned(self.db, owners, lease_s=w.lease_s))
+            owners = self.owners(busy_only=True)  # an idle worker holds no job: nothing to renew
+            if owners:
+                self.call("extend_leases", lambda: jobs.extend_owned(self.db, owners, lease_s=w.lease_s))
         if self._due("recover", now, sup.recover_interval_s):
             live = self.owners()
             got = self.call("recover", lambda: jobs.recover(self.db, processing_timeout_s=self.processing_timeout(),
@@ -51,7 +56,7 @@ class Maintenance:
         # here. PASSIVE on a timer keeps the database file current without anyone waiting; the WAL's size, a
         # stat on every step, starts the log over once it passes the bound, however fast writers fill it.
         truncate = now >= self.truncate_retry_at
-        if self._due("checkpoint", now, CHECKPOINT_EVERY_S) or (truncate and self._wal_over()):
+        if (self._due("checkpoint", now, CHECKPOINT_EVERY_S) and self._written()) or (truncate and self._wal_over()):
             size = self.call("checkpoint", lambda: self.db.checkpoint(
                 truncate_above=WAL_TRUNCATE_ABOVE if truncate else None, wait_ms=WAL_TRUNCATE_WAIT_MS))
             if truncate and size is not None and size > WAL_TRUNCATE_ABOVE:
@@ -65,6 +70,16 @@ class Maintenance:
                 self.truncate_failures = 0
         if self._due("publish", now, PUBLISH_EVERY_S):
             self.publish()
+
+    def _written(self) -> bool:
+        """Has anyone committed since the last checkpoint (another process, or this one)? An idle database is
+        not checkpointed twice a second for nothing."""
+        token = self.call("change token", self.db.change_token)
+        written = self.wrote or token != self.token
+        if token != self.token:  # another process wrote (the supervisor's own heartbeat is not activity)
+            self.written_at = time.monotonic()
+        self.token, self.wrote = token, False
+        return written
 
     def _wal_over(self) -> bool:
         try:
@@ -88,6 +103,8 @@ class Maintenance:
                 since = time.monotonic()
             self.failing[what] = (since, count + 1)
             return None
+        if what in WRITES:
+            self.wrote = True
         if what in self.failing:
             since, count = self.failing.pop(what)
             self.log.warning(f"supervisor.{what}_recovered", failed_for_s=round(time.monotonic() - since, 1),

@@ -43,7 +43,7 @@ def age(seconds: float | None) -> str:
     return f"{seconds:.1f}s"
 
 
-STALE_AFTER_S = 5.0  # the supervisor publishes every second: older than this, it could not write
+STALE_AFTER_S = 30.0  # the supervisor publishes on change and every 10 s: older than this, it could not write
 
 
 def status(data: dict[str, Any]) -> str:

@@ -44,7 +44,10 @@ from cardq.tracked import TrackedChild
 from cardq.wakeups import Wakeups
 
 OWNER_PREFIX = "cardq:"
-IDLE_TICK_MAX_S = 0.5  # with nothing to do, the loop still runs this often (checkpoint, publish, leases)
+IDLE_TICK_S = 1.0  # with idle workers, the loop runs at least this often (checkpoints, the WAL's size, publishing)
+QUIET_TICK_S = 5.0  # ... or this often once nothing at all has been written for QUIET_AFTER_S
+QUIET_AFTER_S = 10.0
+HEARTBEAT_S = 10.0  # the process table is rewritten when it changes, and at least this often
 BUSY_TICK_S = 0.05
 
 
@@ -81,8 +84,10 @@ class Supervisor:
         self.wakeups: Wakeups | None = None
         self.doorbell: Doorbell | None = None
         self.wakeups_sent = 0  # idle workers woken (in status: what traffic does not cause)
+        self.published: tuple[list[processes.ProcessRow], float] = ([], 0.0)  # last rows published, and when
         self.log = logs.get()
         self.lock = SupervisorLock(loaded.db_path)
+        self.run_dir = loaded.run_dir  # resolved once (a key a reload cannot change)
         self.db = None
 
     # ---- life cycle -------------------------------------------------------------------------------------
@@ -92,8 +97,8 @@ class Supervisor:
             raise Error("the supervisor runs in a process's main thread only: it handles SIGTERM, SIGINT and SIGHUP")
         self.lock.acquire()
         try:
-            keys.ensure_run_dir(self.loaded.run_dir)
-            self.secret = keys.load_secret(self.loaded.run_dir)  # kept, to put the key back should it vanish
+            keys.ensure_run_dir(self.run_dir)
+            self.secret = keys.load_secret(self.run_dir)  # kept, to put the key back should it vanish
             self.db = app.open_db(self.loaded, create=True)
             self.maintenance = Maintenance(self.db, self.loaded, self.log, owners=self._live_owners,
                                            publish=self._publish)
@@ -162,9 +167,9 @@ class Supervisor:
 
     def _doorbell(self) -> Doorbell:
         try:
-            return Doorbell(self.loaded.run_dir)
+            return Doorbell(self.run_dir)
         except OSError as e:
-            raise FileError(self.loaded.run_dir / "wake.sock", "create the wake-up socket", e) from None
+            raise FileError(self.run_dir / "wake.sock", "create the wake-up socket", e) from None
 
     def run(self) -> None:
         """Start, supervise until told to stop (or, with burst, until the queue is drained). Raises the failure
@@ -175,15 +180,25 @@ class Supervisor:
                 # Nothing to run: say so and stop, rather than start a tree of processes to find it out.
                 self._begin_shutdown(time.monotonic(), "burst: no job to run")
             while not self.step(time.monotonic()):
-                if self._any_idle():  # nothing to poll: rings and children wake us; periodic work sets the pace
-                    self._wait(min(IDLE_TICK_MAX_S, self.wakeups.seconds_to_next()))
-                else:
-                    self._wait(BUSY_TICK_S)
+                self._wait(self._sleep_for(time.monotonic()))
             self.log.info("supervisor.exit", reason=self.stop_reason, failed=self.failure is not None)
         finally:
             self.close()
         if self.failure is not None:
             raise self.failure
+
+    def _sleep_for(self, now: float) -> float:
+        """How long the loop may wait for an event. With idle workers nothing needs polling: rings, children and
+        signals wake it; the periodic work (checkpoints, the WAL's size, publishing) and the next restart or
+        job in backoff set the pace."""
+        if not self._any_idle():
+            return BUSY_TICK_S
+        # (each wake-up of an idle process costs ~0.5-3 ms of CPU on these VMs: a quiet tree wakes seldom)
+        quiet = now - self.maintenance.written_at > QUIET_AFTER_S
+        timeout = min(QUIET_TICK_S if quiet else IDLE_TICK_S, self.wakeups.seconds_to_next())
+        if self.restarts.due:
+            timeout = min(timeout, max(0.0, min(self.restarts.due.values()) - now))
+        return timeout
 
     def _wait(self, timeout: float) -> None:
         """Until a child says something, exits or logs, a signal arrives, or `timeout` passes."""
@@ -390,18 +405,18 @@ class Supervisor:
             return
         self.run_dir_check_at = now + 1.0
         try:
-            if keys.restore(self.loaded.run_dir, self.secret):
-                self.log.warning("run_dir.restored", run_dir=str(self.loaded.run_dir),
+            if keys.restore(self.run_dir, self.secret):
+                self.log.warning("run_dir.restored", run_dir=str(self.run_dir),
                                  reason="the run directory or its key file was gone")
             if self.doorbell.gone():  # (its socket file went with the folder)
-                fresh = Doorbell(self.loaded.run_dir)
+                fresh = Doorbell(self.run_dir)
                 self.doorbell.sock.close()
                 self.doorbell, self.wakeups.rung = fresh, True
         except OSError as e:
-            self.log.error("run_dir.restore_failed", run_dir=str(self.loaded.run_dir), reason=e.strerror)
+            self.log.error("run_dir.restore_failed", run_dir=str(self.run_dir), reason=e.strerror)
 
-    def _live_owners(self) -> list[str]:
-        return [c.owner for c in self.children.values() if c.alive]
+    def _live_owners(self, busy_only: bool = False) -> list[str]:
+        return [c.owner for c in self.children.values() if c.alive and not (busy_only and c.state == "idle")]
 
     def _wake_idle(self) -> None:
         idle = [c for c in self.children.values() if c.alive and c.state == "idle" and c.spec.role == "worker"]
@@ -512,7 +527,13 @@ class Supervisor:
                 restarts=child.restarts, last_exit=child.last_exit, started_at=child.started_at,
                 info={"connections_refused": child.connections_refused,
                       "connections_evicted": child.connections_evicted} if child.spec.role == "actor" else {}))
+        # Nothing changed: rewrite the table only as a heartbeat (an idle tree writes nothing else).
+        now = time.monotonic()
+        if rows == self.published[0] and now < self.published[1] + HEARTBEAT_S:
+            return
         self.maintenance.call("publish", lambda: processes.publish(self.db, rows))
+        if "publish" not in self.maintenance.failing:
+            self.published = (rows, now)
 
 
 __all__ = ["Supervisor"]

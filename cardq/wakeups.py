@@ -8,8 +8,9 @@ Why not watch the database: its change counter (PRAGMA data_version) moves on ev
 the actors' rate-limit checks and traffic events included — so idle workers were woken for nothing, and
 comparing it every 2 ms cost the idle supervisor ~12 % of a core.
 
-Jobs made runnable by nobody who rings (a row written by hand) are still found: idle workers look for work once
-a second anyway (worker.IDLE_POLL_S), and the next due time of jobs in backoff is re-read once a second.
+Jobs made runnable by nobody who rings (a row written by hand) are still found: idle workers look for work every
+few seconds anyway (worker.IDLE_POLL_S). Jobs in backoff are woken for at their due time, which is re-read at every
+ring (a worker that schedules a retry rings) and every DUE_REFRESH_S.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 
 from cardq.store import Database, jobs
 
-DUE_REFRESH_S = 1.0  # how often the earliest job in backoff is looked up again
+DUE_REFRESH_S = 30.0  # how often the earliest job in backoff is looked up again, besides at every ring
 
 
 class Wakeups:
@@ -33,7 +34,7 @@ class Wakeups:
     def due(self, wall: float | None = None) -> bool:
         wall = time.time() if wall is None else wall
         mono = time.monotonic()
-        if mono >= self.due_read_at + DUE_REFRESH_S:
+        if self.rung or mono >= self.due_read_at + DUE_REFRESH_S:  # (a worker rings when it schedules a retry)
             self.due_read_at = mono
             self.next_due = jobs.next_run_at(self.db)
         scheduled = self.next_due is not None and wall >= self.next_due

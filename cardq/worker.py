@@ -32,7 +32,8 @@ from cardq.store import LeaseLost, StoreBusy, StoreError, StoreUnwritable, jobs
 
 T = TypeVar("T")
 
-IDLE_POLL_S = 1.0  # an idle worker looks for work at least this often, even if no wake-up comes
+IDLE_POLL_S = 10.0  # an idle worker looks for work at least this often, even if no wake-up comes (the doorbell
+# wakes it for every submit; this finds rows written by other means)
 GATE_UNAVAILABLE_PAUSE_S = 1.0  # a worker whose gate cannot be reached waits this long before its next claim
 FLUSH_S = 0.02  # with prefetch > 1, finished jobs are committed together at least this often
 # prefetch = "auto": claim about this much work at the pace measured (a job's time, smoothed), 1 to AUTO_MAX jobs.
@@ -82,8 +83,9 @@ class Worker:
             held = self.claim_next()
             if not held:
                 self.pace = None  # what comes next may be another kind of job: start at one again
-                self.ctx.slot.idle()
-                self.ctx.channel.send({"ev": "idle"})
+                if self.ctx.slot.read()[3] != "idle":  # tell the supervisor once, not at every empty look
+                    self.ctx.slot.idle()
+                    self.ctx.channel.send({"ev": "idle"})
                 self.handle_commands(IDLE_POLL_S)
                 continue
             for n, job in enumerate(held):
@@ -303,6 +305,8 @@ class Worker:
         except LeaseLost as e:
             self.log.warning("job.lease_lost", reason=str(e))
             return "lost"
+        if out.status != "dead":
+            doorbell.ring(self.loaded.run_dir)  # a retry: now (idle workers) or at run_at (the supervisor's timer)
         level = "error" if out.status == "dead" else "warning"
         getattr(self.log, level)("job.failed", error=error, attempt=claimed.attempt, next=out.status,
                                  run_at=out.run_at)

@@ -371,7 +371,8 @@ def test_a_deleted_run_dir_is_put_back_and_no_job_dies_of_it(deploy, tmp_path):
     wait_for(lambda: d.statuses(ids).get("done", 0) == 300, 120, what="every job done")
     assert d.statuses(ids) == {"done": 300}  # none dead for the missing folder
     assert (run_dir / "cardq.key").stat().st_mode & 0o777 == 0o600
-    assert all((run_dir / f"{name}.sock").exists() for name in [*actors, "ratelimit-0"])
+    wait_for(lambda: all((run_dir / f"{name}.sock").exists() for name in [*actors, "ratelimit-0"]), 30,
+             what="every actor listening again (they look for their socket file every few seconds)")
     now = {r["name"]: r for r in d.db.read(store_processes.read) if r["role"] == "actor" and r["pid"]}
     assert {name: now[name]["pid"] for name in actors} == actors  # the others never died: they listen anew
     assert now["ratelimit-0"]["restarts"] <= 3  # restarted, not crash-looping

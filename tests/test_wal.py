@@ -31,7 +31,7 @@ def test_wal_stays_bounded_under_busy_writers_and_after_a_long_read(tmp_path: Pa
     db = Database.open(path, create=True)
     db.write(lambda c: c.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)"))
     db.write(lambda c: c.executemany("INSERT INTO t VALUES (?, ?)", [(i, b"x") for i in range(1, 1001)]))
-    maintenance = Maintenance(db, load_config(None), _Log(), owners=list, publish=lambda: None)
+    maintenance = Maintenance(db, load_config(None), _Log(), owners=lambda busy_only=False: [], publish=lambda: None)
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=writers.update_loop, args=(str(path), 12.0)) for _ in range(2)]
     for p in procs:
