@@ -193,11 +193,14 @@ def idle_cpu(cfg: Path, seconds: float) -> tuple[float, int]:
 
 
 def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of every thread of a process, to the nanosecond (/proc/<pid>/task/*/schedstat). Not utime+stime
+    from /proc/<pid>/stat: those are sampled at the clock tick, and a process that wakes on a timer tends to be
+    running when the tick comes — charged a whole tick for a short wake-up (1.5 % where schedstat says 0.9 %)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError, ValueError):
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 def latency(cfg: Path, samples: int) -> tuple[float, float, float]:
