@@ -14,6 +14,7 @@ import re
 import time
 from typing import Any
 
+from cardq.generate import generate  # noqa: F401 - the real generator, "cardq.cards:generate" (an upstream API)
 from cardq.handlers import Job, PermanentError
 
 MARKETPLACES = {

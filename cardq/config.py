@@ -126,6 +126,15 @@ class CardsConfig(_Section):
     failure_rate: Annotated[float, Meta(ge=0, le=1)] = 0.0
 
 
+class UpstreamConfig(_Section):
+    base_url: str = ""  # an OpenAI-compatible API, e.g. "https://api.openai.com/v1"; "" = none configured
+    model: str = ""
+    api_key_env: str = "CARDQ_UPSTREAM_API_KEY"  # the NAME of the environment variable holding the key
+    request_timeout_ms: Annotated[int, Meta(ge=100, le=600_000)] = 12000
+    max_tokens: Annotated[int, Meta(ge=16, le=100_000)] = 800
+    prompts_dir: str = ""  # <marketplace>.<style>.txt (or default.txt) next to config.toml; "" = built-in
+
+
 def _default_daily() -> dict[str, int]:
     return {"free": 5, "basic": 20, "professional": 100, "enterprise": 1000}
 
@@ -146,6 +155,7 @@ class Config(_Section):
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     cards: CardsConfig = msgspec.field(default_factory=CardsConfig)
+    upstream: UpstreamConfig = msgspec.field(default_factory=UpstreamConfig)
     actors: ActorsConfig = msgspec.field(default_factory=ActorsConfig)
     ratelimit: RateLimitConfig = msgspec.field(default_factory=RateLimitConfig)
     gates: dict[str, GateConfig] = msgspec.field(default_factory=_default_gates)
@@ -380,6 +390,15 @@ def _check_semantics(name: str, cfg: Config) -> None:
         if gate and gate not in cfg.gates:
             raise ConfigError(f"{name}: workers gate {_toml_repr(gate)}: no [gates.{gate}] section; expected one of: "
                               f"{', '.join(cfg.gates) or '(none)'} or \"\" for no gate")
+    up = cfg.upstream
+    if up.base_url and not re.match(r"^https?://[^/\s]+", up.base_url):
+        raise ConfigError(f"{name}: upstream.base_url = {_toml_repr(up.base_url)}: expected an http:// or https:// "
+                          'URL of an OpenAI-compatible API, such as "https://api.openai.com/v1"')
+    if up.base_url and not up.model:
+        raise ConfigError(f'{name}: upstream.model = "": expected the model to ask, with upstream.base_url set')
+    if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", up.api_key_env):
+        raise ConfigError(f"{name}: upstream.api_key_env = {_toml_repr(up.api_key_env)}: expected the NAME of an "
+                          "environment variable (the key itself never goes in config.toml)")
     for n, rule in enumerate(cfg.paths.id_rules):
         try:
             if len(rule) != 2:

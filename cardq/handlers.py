@@ -12,6 +12,7 @@ import multiprocessing as mp
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cardq.config import Config
@@ -20,6 +21,16 @@ from cardq.errors import ConfigError
 
 class PermanentError(Exception):
     """The job cannot succeed however often it is retried (e.g. a missing field)."""
+
+
+class RetryAfter(Exception):
+    """Retry this job, but not before `seconds` from now (an upstream answered 429 or 503 with Retry-After). The
+    attempt counts like any failure; the wait is the longer of `seconds` (honoured up to 15 minutes) and the usual
+    backoff."""
+
+    def __init__(self, seconds: float, message: str):
+        super().__init__(message)
+        self.seconds = max(0.0, float(seconds))
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +43,7 @@ class Job:
     attempt: int
     max_attempts: int
     config: Config
+    config_dir: Path | None = None  # the folder of config.toml (relative paths in it are relative to this)
 
 
 Handler = Callable[[Job], Any]

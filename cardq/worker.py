@@ -27,7 +27,7 @@ from cardq.actors.client import ActorClient
 from cardq.children import EXIT_CONFIG, EXIT_STOPPED, EXIT_STORE, ChildContext
 from cardq.config import LoadedConfig, parse_config
 from cardq.errors import ActorError, ActorUnavailable, ConfigError, Error
-from cardq.handlers import Handler, Job, PermanentError, load_handler
+from cardq.handlers import Handler, Job, PermanentError, RetryAfter, load_handler
 from cardq.store import LeaseLost, StoreBusy, StoreError, StoreUnwritable, jobs
 
 T = TypeVar("T")
@@ -39,6 +39,9 @@ FLUSH_S = 0.02  # with prefetch > 1, finished jobs are committed together at lea
 # prefetch = "auto": claim about this much work at the pace measured (a job's time, smoothed), 1 to AUTO_MAX jobs.
 # Short enough that a batch never keeps jobs from idle workers for long; long enough that many tiny jobs share one
 # transaction. A job far slower than its batch was sized for gives the rest of the batch back at once.
+# A handler's RetryAfter (an upstream's Retry-After) is honoured up to this long. A job scheduled further ahead than
+# this and the longest backoff is taken for one a wall clock stepped back left there, and runs at once.
+RETRY_AFTER_MAX_S = 900.0
 PREFETCH_WINDOW_S = 0.005
 PREFETCH_AUTO_MAX = 64
 STORE_RETRY_FIRST_S, STORE_RETRY_MAX_S = 0.2, 5.0  # waits between writes tried on a full (or read-only) disk
@@ -201,7 +204,8 @@ class Worker:
         batch = self.pending  # cleared only once committed: a write that failed is tried again with it
         k = self.batch_size()
         lost, held = self.durable("finish and claim", lambda: jobs.finish_and_claim(
-            self.db, batch, self.owner, k=k, lease_s=w.lease_s, horizon_s=w.backoff_max_s + 1))
+            self.db, batch, self.owner, k=k, lease_s=w.lease_s,
+            horizon_s=max(w.backoff_max_s, RETRY_AFTER_MAX_S) + 1))
         self.pending = []
         self._report(batch, lost)
         return held
@@ -256,7 +260,8 @@ class Worker:
         try:
             payload = orjson.loads(claimed.payload)
             job = Job(claimed.id, claimed.user_id, claimed.plan, claimed.kind, payload, claimed.attempt,
-                      claimed.max_attempts, self.loaded.config)
+                      claimed.max_attempts, self.loaded.config,
+                      self.loaded.path.parent if self.loaded.path is not None else None)
             with self.gate(claimed.kind):
                 gated = True
                 # The job's clock (the supervisor's timeout, the poison-job count) starts once the gate is ours:
@@ -274,6 +279,9 @@ class Worker:
             return self._fail(claimed, f"timeout: the handler ran longer than job_timeout_s={timeout_s:g}")
         except PermanentError as e:
             return self._fail(claimed, f"permanent: {e}", permanent=True)
+        except RetryAfter as e:
+            wait = min(e.seconds, RETRY_AFTER_MAX_S)
+            return self._fail(claimed, f"retry after {wait:g}s: {e}", not_before_s=wait)
         except ActorUnavailable as e:
             if gated:  # the handler's own call failed: its failure
                 return self._fail(claimed, f"ActorUnavailable: {e}")
@@ -298,10 +306,11 @@ class Worker:
         self.log.debug("job.done", attempt=claimed.attempt)
         return "pending"
 
-    def _fail(self, claimed: jobs.Claimed, error: str, permanent: bool = False) -> str:
+    def _fail(self, claimed: jobs.Claimed, error: str, permanent: bool = False, not_before_s: float = 0.0) -> str:
         try:
             out = self.durable("record a failure", lambda: jobs.fail(
-                self.db, claimed.id, claimed.token, error, permanent=permanent, backoff=self.backoff, rng=self.rng))
+                self.db, claimed.id, claimed.token, error, permanent=permanent, backoff=self.backoff, rng=self.rng,
+                not_before_s=not_before_s))
         except LeaseLost as e:
             self.log.warning("job.lease_lost", reason=str(e))
             return "lost"

@@ -173,8 +173,9 @@ _COMPLETE = (
 
 
 def fail(db: Database, job_id: int, token: int, error: str, *, permanent: bool = False, backoff: Backoff,
-         rng: random.Random | None = None, now: float | None = None) -> FailOutcome:
-    """Record a failed attempt of a held job: retry after backoff, or dead when permanent or out of attempts.
+         rng: random.Random | None = None, now: float | None = None, not_before_s: float = 0.0) -> FailOutcome:
+    """Record a failed attempt of a held job: retry after backoff (and no sooner than `not_before_s` from now: an
+    upstream's Retry-After), or dead when permanent or out of attempts.
 
     The error is kept as last_error and appended to the job's error history. Raises LeaseLost if not held.
     """
@@ -191,7 +192,7 @@ def fail(db: Database, job_id: int, token: int, error: str, *, permanent: bool =
                             "failure not recorded")
         attempts = rows[0][0]
         return _fail_held(c, db, job_id, *rows[0], error, permanent=permanent,
-                          delay=backoff.delay(attempts, rng), now=now)
+                          delay=max(not_before_s, backoff.delay(attempts, rng)), now=now)
 
     return db.write(tx, "fail")
 
