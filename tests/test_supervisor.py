@@ -176,25 +176,28 @@ def test_a_result_too_deep_to_store_fails_its_job_and_never_the_worker(deploy, t
 
 
 def test_a_worker_killed_after_its_handler_returned_does_not_charge_the_job(deploy, tmp_path):
-    # The rate limiter stalls (SIGSTOP) while the worker gives the gate back after a successful handler; the
-    # worker is killed there. That death is not the job's: with poison_kills = 1 the old code made the job dead
-    # "killed its worker 1 times"; it is given back untouched and done on the next try.
+    # The database stays locked (another process holds its write lock) while the worker would store the result of
+    # a successful handler; the worker is killed there. That death is not the job's: with poison_kills = 1 the
+    # old code made the job dead "killed its worker 1 times"; it is given back untouched and done on the next try.
+    # (It used to stall in the gate's release to a stopped rate limiter; a gate is now a lock in the worker.)
     d = deploy(workers={"count": 1}, supervisor={"poison_kills": 1})
     marker, side = tmp_path / "returned", str(tmp_path / "side.db")
     [jid] = d.submit([{"side_db": side, "sleep": 2.0, "touch_after": str(marker)}])
     proc = d.start()
-    limiter = wait_for(lambda: next((r["pid"] for r in d.db.read(store_processes.read)
-                                     if r["name"] == "ratelimit-0" and r["pid"]), None), 30, what="rate limiter")
     worker = wait_for(lambda: next((w["pid"] for w in d.workers() if w["pid"]), None), 30, what="worker")
-    wait_for(lambda: side_effect_runs(side, jid) == 1, 30, what="the handler running (it holds the gate)")
-    os.kill(limiter, signal.SIGSTOP)
+    wait_for(lambda: side_effect_runs(side, jid) == 1, 30, what="the handler running")
+    blocker = apsw.Connection(str(d.loaded.db_path))
+    blocker.setbusytimeout(30_000)
+    blocker.execute("BEGIN IMMEDIATE")  # before the handler returns: its result cannot be stored
     try:
         wait_for(marker.exists, 30, what="the handler returned")
-        wait_for(lambda: d.job(jid)["status"] == "processing", 10)  # its result not stored: the release blocks
+        assert d.job(jid)["status"] == "processing"
         os.kill(worker, signal.SIGKILL)
-        wait_for(lambda: d.job(jid)["status"] != "processing", 10, what="job released")
+        wait_for(lambda: pid_gone(worker), 10, what="the worker gone")
     finally:
-        os.kill(limiter, signal.SIGCONT)
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    wait_for(lambda: d.job(jid)["status"] != "processing" or d.job(jid)["attempts"] > 1, 30, what="job released")
     wait_for(lambda: d.job(jid)["status"] == "done", 60, what="the job done on the next try")
     job = d.job(jid)
     assert job["attempts"] == 1 and job["errors"] == []  # the killed try was given back, not counted
