@@ -35,6 +35,7 @@ from cardq.errors import ActorError, ActorTimeout, ActorUnavailable, Error, Inva
 from cardq.lockfile import running_pid
 
 RECONNECT_PAUSE_S = 0.02
+UNRELEASED_MAX = 1000  # permits whose release failed, kept to be released later
 WINDOW = 128  # most asks one client has unanswered on one connection
 FRAME_BUDGET = 256 * 1024  # bytes of asks packed into one frame (well under the actors' max_frame_bytes)
 
@@ -260,12 +261,12 @@ class ActorClient:
         queue_timeout_ms) and Overloaded is raised at once when that queue is full. The holder is this process:
         if it dies, its permit comes back at once (a lock) or within a second (held for it by the actor)."""
         slots, limit = self._slots(name)
+        if self._unreleased:  # permits the actor holds for us that an earlier release could not give back
+            with contextlib.suppress(ActorError):
+                self.release_leftovers()
         if slots is not None and not slots.queue_waiting():
             slot = slots.try_take(limit)
             if slot is not None:
-                if self._unreleased:  # permits the actor holds for us that an earlier release could not give back
-                    with contextlib.suppress(ActorError):
-                        self.release_leftovers()
                 try:
                     yield f"{name}:{slot}"
                 finally:
@@ -296,12 +297,16 @@ class ActorClient:
             self.ask("ratelimit", f"gate:{name}", "acquire",
                      {"gate": name, "permit": permit, "wait_ms": int(queue_s * 1000)},
                      timeout=queue_s + self.timeout_s)
-        except ActorTimeout:
-            # We gave up: take the request out of the queue (or give the permit back, if it came too late).
+        except (Overloaded, InvalidRequest):
+            raise  # refused: nothing was queued, nothing was granted
+        except BaseException:
+            # We stopped waiting — a timeout, our own caller's deadline or ^C, a connection lost after the grant
+            # was committed: take the request out of the queue, or give back the permit that came too late.
+            # Otherwise the actor would hold it for this (live) process until it exits.
             try:
                 self.ask("ratelimit", f"gate:{name}", "release", {"gate": name, "permit": permit})
             except ActorError:
-                self._unreleased.append((name, permit))  # released on our next gate call
+                self._remember_unreleased(name, permit)  # released on our next gate call
             raise
         try:
             yield permit
@@ -311,7 +316,13 @@ class ActorClient:
             except ActorError:
                 # Unreachable for the whole ask timeout: released on our next gate call (a dead holder's
                 # permits are released by the actor itself).
-                self._unreleased.append((name, permit))
+                self._remember_unreleased(name, permit)
+
+    def _remember_unreleased(self, name: str, permit: str) -> None:
+        # Bounded: with no supervisor at all, every failed call adds one (the actor, were it to come back, reaps
+        # a permit whose holder has exited; one of a live holder past this bound stays until that exit).
+        if len(self._unreleased) < UNRELEASED_MAX:
+            self._unreleased.append((name, permit))
 
     def release_leftovers(self) -> None:
         """Release the permits whose release failed earlier (a release of one already released is harmless)."""

@@ -22,6 +22,7 @@ import fcntl
 import hashlib
 import os
 import re
+import weakref
 from pathlib import Path
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -45,6 +46,9 @@ class GateSlots:
         self.stem = _file_stem(gate)
         self._fds: dict[int | str, int] = {}
         self.held: set[int] = set()
+        self._closing = False
+        # A thread that ends without closing its client must not leave its descriptors behind.
+        self._finalizer = weakref.finalize(self, _close_all, self._fds)
 
     def _fd(self, key: int | str) -> int:
         fd = self._fds.get(key)
@@ -84,6 +88,8 @@ class GateSlots:
             self.held.discard(i)
             with contextlib.suppress(OSError):
                 fcntl.flock(self._fds[i], fcntl.LOCK_UN)
+            if self._closing and not self.held:
+                self.close()
 
     def queue_waiting(self) -> bool:
         """Is anyone queued at the actor for this gate (does it hold the queue lock)?"""
@@ -121,8 +127,16 @@ class GateSlots:
                    if (f := line.split()) and len(f) >= 6 and f[1] == "FLOCK" and f[3] == "WRITE" and f[5] in files)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._fds.clear()
-        self.held.clear()
+        """Close the descriptors — once no slot is held: closing one would give its permit back while its `with`
+        block still runs (a client replaced after a config edit, a Queue closed from another thread)."""
+        if self.held:
+            self._closing = True
+            return
+        _close_all(self._fds)
+
+
+def _close_all(fds: dict[int | str, int]) -> None:
+    for fd in fds.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    fds.clear()

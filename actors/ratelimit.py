@@ -310,7 +310,10 @@ class RateLimiter(Behaviour):
                 self._admit(tx, gate)
 
     def on_tick_failed(self) -> None:
-        """Bring the gates' permits back in line with SQLite (the tick's grants and releases were rolled back)."""
+        """Bring the gates' permits back in line with SQLite (the tick's grants and releases were rolled back).
+        Grants it had answered are not sent: a caller told "granted" would run with no slot held. (A waiter taken
+        off the queue by it hears nothing; its client's deadline ends its wait, and its release is harmless.)"""
+        self.answers = []
         self._sync_permits()
 
     def _sync_permits(self) -> None:
@@ -320,9 +323,10 @@ class RateLimiter(Behaviour):
         for gate in self.gates.values():
             for permit in [p for p in gate.permits if p not in stored]:
                 gate.slots.give(gate.permits.pop(permit)[3])
+        shards = self.loaded.config.actors.ratelimit_shards
         for p in stored.values():
-            if p.gate not in self.loaded.config.gates:
-                continue
+            if p.gate not in self.loaded.config.gates or protocol.shard_of(f"gate:{p.gate}", shards) != self.shard:
+                continue  # another shard's gate: that shard holds its slots and answers its releases
             gate = self._gate(p.gate)
             if p.permit_id not in gate.permits:
                 slot = gate.slots.try_take(gate.cfg.max_concurrency)

@@ -22,6 +22,7 @@ import ctypes.util
 import importlib
 import multiprocessing as mp
 import os
+import select
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -66,6 +67,14 @@ class Channel:
             return True
         except (OSError, ValueError):
             return False
+
+    def send_if_room(self, msg: dict[str, Any]) -> bool:
+        """Send only if the pipe takes it now (a wake-up to a child that is not reading: one already waits)."""
+        try:
+            _, writable, _ = select.select([], [self.conn.fileno()], [], 0)
+        except (OSError, ValueError):
+            return False
+        return bool(writable) and self.send(msg)
 
     def recv(self) -> dict[str, Any] | None:
         """One message, or None when the other end closed (or sent garbage)."""
@@ -116,6 +125,10 @@ class Slot:
     def idle(self) -> None:
         self.a[self.JOB] = 0
         self.a[self.STATE] = 1
+
+    def busy(self) -> None:
+        """Jobs in hand (claimed, maybe waiting for a gate's permit): not idle, so not to be woken."""
+        self.a[self.STATE] = 2
 
     def blocked(self, on: bool) -> None:
         self.a[self.STATE] = 3 if on else 2

@@ -421,11 +421,14 @@ class Supervisor:
     def _wake_idle(self) -> None:
         idle = [c for c in self.children.values() if c.alive and c.state == "idle" and c.spec.role == "worker"]
         if idle and self.maintenance.call("wakeups", self.wakeups.due):
-            self.wakeups_sent += len(idle)
             for child in idle:
-                child.channel.send({"cmd": "wake"})
+                # Never block on a child: one that does not read (it just claimed, and waits for a gate) has a
+                # wake-up waiting already.
+                self.wakeups_sent += child.channel.send_if_room({"cmd": "wake"})
 
     def _drained(self) -> bool:
+        if self.desired == 0:
+            return True  # no worker will run anything: burst has nothing to wait for
         workers = [c for c in self.children.values() if not c.retiring and c.spec.role == "worker"]
         if not workers or any(not c.alive or c.state != "idle" for c in workers):
             return False

@@ -30,6 +30,7 @@ class Wakeups:
         self.rung = True  # at start: look once
         self.next_due: float | None = None  # epoch seconds: the earliest job in backoff
         self.due_read_at = 0.0  # monotonic
+        self.fired: float | None = None  # the due time last woken for: never again (it stays until claimed)
 
     def due(self, wall: float | None = None) -> bool:
         wall = time.time() if wall is None else wall
@@ -37,10 +38,13 @@ class Wakeups:
         if self.rung or mono >= self.due_read_at + DUE_REFRESH_S:  # (a worker rings when it schedules a retry)
             self.due_read_at = mono
             self.next_due = jobs.next_run_at(self.db)
+            if self.next_due == self.fired:  # still waiting for a claim (workers are busy): woken for already;
+                self.next_due = None  # look again in a second (a later one may be hidden behind it)
+                self.due_read_at = mono - DUE_REFRESH_S + 1.0
         scheduled = self.next_due is not None and wall >= self.next_due
         if scheduled:
-            self.next_due = None
-            self.due_read_at = 0.0  # look up the next one at once
+            self.fired, self.next_due = self.next_due, None
+            self.due_read_at = mono - DUE_REFRESH_S + 1.0  # the next one is looked up in a second
         rung, self.rung = self.rung, False
         return rung or scheduled
 

@@ -26,7 +26,7 @@ from cardq import app, doorbell, jsonshape, logs
 from cardq.actors.client import ActorClient
 from cardq.children import EXIT_CONFIG, EXIT_STOPPED, EXIT_STORE, ChildContext
 from cardq.config import LoadedConfig, parse_config
-from cardq.errors import ActorError, ActorUnavailable, ConfigError, Error
+from cardq.errors import ActorError, ConfigError, Error
 from cardq.handlers import Handler, Job, PermanentError, RetryAfter, load_handler
 from cardq.store import LeaseLost, StoreBusy, StoreError, StoreUnwritable, jobs
 
@@ -91,6 +91,7 @@ class Worker:
                     self.ctx.channel.send({"ev": "idle"})
                 self.handle_commands(IDLE_POLL_S)
                 continue
+            self.ctx.slot.busy()  # before any gate wait: the supervisor must not queue wake-ups to a busy worker
             for n, job in enumerate(held):
                 # A stop that came while the claim ran, or during the previous job of a prefetched batch, gives
                 # the rest back untouched instead of running it.
@@ -282,18 +283,16 @@ class Worker:
         except RetryAfter as e:
             wait = min(e.seconds, RETRY_AFTER_MAX_S)
             return self._fail(claimed, f"retry after {wait:g}s: {e}", not_before_s=wait)
-        except ActorUnavailable as e:
+        except ActorError as e:
             if gated:  # the handler's own call failed: its failure
-                return self._fail(claimed, f"ActorUnavailable: {e}")
-            # The gate's actor cannot be reached (restarting, its socket being put back): not the job's fault.
-            # Give it back untouched — no attempt counted — and wait a moment before claiming again.
+                return self._fail(claimed, f"{type(e).__name__}: {e}")
+            # No permit: the gate's queue was full, no permit came within its wait, or its actor could not be
+            # reached. The handler never ran: not an attempt of the job's. Give it back untouched and wait a
+            # moment before claiming again (a job must not go dead of waiting at a busy gate).
             self.durable("give back", lambda: jobs.give_back(self.db, [(claimed.id, claimed.token)]))
-            doorbell.ring(self.loaded.run_dir)
-            self.log.warning("job.given_back", reason=f"gate unavailable: {e}"[:300])
+            self.log.warning("job.given_back", reason=f"gate: {e}"[:300])
             self.handle_commands(GATE_UNAVAILABLE_PAUSE_S)
             return "given back"
-        except ActorError as e:  # the gate could not be had (overloaded): retry later
-            return self._fail(claimed, f"gate: {e}")
         except Exception as e:  # the handler's failure is data (the job's error), not the worker's
             return self._fail(claimed, f"{type(e).__name__}: {e}")
         try:

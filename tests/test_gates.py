@@ -4,6 +4,7 @@ all of them at once; a dead holder's permit comes back at once."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -97,5 +98,98 @@ def test_a_slot_held_by_a_killed_process_is_free_at_once(tmp_path: Path):
             with q.gate("g"):
                 assert q.gate_stats()["g"]["active"] == 1
         mine.close()
+    finally:
+        d.close()
+
+
+def _rate_limiter_up(d: Deployment) -> None:
+    wait_for(lambda: socket_path(d.loaded.run_dir, "ratelimit", 0).exists(), 60, what="the rate limiter")
+
+
+def test_a_wait_at_the_gate_cut_short_leaves_no_permit_behind(tmp_path: Path):
+    # Before: only a client-side ActorTimeout took the request out of the actor's queue; a wait cut short any
+    # other way (the app's own deadline, ^C) left it there, the actor granted it later and held the slot for the
+    # live app process — the gate's only slot, gone until that process exited.
+    d = Deployment(tmp_path, workers={"count": 0},
+                   gates={"one": {"max_concurrency": 1, "queue_timeout_ms": 60_000}})
+    try:
+        d.start()
+        _rate_limiter_up(d)
+        occupier = GateSlots(d.loaded.run_dir, "one")
+        assert occupier.try_take(1) == 0
+        q = cardq.connect(d.config_path)
+
+        class Deadline(Exception):
+            pass
+
+        def cut(_signum: int, _frame: object) -> None:
+            raise Deadline
+
+        previous = signal.signal(signal.SIGALRM, cut)
+        signal.setitimer(signal.ITIMER_REAL, 1.0)
+        try:
+            with pytest.raises(Deadline), q.gate("one"):
+                pass
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        occupier.give(0)
+        occupier.close()
+        time.sleep(0.2)  # (the actor looks for freed slots every 5 ms: were the request still queued, it would
+        # be granted by now; this pause is what the bug needs to show, not what the test waits on)
+        stats = q.gate_stats()["one"]
+        assert stats["queued"] == 0 and stats["active"] == 0
+        with q.gate("one"):  # the slot is free for the next caller
+            pass
+        assert d.db.conn.execute("SELECT count(*) FROM gate_permits").fetchall()[0][0] == 0
+        q.close()
+    finally:
+        d.close()
+
+
+def test_a_config_edit_inside_a_gate_block_keeps_the_permit(tmp_path: Path):
+    # Before: the first call after config.toml changed replaced the thread's client and closed its slot
+    # descriptors — giving the permit back while the block still ran, so a second holder got in.
+    d = Deployment(tmp_path, workers={"count": 0}, gates={"one": {"max_concurrency": 1}})
+    try:
+        d.start()
+        _rate_limiter_up(d)
+        q = cardq.connect(d.config_path)
+        other = GateSlots(d.loaded.run_dir, "one")
+        with q.gate("one"):
+            d.write_config(log={"level": "warning"})  # any edit: a new digest, a new client for this thread
+            with contextlib.suppress(cardq.Error):
+                q.ratelimit.check("k", on_unavailable="allow")  # a call inside the block, after the edit
+            assert other.try_take(1) is None  # still ours
+        assert other.try_take(1) == 0  # and free once the block is over
+        other.close()
+        q.close()
+    finally:
+        d.close()
+
+
+def test_the_supervisor_never_blocks_on_a_worker_waiting_at_a_full_gate(tmp_path: Path):
+    # Before: a worker that had claimed a job and waited in the gate's queue still looked idle; every submit made
+    # the supervisor send it a wake-up it did not read, until the supervisor blocked in send() — deaf to
+    # SIGTERM, timeouts and restarts until the gate freed.
+    d = Deployment(tmp_path, workers={"count": 1, "gate": "one"},
+                   gates={"one": {"max_concurrency": 1, "queue_timeout_ms": 120_000}})
+    try:
+        proc = d.start()
+        _rate_limiter_up(d)
+        occupier = GateSlots(d.loaded.run_dir, "one")
+        assert occupier.try_take(1) == 0
+        with cardq.connect(d.config_path, name="app") as q:
+            [first] = q.submit([{}], user="u1", plan="enterprise").ids
+            wait_for(lambda: q.gate_stats()["one"]["queued"] == 1, 60, what="the worker queued at the gate")
+            for _ in range(400):  # 400 rings while it waits
+                q.submit([{}], user="u1", plan="enterprise")
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: any(e["event"] == "supervisor.stopping" for e in d.log_lines()), 30,
+                 what="the supervisor acting on SIGTERM while the gate is still taken")
+        occupier.give(0)
+        occupier.close()
+        assert proc.wait(60) == 0
+        assert d.job(first)["status"] in ("done", "queued")  # run, or given back untouched at the stop
     finally:
         d.close()
