@@ -368,7 +368,12 @@ def test_a_deleted_run_dir_is_put_back_and_no_job_dies_of_it(deploy, tmp_path):
     proc = d.start()
     run_dir = d.loaded.run_dir
     wait_for(lambda: d.statuses(ids).get("done", 0) >= 20, 60, what="work under way")
-    actors = {r["name"]: r["pid"] for r in d.db.read(store_processes.read) if r["role"] == "actor" and r["pid"]}
+    # Every actor up first (workers no longer need one to run jobs: 20 can be done before the actors listen).
+    names = ("counter-0", "paths-0", "ratelimit-0")
+    wait_for(lambda: all((run_dir / f"{name}.sock").exists() for name in names), 60, what="the actors listening")
+    actors = wait_for(lambda: (a := {r["name"]: r["pid"] for r in d.db.read(store_processes.read)
+                                     if r["role"] == "actor" and r["pid"]}) and len(a) == 3 and a, 30,
+                      what="the actors' pids published")
     shutil.rmtree(run_dir)
     os.kill(actors.pop("ratelimit-0"), signal.SIGKILL)  # and the gate's actor restarts into the empty folder
     wait_for(lambda: d.statuses(ids).get("done", 0) == 300, 120, what="every job done")
