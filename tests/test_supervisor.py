@@ -489,7 +489,9 @@ def test_chaos_random_worker_kills_lose_nothing(deploy, tmp_path):
     d = deploy(workers={"count": 3, "max_attempts": 50}, supervisor={"poison_kills": 50, "max_restarts": 10_000},
                log={"level": "info"})
     n = 5000
-    ids = d.submit([{"side_db": side} for _ in range(n)])
+    # 3 ms a job: ~5 s of work on 3 workers, so that the drain outlasts a good number of kills (batches of the
+    # adaptive prefetch drained no-op jobs in under 2 s, with fewer than ten kills)
+    ids = d.submit([{"side_db": side, "sleep": 0.003} for _ in range(n)])
     proc = d.start()
     kills = 0
     while d.statuses(ids).get("done", 0) < n:
