@@ -74,14 +74,13 @@ def raw_floor(root: Path, n: int, k: int) -> float:
     return n / elapsed
 
 
-def deployment(root: Path, prefetch: int, workers: int = 2, gate: str = "") -> Path:
-    """gate "" measures the queue machinery alone; "generation" adds the default concurrency gate (two actor
-    round trips per job), which real card jobs (seconds each, upstream calls) hold."""
+def deployment(root: Path, prefetch: int, workers: int = 2) -> Path:
+    """A fixed prefetch and no gate: the queue machinery alone (default_deployment is what users get)."""
     root.mkdir(parents=True, exist_ok=True)
     cfg = root / "config.toml"
     cfg.write_text(
         f'[store]\npath = "cardq.db"\n[workers]\ncount = {workers}\nhandler = "cardq.handlers:noop"\n'
-        f'prefetch = {prefetch}\ngate = "{gate}"\n[log]\nlevel = \"warning\"\nfile = \"cardq.log\"\n'
+        f'prefetch = {prefetch}\ngate = ""\n[log]\nlevel = \"warning\"\nfile = \"cardq.log\"\n'
         "[gates.generation]\nmax_concurrency = 4\n"
         "[limits]\nbatch_max_items_per_request = 1000000\nbatch_max_queued_per_user = 1000000\n"
         "[limits.daily]\nenterprise = 100000000\n")

@@ -131,7 +131,11 @@ class Slot:
         self.a[self.STATE] = 2
 
     def blocked(self, on: bool) -> None:
-        self.a[self.STATE] = 3 if on else 2
+        """Waiting for the database to take writes (on), or back to work with jobs in hand (off)."""
+        if on:
+            self.a[self.STATE] = 3
+        else:
+            self.busy()
 
     def connections(self, refused: int, evicted: int) -> None:
         self.a[self.REFUSED], self.a[self.EVICTED] = refused, evicted

@@ -78,7 +78,7 @@ def generate(job: Job) -> dict[str, Any]:
             "response_format": {"type": "json_schema",
                                 "json_schema": {"name": "card", "schema": CARD_SCHEMA, "strict": True}}}
     first_error = None
-    for _ask in range(2):  # an output that is not the card is asked for once more, at once
+    while True:  # an output that is not the card is asked for once more, at once
         started = time.monotonic()
         answer = _post(up, body)
         latency_ms = round((time.monotonic() - started) * 1000, 1)
@@ -93,7 +93,6 @@ def generate(job: Job) -> dict[str, Any]:
             continue
         return {**msgspec.to_builtins(card), "_meta": {"model": answer.get("model", up.model), "usage": usage,
                                                        "latency_ms": latency_ms}}
-    raise AssertionError("unreachable")
 
 
 def _post(up: Any, body: dict[str, Any]) -> dict[str, Any]:

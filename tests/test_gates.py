@@ -23,6 +23,10 @@ from supervision import Deployment
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 
+def _rate_limiter_up(d: Deployment) -> None:
+    wait_for(lambda: socket_path(d.loaded.run_dir, "ratelimit", 0).exists(), 60, what="the rate limiter")
+
+
 def peak(intervals: list[tuple[float, float]]) -> int:
     events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])  # an end sorts first
     level = top = 0
@@ -41,7 +45,7 @@ def test_max_concurrency_holds_across_workers_and_apps_together(tmp_path: Path):
     try:
         ids = d.submit([{"hold": 0.05, "intervals": str(intervals)}] * 40)
         d.start()
-        wait_for(lambda: socket_path(d.loaded.run_dir, "ratelimit", 0).exists(), 60, what="the rate limiter")
+        _rate_limiter_up(d)
         q = cardq.connect(d.config_path, name="app")
         lock = threading.Lock()
         app_intervals: list[tuple[float, float]] = []
@@ -78,7 +82,7 @@ def test_a_slot_held_by_a_killed_process_is_free_at_once(tmp_path: Path):
     d = Deployment(tmp_path, workers={"count": 0}, gates={"g": {"max_concurrency": 1}})
     try:
         d.start()
-        wait_for(lambda: socket_path(d.loaded.run_dir, "ratelimit", 0).exists(), 60, what="the rate limiter")
+        _rate_limiter_up(d)
         pid = os.fork()
         if pid == 0:  # a holder that is SIGKILLed inside its permit
             slots = GateSlots(d.loaded.run_dir, "g")
@@ -100,10 +104,6 @@ def test_a_slot_held_by_a_killed_process_is_free_at_once(tmp_path: Path):
         mine.close()
     finally:
         d.close()
-
-
-def _rate_limiter_up(d: Deployment) -> None:
-    wait_for(lambda: socket_path(d.loaded.run_dir, "ratelimit", 0).exists(), 60, what="the rate limiter")
 
 
 def test_a_wait_at_the_gate_cut_short_leaves_no_permit_behind(tmp_path: Path):
@@ -133,12 +133,12 @@ def test_a_wait_at_the_gate_cut_short_leaves_no_permit_behind(tmp_path: Path):
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
+        # The cut-short request left the queue before gate() raised (its release is answered synchronously):
+        # nothing waits that the actor could grant the slot to once it frees.
+        stats = q.gate_stats()["one"]
+        assert stats["queued"] == 0 and stats["active"] == 1  # the occupier alone
         occupier.give(0)
         occupier.close()
-        time.sleep(0.2)  # (the actor looks for freed slots every 5 ms: were the request still queued, it would
-        # be granted by now; this pause is what the bug needs to show, not what the test waits on)
-        stats = q.gate_stats()["one"]
-        assert stats["queued"] == 0 and stats["active"] == 0
         with q.gate("one"):  # the slot is free for the next caller
             pass
         assert d.db.conn.execute("SELECT count(*) FROM gate_permits").fetchall()[0][0] == 0
