@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from cardq.actors import keys, protocol
+from cardq.actors.gatelimit import AdaptiveLimit, outcome_of
 from cardq.actors.gateslots import GateSlots
 from cardq.actors.protocol import socket_path
 from cardq.actors.recorder import EventRecorder
-from cardq.config import LoadedConfig
+from cardq.config import GateConfig, LoadedConfig
 from cardq.errors import ActorError, ActorTimeout, ActorUnavailable, Error, InvalidRequest, NotRunning, Overloaded
 from cardq.lockfile import running_pid
 
@@ -61,6 +62,7 @@ class ActorClient:
         self._events: Any = None
         self._unreleased = unreleased if unreleased is not None else []
         self._gate_slots: dict[str, GateSlots] = {}  # gate -> this client's handles on its slot files
+        self._gate_limits: dict[str, AdaptiveLimit] = {}  # adaptive gate -> this client's handle on its limit
         self.resent = 0  # asks sent again after their connection broke (for tests and diagnostics)
 
     @classmethod
@@ -86,6 +88,9 @@ class ActorClient:
         for slots in self._gate_slots.values():
             slots.close()  # (a permit still held in a `with` is given back with its descriptor)
         self._gate_slots.clear()
+        for limit in self._gate_limits.values():
+            limit.close()
+        self._gate_limits.clear()
 
     # Made on each use rather than kept: an attribute pointing back at this client would make a reference cycle,
     # and a client dropped by its thread would then hold its sockets until the garbage collector runs.
@@ -256,35 +261,76 @@ class ActorClient:
     @contextmanager
     def gate(self, name: str) -> Iterator[str]:
         """Hold a permit of gate `name` for the block: at most max_concurrency holders at once, across every
-        process. A free permit is taken in this process (a kernel lock, ~2 µs: actors/gateslots.py); when none is
-        free, or others already wait, the caller waits in the actor's bounded queue (up to the gate's
+        process (an adaptive gate: at most its current limit, which the block's outcome moves — see
+        actors/gatelimit.py). A free permit is taken in this process (a kernel lock, ~2 µs: actors/gateslots.py);
+        when none is free, or others already wait, the caller waits in the actor's bounded queue (up to the gate's
         queue_timeout_ms) and Overloaded is raised at once when that queue is full. The holder is this process:
         if it dies, its permit comes back at once (a lock) or within a second (held for it by the actor)."""
-        slots, limit = self._slots(name)
+        cfg = self.loaded.config.gates.get(name) if self.loaded is not None else None
         if self._unreleased:  # permits the actor holds for us that an earlier release could not give back
             with contextlib.suppress(ActorError):
                 self.release_leftovers()
-        if slots is not None and not slots.queue_waiting():
-            slot = slots.try_take(limit)
-            if slot is not None:
-                try:
-                    yield f"{name}:{slot}"
-                finally:
-                    slots.give(slot)
-                return
-        yield from self._gate_queued(name)
+        if cfg is not None:  # a gate this client's config does not know: the actor answers for it
+            slots = self._gate_slots.get(name)
+            if slots is None:
+                slots = self._gate_slots[name] = GateSlots(self.run_dir, name)
+            if not slots.queue_waiting():
+                slot = slots.try_take(self._gate_limit(name, cfg), files=cfg.max_concurrency)
+                if slot is not None:
+                    try:
+                        with self._outcome(name, cfg):
+                            yield f"{name}:{slot}"
+                    finally:
+                        slots.give(slot)
+                    return
+        with self._gate_queued(name) as permit, self._outcome(name, cfg):
+            yield permit
 
-    def _slots(self, name: str) -> tuple[GateSlots | None, int]:
-        """This client's handles on the gate's slot files, and the gate's max_concurrency in effect (None, 0 for
-        a gate this client's config does not know: the actor answers for it)."""
-        cfg = self.loaded.config.gates.get(name) if self.loaded is not None else None
-        if cfg is None:
-            return None, 0
-        slots = self._gate_slots.get(name)
-        if slots is None:
-            slots = self._gate_slots[name] = GateSlots(self.run_dir, name)
-        return slots, cfg.max_concurrency
+    def _adaptive(self, name: str, cfg: GateConfig | None) -> AdaptiveLimit | None:
+        if cfg is None or not cfg.adaptive:
+            return None
+        limit = self._gate_limits.get(name)
+        if limit is None:
+            limit = self._gate_limits[name] = AdaptiveLimit.of_gate(self.run_dir, name)
+        return limit
 
+    def _gate_limit(self, name: str, cfg: GateConfig) -> int:
+        """How many permits the gate allows now: max_concurrency, or an adaptive gate's current limit."""
+        adaptive = self._adaptive(name, cfg)
+        if adaptive is None:
+            return cfg.max_concurrency
+        try:
+            return adaptive.current(cfg.min_concurrency, cfg.max_concurrency)
+        except OSError:  # its state cannot be read (a full disk, the run directory unwritable): the safe end
+            return cfg.min_concurrency
+
+    @contextmanager
+    def _outcome(self, name: str, cfg: GateConfig | None) -> Iterator[None]:
+        """An adaptive gate learns from each block run under its permit: how long it took, how it ended."""
+        adaptive = self._adaptive(name, cfg)
+        if adaptive is None:
+            yield
+            return
+        started = time.monotonic()
+        error: BaseException | None = None
+        try:
+            yield
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            try:
+                change = adaptive.record(cfg.min_concurrency, cfg.max_concurrency, started, outcome_of(error),
+                                         (time.monotonic() - started) * 1000)
+            except OSError:
+                change = None  # learning nothing from this one is better than failing the caller's block
+            if change is not None:
+                from cardq import logs  # only when the limit moves: apps that never see a change skip structlog
+
+                logs.get().info("gate.limit_changed", gate=name, old=change[0], new=change[1], why=change[2],
+                                error=f"{type(error).__name__}: {error}"[:200] if error is not None else None)
+
+    @contextmanager
     def _gate_queued(self, name: str) -> Iterator[str]:
         """The slow path of `gate`: a permit from the actor's queue, held by the actor for this process."""
         permit = uuid.uuid4().hex

@@ -32,7 +32,7 @@ def gates_dir(run_dir: Path) -> Path:
     return run_dir / "gates"
 
 
-def _file_stem(gate: str) -> str:
+def file_stem(gate: str) -> str:
     """The gate's name as a file name (any TOML key can name a gate)."""
     return gate if SAFE_NAME.fullmatch(gate) else "g-" + hashlib.sha256(gate.encode()).hexdigest()[:16]
 
@@ -42,8 +42,9 @@ class GateSlots:
 
     def __init__(self, run_dir: Path, gate: str):
         self.gate = gate
+        self.run_dir = run_dir
         self.dir = gates_dir(run_dir)
-        self.stem = _file_stem(gate)
+        self.stem = file_stem(gate)
         self._fds: dict[int | str, int] = {}
         self.held: set[int] = set()
         self._closing = False
@@ -67,9 +68,13 @@ class GateSlots:
             self._fds[key] = fd
         return fd
 
-    def try_take(self, limit: int, start: int = 0) -> int | None:
+    def try_take(self, limit: int, start: int = 0, *, files: int = 0) -> int | None:
         """Take a free slot below `limit` (trying from `start`, so that holders spread out); its number, or None
-        when all are held. Never waits."""
+        when all are held. Never waits.
+
+        `files`: how many slot files there are (max_concurrency), when that is more than `limit` — an adaptive
+        gate whose limit was cut while slots above it were held. Those holders still count: a slot is taken
+        only while fewer than `limit` are held in all."""
         for n in range(limit):
             i = (start + n) % limit
             if i in self.held:
@@ -79,8 +84,29 @@ class GateSlots:
             except BlockingIOError:
                 continue
             self.held.add(i)
+            if files > limit and self._held_above(limit, files) and self._held_in(range(files)) > limit:
+                self.give(i)
+                return None
             return i
         return None
+
+    def _held_above(self, limit: int, files: int) -> bool:
+        return any(self._is_held(j) for j in range(limit, files))
+
+    def _held_in(self, slots: range) -> int:
+        return sum(1 for j in slots if self._is_held(j))
+
+    def _is_held(self, j: int) -> bool:
+        """Is slot j held (by this object, or by anyone: a probe that takes and at once gives back its lock)?"""
+        if j in self.held:
+            return True
+        fd = self._fd(j)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
 
     def give(self, i: int) -> None:
         """Release slot i (held by this object)."""

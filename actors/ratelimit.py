@@ -15,6 +15,7 @@ released within a second.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
@@ -27,6 +28,7 @@ from typing import Annotated, Any
 import msgspec
 
 from cardq.actors import protocol
+from cardq.actors.gatelimit import AdaptiveLimit, describe
 from cardq.actors.gateslots import GateSlots
 from cardq.actors.server import DEFER, SINGLE, Behaviour, Peer
 from cardq.config import GateConfig, LoadedConfig
@@ -113,10 +115,30 @@ class Gate:
     dropped: int = 0
     last_drop_at: float | None = None
     waits_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WAIT_SAMPLES))
+    adaptive: AdaptiveLimit | None = None  # the shared limit of an adaptive gate (made on first use)
+
+    def limit(self) -> int:
+        """Permits allowed now: max_concurrency, or an adaptive gate's current limit."""
+        if not self.cfg.adaptive:
+            return self.cfg.max_concurrency
+        if self.adaptive is None:
+            self.adaptive = AdaptiveLimit.of_gate(self.slots.run_dir, self.name)
+        try:
+            return self.adaptive.current(self.cfg.min_concurrency, self.cfg.max_concurrency)
+        except OSError:  # unreadable state (a full disk): the safe end, as the clients do
+            return self.cfg.min_concurrency
 
     def stats(self) -> dict[str, Any]:
         waits = sorted(self.waits_ms)
+        learned: dict[str, Any] = {}
+        limit = self.limit()
+        if self.cfg.adaptive and self.adaptive is not None:
+            with contextlib.suppress(OSError):
+                learned = describe(self.adaptive.read(), self.cfg.min_concurrency, self.cfg.max_concurrency)
         return {
+            "limit": limit, "adaptive": self.cfg.adaptive,
+            "min_concurrency": self.cfg.min_concurrency if self.cfg.adaptive else self.cfg.max_concurrency,
+            **learned,
             "active": self.slots.count_held(self.cfg.max_concurrency), "queued": len(self.waiters),
             "dropped_since_boot": self.dropped,
             "avg_wait_ms": round(sum(waits) / len(waits), 3) if waits else 0.0,
@@ -233,7 +255,7 @@ class RateLimiter(Behaviour):
 
     def _grant(self, tx: Tx, gate: Gate, permit: str, pid: int, waited_s: float) -> bool:
         """Take a free slot and hold it for `pid` as `permit`; False when every slot is held."""
-        slot = gate.slots.try_take(gate.cfg.max_concurrency)
+        slot = gate.slots.try_take(gate.limit(), files=gate.cfg.max_concurrency)
         if slot is None:
             return False
         started, now = process_start(pid), time.time()

@@ -93,6 +93,8 @@ class RateLimitConfig(_Section):
 
 class GateConfig(_Section):
     max_concurrency: Annotated[int, Meta(ge=1, le=100_000)] = 4
+    adaptive: bool = False  # the limit follows the upstream between min_ and max_concurrency (actors/gatelimit.py)
+    min_concurrency: Annotated[int, Meta(ge=1, le=100_000)] = 1
     max_queue: Annotated[int, Meta(ge=0, le=1_000_000)] = 64
     queue_timeout_ms: Annotated[int, Meta(ge=0, le=3_600_000)] = 12000
 
@@ -390,6 +392,10 @@ def _check_semantics(name: str, cfg: Config) -> None:
         if gate and gate not in cfg.gates:
             raise ConfigError(f"{name}: workers gate {_toml_repr(gate)}: no [gates.{gate}] section; expected one of: "
                               f"{', '.join(cfg.gates) or '(none)'} or \"\" for no gate")
+    for gate_name, g in cfg.gates.items():
+        if g.adaptive and g.min_concurrency > g.max_concurrency:
+            raise ConfigError(f"{name}: gates.{gate_name}.min_concurrency = {g.min_concurrency}: expected <= "
+                              f"max_concurrency ({g.max_concurrency}), the most an adaptive gate may grow to")
     up = cfg.upstream
     if up.base_url and not re.match(r"^https?://[^/\s]+", up.base_url):
         raise ConfigError(f"{name}: upstream.base_url = {_toml_repr(up.base_url)}: expected an http:// or https:// "

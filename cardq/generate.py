@@ -60,7 +60,12 @@ class Card(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class UpstreamError(Exception):
-    """The upstream failed this time (timeout, 5xx, overloaded): an ordinary failure, retried with backoff."""
+    """The upstream failed this time (timeout, 5xx, overloaded): an ordinary failure, retried with backoff.
+    `overload`: it was the upstream's load (a timeout, 429, 503, 504) — an adaptive gate cuts its limit."""
+
+    def __init__(self, message: str, *, overload: bool = False):
+        super().__init__(message)
+        self.overload = overload
 
 
 def generate(job: Job) -> dict[str, Any]:
@@ -106,8 +111,8 @@ def _post(up: Any, body: dict[str, Any]) -> dict[str, Any]:
         r = _client(up.base_url.rstrip("/"), up.request_timeout_ms).post("/chat/completions",
                                                                           content=orjson.dumps(body), headers=headers)
     except httpx.TimeoutException:
-        raise UpstreamError(f"upstream timeout: no answer within request_timeout_ms={up.request_timeout_ms}") \
-            from None
+        raise UpstreamError(f"upstream timeout: no answer within request_timeout_ms={up.request_timeout_ms}",
+                            overload=True) from None
     except httpx.HTTPError as e:
         raise UpstreamError(f"upstream unreachable: {type(e).__name__}: {e}") from None
     if r.status_code == 200:
@@ -120,10 +125,10 @@ def _post(up: Any, body: dict[str, Any]) -> dict[str, Any]:
         wait = _retry_after(r.headers.get("retry-after"))
         if wait is not None:
             raise RetryAfter(wait, f"upstream {r.status_code}: {message}")
-        raise UpstreamError(f"upstream {r.status_code}: {message}")
+        raise UpstreamError(f"upstream {r.status_code}: {message}", overload=True)
     if r.status_code in PERMANENT_STATUSES:
         raise PermanentError(f"upstream {r.status_code}: {message}")
-    raise UpstreamError(f"upstream {r.status_code}: {message}")
+    raise UpstreamError(f"upstream {r.status_code}: {message}", overload=r.status_code == 504)
 
 
 @functools.lru_cache(maxsize=4)

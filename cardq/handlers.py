@@ -28,6 +28,8 @@ class RetryAfter(Exception):
     attempt counts like any failure; the wait is the longer of `seconds` (honoured up to 15 minutes) and the usual
     backoff."""
 
+    overload = True  # under an adaptive gate (actors/gatelimit.py): the upstream pushed back, cut the limit
+
     def __init__(self, seconds: float, message: str):
         super().__init__(message)
         self.seconds = max(0.0, float(seconds))

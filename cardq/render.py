@@ -112,12 +112,18 @@ def job_table(rows: list[dict[str, Any]]) -> str:
 
 def gates(stats: dict[str, dict[str, Any]]) -> str:
     return table(
-        ["gate", "active", "queued", "max_concurrency", "max_queue", "dropped", "avg_wait_ms", "p95_wait_ms",
-         "last_drop"],
-        ([name, g["active"], g["queued"], g["max_concurrency"], g["max_queue"], g["dropped_since_boot"],
+        ["gate", "active", "limit", "queued", "max_queue", "dropped", "avg_wait_ms", "p95_wait_ms", "last_drop"],
+        ([name, g["active"], _limit(g), g["queued"], g["max_queue"], g["dropped_since_boot"],
           g["avg_wait_ms"], g["p95_wait_ms"],
           time.strftime("%H:%M:%S", time.localtime(g["last_drop_at"])) if g["last_drop_at"] else "-"]
          for name, g in stats.items()))
+
+
+def _limit(g: dict[str, Any]) -> str:
+    """A fixed gate's limit; an adaptive one's current limit with its range, e.g. "6 (1-16, adaptive)"."""
+    if not g.get("adaptive"):
+        return str(g["max_concurrency"])
+    return f"{g['limit']} ({g['min_concurrency']}-{g['max_concurrency']}, adaptive)"
 
 
 def limits_table(limits: Iterable[Limit], config_source: str) -> str:

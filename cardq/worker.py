@@ -52,6 +52,8 @@ class JobTimeout(BaseException):
     `except Exception` cannot swallow it. (The one signal handler here that does more than set a flag: raising
     is the only way to interrupt Python code that is running.)"""
 
+    overload = True  # under an adaptive gate: a call that ran this long is the upstream slowing down
+
 
 def _on_alarm(_signum: int, _frame: object) -> None:
     raise JobTimeout

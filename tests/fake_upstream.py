@@ -21,12 +21,16 @@ def completion(content: str, *, tokens: int = 42) -> dict[str, Any]:
 
 
 class FakeUpstream:
-    """Scripted answers: each is (status, body, headers, delay_s); when the script runs out, a good card."""
+    """Scripted answers: each is (status, body, headers, delay_s); when the script runs out, a good card — or,
+    with `capacity`, an upstream of limited capacity: up to `capacity` requests at once are served in `service_s`
+    each, and one past that is answered 503 at once (counted in `rejected`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, capacity: int | None = None, service_s: float = 0.0) -> None:
         self.script: list[tuple[int, bytes, dict[str, str], float]] = []
         self.requests: list[dict[str, Any]] = []
         self.lock = threading.Lock()
+        self.capacity, self.service_s = capacity, service_s
+        self.in_flight = self.most_in_flight = self.rejected = self.served = 0
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -35,11 +39,14 @@ class FakeUpstream:
                 with owner.lock:
                     owner.requests.append({"path": self.path, "body": orjson.loads(body),
                                            "authorization": self.headers.get("authorization")})
-                    step = owner.script.pop(0) if owner.script else (200, orjson.dumps(completion(
-                        orjson.dumps(GOOD_CARD).decode())), {}, 0.0)
+                    step, counted = (owner.script.pop(0), False) if owner.script else owner.unscripted()
                 status, payload, headers, delay = step
                 if delay:
                     time.sleep(delay)
+                with owner.lock:
+                    if counted:
+                        owner.in_flight -= 1
+                        owner.served += 1
                 try:
                     self.send_response(status)
                     self.send_header("content-type", "application/json")
@@ -58,6 +65,18 @@ class FakeUpstream:
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def unscripted(self) -> tuple[tuple[int, bytes, dict[str, str], float], bool]:
+        """The answer when the script is empty, and whether it takes a place of the capacity (under the lock)."""
+        good = (200, orjson.dumps(completion(orjson.dumps(GOOD_CARD).decode())), {}, self.service_s)
+        if self.capacity is None:
+            return good, False
+        if self.in_flight >= self.capacity:
+            self.rejected += 1
+            return (503, orjson.dumps({"error": {"message": "overloaded"}}), {}, 0.0), False
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        return good, True
 
     @property
     def base_url(self) -> str:
