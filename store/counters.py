@@ -5,15 +5,33 @@ the answer it got the first time and changes nothing; op ids are kept until `pru
 
 A key `usage:<user>` is not a row of `counters`: it IS the user's daily usage in the job store (user_load,
 owned by store/usage.py), so a counter read or move and a submit check see one number.
+
+A key `tokens:<user>:<day>` counts the upstream tokens of the user's jobs done that day (limits.timezone): the
+job store adds a job's `_meta.usage.total_tokens` in the transaction that marks it done (add_in), so a job
+retried after a lost lease or a crash is counted once, when it is done.
 """
 
 from __future__ import annotations
+
+import apsw
 
 from cardq.errors import InputError
 from cardq.store import usage
 from cardq.store.db import Tx
 
 USAGE = "usage:"
+TOKENS = "tokens:"
+
+
+def tokens_key(user: str, day: str) -> str:
+    return f"{TOKENS}{user}:{day}"
+
+
+def add_in(c: apsw.Connection, amounts: dict[str, int], now: float) -> None:
+    """Add each amount to its counter, inside the caller's transaction (the job store's completion)."""
+    c.executemany("INSERT INTO counters (key, value, updated_at) VALUES (?, ?, ?)"
+                  " ON CONFLICT (key) DO UPDATE SET value = value + excluded.value, updated_at = excluded.updated_at",
+                  [(key, n, now) for key, n in amounts.items()])
 
 
 def get(tx: Tx, key: str, *, day: str) -> int:

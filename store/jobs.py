@@ -25,7 +25,7 @@ import apsw
 import orjson
 
 from cardq.errors import LeaseLost
-from cardq.store import usage
+from cardq.store import counters, usage
 from cardq.store.db import Database
 
 ERROR_TEXT_MAX = 500  # characters kept of one error message
@@ -142,7 +142,8 @@ def complete(db: Database, job_id: int, token: int, result: Any = None, *, now: 
 def complete_many(db: Database, done: list[tuple[int, int, Any]], *, now: float | None = None) -> list[int]:
     """Mark each held (job_id, token, result) done, in one transaction; returns the ids whose lease was lost.
 
-    Also counts each done job in its user's usage for the local day (the daily plan limits).
+    Also counts each done job in its user's usage for the local day (the daily plan limits), and the upstream
+    tokens a result reports (`_meta.usage.total_tokens`, as the card generator's do) in `tokens:<user>:<day>`.
     """
     now = time.time() if now is None else now
     day = db.days.key(now)
@@ -159,8 +160,27 @@ def _complete_tx(c: apsw.Connection, done: list[tuple[int, int, Any]], batch: st
     by_user = Counter(user for _, user in rows)
     if by_user:
         usage.record_done(c, by_user, day)
+    tokens = _tokens(done)
+    if tokens:
+        per_user: Counter[str] = Counter()
+        for job_id, user in rows:
+            per_user[counters.tokens_key(user, day)] += tokens.get(job_id, 0)
+        counters.add_in(c, {key: n for key, n in per_user.items() if n}, now)
     finished = {job_id for job_id, _ in rows}
     return [job_id for job_id, _, _ in done if job_id not in finished]
+
+
+def _tokens(done: list[tuple[int, int, Any]]) -> dict[int, int]:
+    """job id -> the upstream tokens its result reports in `_meta.usage.total_tokens` (only those that do)."""
+    out = {}
+    for job_id, _, result in done:
+        if type(result) is dict and "_meta" in result:
+            meta = result["_meta"]
+            used = meta.get("usage") if isinstance(meta, dict) else None
+            n = used.get("total_tokens") if isinstance(used, dict) else None
+            if type(n) is int and n > 0:
+                out[job_id] = n
+    return out
 
 
 # One statement for the whole batch: the (id, token, result) triples travel as one JSON array.

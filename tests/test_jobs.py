@@ -8,7 +8,8 @@ import random
 import orjson
 import pytest
 
-from cardq.store import InvalidTransition, JobNotFound, LeaseLost, admin, jobs, queries
+from cardq.store import InvalidTransition, JobNotFound, LeaseLost, admin, counters, jobs, queries
+from cardq.store.db import Tx
 from cardq.store.submit import NewJob, submit
 
 T0 = 1_800_000_000.0  # a fixed "now"; every call below passes its own time
@@ -207,3 +208,29 @@ def test_idempotency_key_returns_existing_job(db, configured):
     assert again.ids[:2] == first.ids[:2] and again.created == 1
     other_user = submit(db, items[:1], user_id="u2", plan="enterprise", configured=configured, now=T0)
     assert other_user.created == 1  # keys are per user
+
+
+def _tokens_of(db, key: str) -> int:
+    return db.read(lambda c: counters.get(Tx(c), key, day="-"))
+
+
+def test_upstream_tokens_are_counted_per_user_per_day_once_when_done(db, configured):
+    """A result's _meta.usage.total_tokens (the card generator's) goes to tokens:<user>:<day> in the completion's
+    own transaction: a lost lease adds nothing, other results add nothing, the local day is the key's."""
+    a1, a2 = add(db, configured, n=2, user="alice")
+    [b1] = add(db, configured, user="bob")
+    claimed = {j.id: j for j in jobs.claim(db, "w", k=3, lease_s=30, now=T0)}
+    meta = {"_meta": {"usage": {"prompt_tokens": 40, "completion_tokens": 60, "total_tokens": 100}}}
+    lost = jobs.complete_many(db, [(a1, claimed[a1].token, {"title": "x", **meta}),
+                                   (a2, claimed[a2].token + 1, meta),  # not its lease: not counted
+                                   (b1, claimed[b1].token, {"_meta": {"usage": {"total_tokens": "many"}}})],
+                              now=T0 + 1)
+    assert lost == [a2]
+    day = db.days.key(T0 + 1)
+    assert _tokens_of(db, f"tokens:alice:{day}") == 100 and _tokens_of(db, f"tokens:bob:{day}") == 0
+    jobs.complete(db, a2, claimed[a2].token, meta, now=T0 + 2)
+    assert _tokens_of(db, f"tokens:alice:{day}") == 200
+    [again] = add(db, configured, user="alice", now=T0 + 86400)
+    [j] = jobs.claim(db, "w", lease_s=30, now=T0 + 86400)
+    jobs.complete(db, again, j.token, meta, now=T0 + 86400)
+    assert _tokens_of(db, f"tokens:alice:{db.days.key(T0 + 86400)}") == 100

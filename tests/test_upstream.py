@@ -143,5 +143,7 @@ def test_through_the_queue_retry_after_is_honoured_and_cards_are_stored(upstream
         [ok] = d.submit([ITEM])
         done = wait_for(lambda: (j := d.job(ok))["status"] == "done" and j, 60, what="the next card made")
         assert done["result"]["title"] == GOOD_CARD["title"] and done["result"]["_meta"]["usage"]["prompt_tokens"]
+        day = d.db.days.key(done["finished_at"])  # the user's tokens that day, in a counter apps can read
+        assert d.cardq("counter", "get", f"tokens:u1:{day}", check=True).stdout.strip() == "49"
     finally:
         d.close()
