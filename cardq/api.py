@@ -20,7 +20,6 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -45,8 +44,7 @@ if TYPE_CHECKING:
 WAIT_MIN_S, WAIT_MAX_S = 0.002, 0.1  # wait(): first and longest sleep between looks at the change token
 
 
-@dataclass(frozen=True, slots=True)
-class Batch:
+class Batch(msgspec.Struct, frozen=True):
     """What a submit did: one id per item, in order (an existing job's id where its idempotency key was known),
     how many jobs it created and how many items mapped to existing jobs."""
 
@@ -55,8 +53,7 @@ class Batch:
     existing: int
 
 
-@dataclass(frozen=True, slots=True)
-class JobInfo:
+class JobInfo(msgspec.Struct, frozen=True):
     """A job as an app sees it. payload, result and errors are None in lists (`Queue.jobs`)."""
 
     id: int
@@ -85,17 +82,15 @@ class JobInfo:
         return self.status in FINISHED
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return msgspec.structs.asdict(self)
 
 
-@dataclass(frozen=True, slots=True)
-class JobPage:
+class JobPage(msgspec.Struct, frozen=True):
     jobs: list[JobInfo]
     cursor: int | None  # pass as `cursor=` for the next page; None when this page is the last
 
 
-@dataclass(frozen=True, slots=True)
-class RateLimitDecision:
+class RateLimitDecision(msgspec.Struct, frozen=True):
     allowed: bool
     limit: int
     remaining: int
@@ -104,11 +99,10 @@ class RateLimitDecision:
     unavailable: bool = False  # allowed only because no rate limiter could be reached (on_unavailable="allow")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return msgspec.structs.asdict(self)
 
 
-@dataclass(frozen=True, slots=True)
-class CounterResult:
+class CounterResult(msgspec.Struct, frozen=True):
     ok: bool
     value: int
 
@@ -539,8 +533,7 @@ def supervise(config: str | os.PathLike | LoadedConfig | None = None, *, workers
     running.supervise(loaded, workers=workers, burst=burst, on_progress=on_progress)
 
 
-@dataclass(frozen=True, slots=True)
-class Initialized:
+class Initialized(msgspec.Struct, frozen=True):
     config_path: Path
     config_written: bool  # False: a file was there already and was left as it is
     database: Path
@@ -575,7 +568,7 @@ def _job_info(row: Mapping[str, Any]) -> JobInfo:
     return JobInfo(**{k: row.get(k) for k in _JOB_FIELDS})
 
 
-_JOB_FIELDS = tuple(JobInfo.__dataclass_fields__)
+_JOB_FIELDS = JobInfo.__struct_fields__
 
 
 def _close_in(pid: int, conn: Any) -> None:

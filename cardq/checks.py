@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
+
+import msgspec
 
 from cardq import app
 from cardq.config import LoadedConfig
@@ -17,8 +18,7 @@ from cardq.store.schema import SCHEMA_VERSION
 MIN_FREE_BYTES = 100 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class Check:
+class Check(msgspec.Struct, frozen=True):
     name: str
     ok: bool
     detail: str

@@ -7,9 +7,9 @@ no restart, no cache to wait out (the old system cached limits in each worker fo
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import apsw
+import msgspec
 
 from cardq.errors import InputError
 from cardq.store.db import Database
@@ -19,8 +19,7 @@ MAXIMUM = 10**12  # far above any sane limit, far below SQLite's 64-bit integers
 _MINIMUM = {"max_payload_bytes": 2}  # everything else: >= 1, daily plan limits >= 0
 
 
-@dataclass(frozen=True)
-class Limit:
+class Limit(msgspec.Struct, frozen=True):
     key: str
     value: int
     source: str  # "override" (database), "config" (config.toml) or "default" (built-in)

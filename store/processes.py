@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import apsw
+import msgspec
 import orjson
 
 from cardq.store.db import Database
 
 
-@dataclass(frozen=True, slots=True)
-class ProcessRow:
+class ProcessRow(msgspec.Struct, frozen=True):
     name: str  # "supervisor", "worker-1", ...
     role: str
     pid: int | None
@@ -25,7 +24,7 @@ class ProcessRow:
     restarts: int = 0
     last_exit: str | None = None
     started_at: float | None = None
-    info: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 def publish(db: Database, rows: Sequence[ProcessRow], *, now: float | None = None) -> None:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import apsw
+import msgspec
 
 from cardq.errors import InputError, LimitExceeded
 from cardq.store import fairness, limits, usage
@@ -25,15 +25,13 @@ _INSERT = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class NewJob:
+class NewJob(msgspec.Struct, frozen=True):
     payload: bytes  # JSON text of an object (the CLI encodes it with orjson)
     idempotency_key: str | None = None
     where: str = ""  # where the item came from, for messages: "items.jsonl line 7"
 
 
-@dataclass(frozen=True, slots=True)
-class SubmitResult:
+class SubmitResult(msgspec.Struct, frozen=True):
     ids: list[int]  # one per item, in order; an existing job's id where its idempotency key was known
     created: int
     existing: int

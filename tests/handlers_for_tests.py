@@ -40,6 +40,10 @@ def behave(job: Job) -> dict:
                 time.sleep(0.05)
     if "sleep" in p:
         time.sleep(p["sleep"])
+    if "wait_file" in p:  # run until the test says go (by making the file), for a minute at most
+        deadline = time.monotonic() + 60
+        while not Path(p["wait_file"]).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
     if "exit" in p:
         os._exit(p["exit"])
     if "deep" in p:

@@ -180,17 +180,24 @@ def test_a_worker_killed_after_its_handler_returned_does_not_charge_the_job(depl
     # a successful handler; the worker is killed there. That death is not the job's: with poison_kills = 1 the
     # old code made the job dead "killed its worker 1 times"; it is given back untouched and done on the next try.
     # (It used to stall in the gate's release to a stopped rate limiter; a gate is now a lock in the worker.)
-    d = deploy(workers={"count": 1}, supervisor={"poison_kills": 1})
-    marker, side = tmp_path / "returned", str(tmp_path / "side.db")
-    [jid] = d.submit([{"side_db": side, "sleep": 2.0, "touch_after": str(marker)}])
+    # A short busy timeout: the worker says it is blocked (storing the result) within a moment.
+    d = deploy(workers={"count": 1}, supervisor={"poison_kills": 1},
+               store={"busy_timeout_ms": 200, "busy_retries": 1})
+    marker, go, side = tmp_path / "returned", tmp_path / "go", str(tmp_path / "side.db")
+    [jid] = d.submit([{"side_db": side, "wait_file": str(go), "touch_after": str(marker)}])
     proc = d.start()
-    worker = wait_for(lambda: next((w["pid"] for w in d.workers() if w["pid"]), None), 30, what="worker")
     wait_for(lambda: side_effect_runs(side, jid) == 1, 30, what="the handler running")
+    worker = wait_for(lambda: (d.worker_holding(jid) or {}).get("pid"), 30, what="the worker holding the job")
     blocker = apsw.Connection(str(d.loaded.db_path))
     blocker.setbusytimeout(30_000)
     blocker.execute("BEGIN IMMEDIATE")  # before the handler returns: its result cannot be stored
     try:
-        wait_for(marker.exists, 30, what="the handler returned")
+        go.touch()
+        wait_for(marker.exists, 30, what="the handler about to return")
+        # The marker is touched inside the handler: the kill must wait until the worker is past it, storing the
+        # result (it says so once its write has waited out the busy timeout).
+        wait_for(lambda: any(line.get("event") == "worker.blocked" for line in d.log_lines()), 60,
+                 what="the worker blocked storing the result")
         assert d.job(jid)["status"] == "processing"
         os.kill(worker, signal.SIGKILL)
         wait_for(lambda: pid_gone(worker), 10, what="the worker gone")
