@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from cardq.actors.gateslots import file_stem, gates_dir
+from cardq.actors.gateslots import LINK_CHECK_S, file_stem, gates_dir
 
 BACKOFF = 0.75  # a drop leaves this share of the limit
 LATENCY_TOLERANCE = 2.0  # a success this many times slower than usual counts as a drop
@@ -108,14 +108,20 @@ class AdaptiveLimit:
         self.path = path
         self._fd = -1
         self._map: mmap.mmap | None = None
+        self._checked_at = 0.0  # when the file was last checked for having been deleted
 
     @classmethod
     def of_gate(cls, run_dir: Path, gate: str) -> AdaptiveLimit:
         return cls(gates_dir(run_dir) / f"{file_stem(gate)}.limit")
 
     def _open(self) -> mmap.mmap:
-        if self._map is not None and os.fstat(self._fd).st_nlink:
-            return self._map
+        if self._map is not None:
+            now = time.monotonic()
+            if now - self._checked_at < LINK_CHECK_S:  # (an fstat per call would be a third of its cost)
+                return self._map
+            self._checked_at = now
+            if os.fstat(self._fd).st_nlink:
+                return self._map
         self.close()  # its file was deleted (the run directory removed and put back): use the new one
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

@@ -22,10 +22,12 @@ import fcntl
 import hashlib
 import os
 import re
+import time
 import weakref
 from pathlib import Path
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+LINK_CHECK_S = 0.1  # how often the slot files are checked for having been deleted
 
 
 def gates_dir(run_dir: Path) -> Path:
@@ -48,16 +50,22 @@ class GateSlots:
         self._fds: dict[int | str, int] = {}
         self.held: set[int] = set()
         self._closing = False
+        self._checked_at = time.monotonic()
         # A thread that ends without closing its client must not leave its descriptors behind.
         self._finalizer = weakref.finalize(self, _close_all, self._fds)
 
     def _fd(self, key: int | str) -> int:
         fd = self._fds.get(key)
-        if fd is not None and key not in self.held and os.fstat(fd).st_nlink == 0:
-            # Its file was deleted (the run directory removed and put back): a lock on it would no longer
-            # exclude anyone who opens the new file. Open the new one.
-            os.close(fd)
-            fd = None
+        if fd is not None and key not in self.held:
+            now = time.monotonic()
+            if now - self._checked_at >= LINK_CHECK_S:  # an fstat per take was a tenth of a no-op job's cost
+                self._checked_at = now
+                if any(os.fstat(f).st_nlink == 0 for k, f in self._fds.items() if k not in self.held):
+                    # Its file was deleted (the run directory removed and put back): a lock on it would no longer
+                    # exclude anyone who opens the new file. Open the new ones.
+                    for k in [k for k in self._fds if k not in self.held]:
+                        os.close(self._fds.pop(k))
+                    fd = None
         if fd is None:
             path = self.dir / f"{self.stem}.{key}"
             try:
