@@ -38,8 +38,10 @@ class Wakeups:
         if self.rung or mono >= self.due_read_at + DUE_REFRESH_S:  # (a worker rings when it schedules a retry)
             self.due_read_at = mono
             self.next_due = jobs.next_run_at(self.db)
-            if self.next_due == self.fired:  # still waiting for a claim (workers are busy): woken for already;
-                self.next_due = None  # look again in a second (a later one may be hidden behind it)
+            if self.next_due is not None and self.next_due == self.fired:
+                # Still waiting for a claim (the workers are busy): woken for already. Look again in a second (a
+                # later one may be hidden behind it). (With none in backoff at all, both are None: no hurry.)
+                self.next_due = None
                 self.due_read_at = mono - DUE_REFRESH_S + 1.0
         scheduled = self.next_due is not None and wall >= self.next_due
         if scheduled:
