@@ -301,8 +301,8 @@ class ActorClient:
             return cfg.max_concurrency
         try:
             return adaptive.current(cfg.min_concurrency, cfg.max_concurrency)
-        except OSError:  # its state cannot be read (a full disk, the run directory unwritable): the safe end
-            return cfg.min_concurrency
+        except (OSError, ValueError):  # its state cannot be read (a full disk, the run directory unwritable; a
+            return cfg.min_concurrency  # client closed by another thread): the safe end
 
     @contextmanager
     def _outcome(self, name: str, cfg: GateConfig | None) -> Iterator[None]:
@@ -322,7 +322,7 @@ class ActorClient:
             try:
                 change = adaptive.record(cfg.min_concurrency, cfg.max_concurrency, started, outcome_of(error),
                                          (time.monotonic() - started) * 1000)
-            except OSError:
+            except (OSError, ValueError):  # (ValueError: the client was closed by another thread meanwhile)
                 change = None  # learning nothing from this one is better than failing the caller's block
             if change is not None:
                 from cardq import logs  # only when the limit moves: apps that never see a change skip structlog

@@ -29,7 +29,9 @@ import math
 import mmap
 import os
 import struct
+import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -75,6 +77,8 @@ def step(s: State, lo: int, hi: int, started: float, now: float, outcome: str, l
     limit, long_ms, short_ms, cut_at, samples, cut_once, cuts, raises = s
     if not lo <= limit <= hi:  # unset, or the bounds were edited
         limit = float(effective(limit or lo, lo, hi))
+    if cut_at > now:  # a monotonic time from before a reboot (the file outlives it): no call started before it
+        cut_at = 0.0
     if outcome == "ignore":
         return State(limit, long_ms, short_ms, cut_at, samples, cut_once, cuts, raises), None
     why = "upstream overloaded"
@@ -102,75 +106,90 @@ def step(s: State, lo: int, hi: int, started: float, now: float, outcome: str, l
 
 
 class AdaptiveLimit:
-    """One process's (one thread's) handle on a gate's shared limit."""
+    """One client's handle on a gate's shared limit (a client is one thread's; close() may come from another)."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._fd = -1
-        self._map: mmap.mmap | None = None
+        self._file: tuple[int, mmap.mmap] | None = None  # the open file and its mapping
+        self._finalizer: weakref.finalize | None = None  # closes them if this handle is dropped unclosed
         self._checked_at = 0.0  # when the file was last checked for having been deleted
+        # record() against close(): a descriptor closed under a record could be reused by another file (a gate
+        # slot) before its unlock, which would then unlock that file's permit.
+        self._lock = threading.Lock()
 
     @classmethod
     def of_gate(cls, run_dir: Path, gate: str) -> AdaptiveLimit:
         return cls(gates_dir(run_dir) / f"{file_stem(gate)}.limit")
 
-    def _open(self) -> mmap.mmap:
-        if self._map is not None:
+    def _mapped(self) -> tuple[int, mmap.mmap]:
+        f = self._file
+        if f is not None:
             now = time.monotonic()
             if now - self._checked_at < LINK_CHECK_S:  # (an fstat per call would be a third of its cost)
-                return self._map
+                return f
             self._checked_at = now
-            if os.fstat(self._fd).st_nlink:
-                return self._map
-        self.close()  # its file was deleted (the run directory removed and put back): use the new one
+            if os.fstat(f[0]).st_nlink:
+                return f
+            self._drop()  # its file was deleted (the run directory removed and put back): use the new one
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                if os.fstat(fd).st_size < _SIZE:
-                    # Zeros: State() with limit 0, "never set". Allocated, not a sparse ftruncate: a store into
-                    # an unallocated page of a mapping on a full disk is a SIGBUS, not an error we could catch.
-                    os.posix_fallocate(fd, 0, _SIZE)
+                size = os.fstat(fd).st_size
+                if size < _SIZE:
+                    # Zeros: State() with limit 0, "never set". Written, not a sparse ftruncate: a store into an
+                    # unallocated page of a mapping on a full disk is a SIGBUS, not an error we could catch.
+                    os.pwrite(fd, bytes(_SIZE - size), size)
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
-            self._map = mmap.mmap(fd, _SIZE)
+            m = mmap.mmap(fd, _SIZE)
         except BaseException:
             os.close(fd)
             raise
-        self._fd = fd
-        return self._map
+        self._file = (fd, m)
+        self._finalizer = weakref.finalize(self, _close_file, fd, m)
+        return self._file
 
     def read(self) -> State:
-        return State(*_RECORD.unpack_from(self._open()))
+        return State(*_RECORD.unpack_from(self._mapped()[1]))
 
     def current(self, lo: int, hi: int) -> int:
         """The limit in effect now (no lock: a torn read still gives a value within [lo, hi])."""
-        return effective(_RECORD.unpack_from(self._open())[0], lo, hi)
+        return effective(_RECORD.unpack_from(self._mapped()[1])[0], lo, hi)
 
     def record(self, lo: int, hi: int, started: float, outcome: str, latency_ms: float
                ) -> tuple[int, int, str] | None:
         """Apply one outcome; (old limit, new limit, why) when the whole-number limit changed, else None."""
-        m = self._open()
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
-            old = State(*_RECORD.unpack_from(m))
-            new, why = step(old, lo, hi, started, time.monotonic(), outcome, latency_ms)
-            _RECORD.pack_into(m, 0, *new)
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        with self._lock:
+            fd, m = self._mapped()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                old = State(*_RECORD.unpack_from(m))
+                new, why = step(old, lo, hi, started, time.monotonic(), outcome, latency_ms)
+                _RECORD.pack_into(m, 0, *new)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)  # (inside the try: an interrupt right after the lock is taken must
+                # not leave every other holder's record() blocked; unlocking a lock not held does nothing)
         before, after = effective(old.limit or lo, lo, hi), effective(new.limit, lo, hi)
         return (before, after, why or "") if before != after else None
 
     def close(self) -> None:
-        if self._map is not None:
-            with contextlib.suppress(BufferError, ValueError):
-                self._map.close()
-            self._map = None
-        if self._fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = -1
+        with self._lock:
+            self._drop()
+
+    def _drop(self) -> None:
+        self._file = None
+        if self._finalizer is not None:
+            self._finalizer()  # closes the mapping and the descriptor, once
+            self._finalizer = None
+
+
+def _close_file(fd: int, m: mmap.mmap) -> None:
+    with contextlib.suppress(BufferError, ValueError):
+        m.close()
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 def outcome_of(error: BaseException | None) -> str:

@@ -50,7 +50,7 @@ class GateSlots:
         self._fds: dict[int | str, int] = {}
         self.held: set[int] = set()
         self._closing = False
-        self._checked_at = time.monotonic()
+        self._checked: dict[int | str, float] = {}  # key -> when its file was last checked for deletion
         # A thread that ends without closing its client must not leave its descriptors behind.
         self._finalizer = weakref.finalize(self, _close_all, self._fds)
 
@@ -58,13 +58,12 @@ class GateSlots:
         fd = self._fds.get(key)
         if fd is not None and key not in self.held:
             now = time.monotonic()
-            if now - self._checked_at >= LINK_CHECK_S:  # an fstat per take was a tenth of a no-op job's cost
-                self._checked_at = now
-                if any(os.fstat(f).st_nlink == 0 for k, f in self._fds.items() if k not in self.held):
+            if now - self._checked.get(key, 0.0) >= LINK_CHECK_S:  # (an fstat per take: a tenth of a job's cost)
+                self._checked[key] = now
+                if os.fstat(fd).st_nlink == 0:
                     # Its file was deleted (the run directory removed and put back): a lock on it would no longer
-                    # exclude anyone who opens the new file. Open the new ones.
-                    for k in [k for k in self._fds if k not in self.held]:
-                        os.close(self._fds.pop(k))
+                    # exclude anyone who opens the new file. Open the new one.
+                    os.close(self._fds.pop(key))
                     fd = None
         if fd is None:
             path = self.dir / f"{self.stem}.{key}"
@@ -74,6 +73,7 @@ class GateSlots:
                 self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             self._fds[key] = fd
+            self._checked[key] = time.monotonic()
         return fd
 
     def try_take(self, limit: int, start: int = 0, *, files: int = 0) -> int | None:
@@ -92,9 +92,15 @@ class GateSlots:
             except BlockingIOError:
                 continue
             self.held.add(i)
-            if files > limit and self._held_above(limit, files) and self._held_in(range(files)) > limit:
-                self.give(i)
-                return None
+            if files > limit:
+                try:
+                    over = self._held_above(limit, files) and self._held_in(range(files)) > limit
+                except BaseException:  # a probe could not open a file: give the slot back, never keep it
+                    self.give(i)
+                    raise
+                if over:
+                    self.give(i)
+                    return None
             return i
         return None
 

@@ -125,7 +125,7 @@ class Gate:
             self.adaptive = AdaptiveLimit.of_gate(self.slots.run_dir, self.name)
         try:
             return self.adaptive.current(self.cfg.min_concurrency, self.cfg.max_concurrency)
-        except OSError:  # unreadable state (a full disk): the safe end, as the clients do
+        except (OSError, ValueError):  # unreadable state (a full disk): the safe end, as the clients do
             return self.cfg.min_concurrency
 
     def stats(self) -> dict[str, Any]:
@@ -133,7 +133,7 @@ class Gate:
         learned: dict[str, Any] = {}
         limit = self.limit()
         if self.cfg.adaptive and self.adaptive is not None:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ValueError):
                 learned = describe(self.adaptive.read(), self.cfg.min_concurrency, self.cfg.max_concurrency)
         return {
             "limit": limit, "adaptive": self.cfg.adaptive,

@@ -82,7 +82,7 @@ class JobInfo(msgspec.Struct, frozen=True):
         return self.status in FINISHED
 
     def to_dict(self) -> dict[str, Any]:
-        return msgspec.structs.asdict(self)
+        return msgspec.to_builtins(self)  # (new containers: changing them leaves this value as it is)
 
 
 class JobPage(msgspec.Struct, frozen=True):
@@ -99,7 +99,7 @@ class RateLimitDecision(msgspec.Struct, frozen=True):
     unavailable: bool = False  # allowed only because no rate limiter could be reached (on_unavailable="allow")
 
     def to_dict(self) -> dict[str, Any]:
-        return msgspec.structs.asdict(self)
+        return msgspec.to_builtins(self)  # (new containers: changing them leaves this value as it is)
 
 
 class CounterResult(msgspec.Struct, frozen=True):

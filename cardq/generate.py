@@ -83,11 +83,13 @@ def generate(job: Job) -> dict[str, Any]:
             "response_format": {"type": "json_schema",
                                 "json_schema": {"name": "card", "schema": CARD_SCHEMA, "strict": True}}}
     first_error = None
+    usage: dict[str, Any] = {}  # both asks' tokens, when the first answer was not the card
     while True:  # an output that is not the card is asked for once more, at once
         started = time.monotonic()
         answer = _post(up, body)
         latency_ms = round((time.monotonic() - started) * 1000, 1)
-        text, usage = _content(answer)
+        text, used = _content(answer)
+        usage = _add_usage(usage, used)
         try:
             card = msgspec.convert(orjson.loads(text), Card, strict=True)
         except (orjson.JSONDecodeError, msgspec.ValidationError) as e:
@@ -148,6 +150,15 @@ def _content(answer: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                             f"{orjson.dumps(answer)[:200]!r}") from None
     usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
     return (text if isinstance(text, str) else ""), usage
+
+
+def _add_usage(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """Token counts summed field by field (other fields: the latest)."""
+    out = {**total, **more}
+    for k, v in more.items():
+        if type(v) is int and type(total.get(k)) is int:
+            out[k] = total[k] + v
+    return out
 
 
 def _error_message(r: Any) -> str:

@@ -95,13 +95,13 @@ class Worker:
                 self.handle_commands(IDLE_POLL_S)
                 continue
             self.ctx.slot.busy()  # before any gate wait: the supervisor must not queue wake-ups to a busy worker
-            polled = time.monotonic()
+            polled = 0.0
             for n, job in enumerate(held):
                 # A stop that came while the claim ran, or during the previous job of a prefetched batch, gives
-                # the rest back untouched instead of running it. (Looked for once a millisecond: a poll of the
-                # pipe per no-op job was a tenth of a worker's time.)
+                # the rest back untouched instead of running it. (Looked for before the first job, then once a
+                # millisecond: a poll of the pipe per no-op job was a tenth of a worker's time.)
                 started = time.monotonic()
-                if n and started - polled >= COMMAND_POLL_S:
+                if started - polled >= COMMAND_POLL_S:
                     self.handle_commands(0)
                     polled = started
                 if self.ctx.stopping:

@@ -3,8 +3,12 @@ processes, and a real supervisor's workers finding the capacity of a real HTTP u
 
 from __future__ import annotations
 
+import gc
 import math
 import multiprocessing
+import os
+import resource
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +18,9 @@ from fake_upstream import FakeUpstream
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import cardq
 from cardq.actors.gatelimit import BACKOFF, LATENCY_MIN_SAMPLES, AdaptiveLimit, State, effective, outcome_of, step
+from cardq.actors.gateslots import GateSlots
 from cardq.generate import UpstreamError
 from cardq.handlers import RetryAfter
 
@@ -68,6 +74,13 @@ def test_calls_in_flight_at_a_cut_do_not_cut_again():
     assert s.limit == 9.0 and why == "upstream overloaded"
 
 
+def test_a_cut_time_from_before_a_reboot_does_not_silence_the_gate():
+    """cut_at is monotonic, and the state file outlives a reboot, after which the clock starts near zero."""
+    s = State(limit=12.0, cut_at=30 * 86400.0, cut_once=1.0)  # cut 30 days into the last boot
+    s, why = step(s, 1, 16, 100.0, 100.5, "drop", 300.0)  # 100 s into this boot
+    assert why == "upstream overloaded" and s.limit == 9.0 and s.cut_at == 100.5
+
+
 def test_a_sustained_rise_in_latency_cuts_like_an_overload():
     s = run(State(), ["ok"] * LATENCY_MIN_SAMPLES, hi=100, latency_ms=300.0)
     high = s.limit
@@ -115,6 +128,23 @@ def test_any_sequence_keeps_the_limit_in_range(lo, extra, events):
         t += 1.0
         s, _ = step(s, lo, hi, t + started_offset, t, outcome, latency)
         assert lo <= s.limit <= hi
+
+
+def test_a_probe_that_fails_gives_the_slot_back(tmp_path: Path):
+    """Taking a slot of a cut adaptive gate opens the files above the limit to count their holders; if that
+    fails (here: out of descriptors), the slot just taken must not stay held by nobody."""
+    slots, other = GateSlots(tmp_path, "g"), GateSlots(tmp_path, "g")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        # (the listing counts its own descriptor, closed again: room for exactly one more file)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")), hard))
+        with pytest.raises(OSError):
+            slots.try_take(2, files=4)  # slot 0's file opens; the probe of slot 2 cannot
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert slots.held == set() and other.try_take(1) == 0
+    slots.close()
+    other.close()
 
 
 def _record_oks(path: str, n: int) -> None:
@@ -167,3 +197,33 @@ def test_workers_find_the_upstreams_capacity_and_stop_overloading_it(tmp_path: P
     finally:
         d.close()
         upstream.close()
+
+
+@pytest.mark.timeout(120)
+def test_threads_that_end_leave_no_descriptor_of_an_adaptive_gate_behind(tmp_path: Path):
+    """A thread-per-request app: each thread's client is dropped with its thread, unclosed. Its handles on the
+    gate's slot files and on its shared limit must close with it."""
+    d = Deployment(tmp_path, workers={"count": 0},
+                   gates={"up": {"adaptive": True, "min_concurrency": 1, "max_concurrency": 4}})
+    try:
+        d.start()  # (only for the key file: the fast path needs no actor)
+        wait_for(lambda: (d.loaded.run_dir / "ratelimit-0.sock").exists(), 60, what="the actors up")
+        q = cardq.connect(d.config_path)
+
+        def limit_files() -> int:
+            return sum(1 for fd in os.listdir("/proc/self/fd")
+                       if os.path.realpath(f"/proc/self/fd/{fd}").endswith(".limit"))
+
+        def one_call() -> None:
+            with q.gate("up"):
+                pass
+
+        for _ in range(30):
+            t = threading.Thread(target=one_call)
+            t.start()
+            t.join()
+        gc.collect()
+        assert limit_files() <= 1, limit_files()
+        q.close()
+    finally:
+        d.close()

@@ -94,6 +94,7 @@ def test_output_that_is_not_the_card_is_asked_again_once_then_permanent_with_the
     upstream.then(200, completion("Sure! Here is your card: {oops"))
     result = generate(job_for())  # the second answer (the default: a good card) is taken
     assert result["title"] == GOOD_CARD["title"] and len(upstream.requests) == 2
+    assert result["_meta"]["usage"]["total_tokens"] == 2 * 49  # both asks' tokens were spent
     upstream.then(200, completion("not json at all"))
     upstream.then(200, completion(orjson.dumps({"title": "x", "bullets": "not a list"}).decode()))
     with pytest.raises(PermanentError, match="failed the card schema twice") as e:
