@@ -9,6 +9,7 @@ finished, so the daily plan limits start again at local midnight.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import zoneinfo
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, NamedTuple
@@ -26,8 +27,9 @@ class UserLoad(NamedTuple):
 
 
 def day_key(now: float, tz: zoneinfo.ZoneInfo) -> str:
-    """The local calendar day of epoch time `now`, as YYYY-MM-DD."""
-    return dt.datetime.fromtimestamp(now, tz).date().isoformat()
+    """The local calendar day of epoch time `now`, as YYYY-MM-DD. (Floored to the second: a day starts on a whole
+    second, and fromtimestamp would round 0.9999998 s before midnight up into the next day.)"""
+    return dt.datetime.fromtimestamp(math.floor(now), tz).date().isoformat()
 
 
 class DayClock:
@@ -43,14 +45,14 @@ class DayClock:
         if not self._start <= now < self._end:
             self._key = day_key(now, self.tz)
             self._end = next_day_start(now, self.tz)
-            local = dt.datetime.fromtimestamp(now, self.tz)
+            local = dt.datetime.fromtimestamp(math.floor(now), self.tz)
             self._start = dt.datetime.combine(local.date(), dt.time(), tzinfo=self.tz).timestamp()
         return self._key
 
 
 def next_day_start(now: float, tz: zoneinfo.ZoneInfo) -> float:
     """Epoch time of the next local midnight after `now` (when the daily limits start again)."""
-    local = dt.datetime.fromtimestamp(now, tz)
+    local = dt.datetime.fromtimestamp(math.floor(now), tz)
     midnight = dt.datetime.combine(local.date() + dt.timedelta(days=1), dt.time(), tzinfo=tz)
     return midnight.timestamp()
 
