@@ -38,6 +38,7 @@ from fake_upstream import FakeUpstream  # noqa: E402 - the tests' stand-in for t
 
 from cardq import logs  # noqa: E402
 from cardq.actors.client import ActorClient  # noqa: E402
+from cardq.actors.gatelimit import AdaptiveLimit  # noqa: E402
 from cardq.actors.keys import ensure_run_dir  # noqa: E402
 from cardq.config import load_config  # noqa: E402
 
@@ -87,11 +88,11 @@ def gate_cost(root: Path, calls: int) -> None:
         loaded = load_config(cfg)
         ensure_run_dir(loaded.run_dir)
         with ActorClient.from_config(loaded) as client:
-            if "cut" in name:  # 16 calls that fail as overloads would cut it: set it there directly
-                adaptive = client._adaptive("generation", loaded.config.gates["generation"])
-                adaptive.record(1, 16, time.monotonic(), "drop", 0.0)
+            if "cut" in name:  # calls failing as overloads would cut it: record drops until it is at 6
+                adaptive = AdaptiveLimit.of_gate(loaded.run_dir, "generation")
                 while adaptive.current(1, 16) > 6:
-                    adaptive.record(1, 16, time.monotonic() + 1, "drop", 0.0)
+                    adaptive.record(1, 16, time.monotonic(), "drop", 0.0)
+                adaptive.close()
             for _ in range(1000):
                 with client.gate("generation"):
                     pass
