@@ -111,16 +111,8 @@ class GateSlots:
         return sum(1 for j in slots if self._is_held(j))
 
     def _is_held(self, j: int) -> bool:
-        """Is slot j held (by this object, or by anyone: a probe that takes and at once gives back its lock)?"""
-        if j in self.held:
-            return True
-        fd = self._fd(j)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
+        """Is slot j held, by this object or by anyone?"""
+        return j in self.held or _locked(self._fd(j), fcntl.LOCK_EX)
 
     def give(self, i: int) -> None:
         """Release slot i (held by this object)."""
@@ -133,13 +125,7 @@ class GateSlots:
 
     def queue_waiting(self) -> bool:
         """Is anyone queued at the actor for this gate (does it hold the queue lock)?"""
-        fd = self._fd("queue")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
+        return _locked(self._fd("queue"), fcntl.LOCK_SH)
 
     def mark_queue(self, waiting: bool) -> bool:
         """The actor: hold the queue lock while callers wait (see queue_waiting). Never blocks (a caller checking
@@ -173,6 +159,16 @@ class GateSlots:
             self._closing = True
             return
         _close_all(self._fds)
+
+
+def _locked(fd: int, mode: int) -> bool:
+    """Does someone hold a lock on fd's file that keeps a `mode` lock out? (A probe: taken and at once given back.)"""
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
 
 
 def _close_all(fds: dict[int | str, int]) -> None:
