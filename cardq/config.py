@@ -164,6 +164,14 @@ class Config(_Section):
     paths: PathsConfig = msgspec.field(default_factory=PathsConfig)
 
 
+def resolve_path(configured: str, config_dir: Path | None) -> Path:
+    """A path from config.toml; a relative one is relative to the config file's folder (else the cwd)."""
+    p = Path(configured).expanduser()
+    if p.is_absolute():
+        return p
+    return ((config_dir or Path.cwd()) / p).resolve()
+
+
 @dataclass(frozen=True)
 class LoadedConfig:
     """A validated config plus where it came from, so an operator can always tell which config is in effect."""
@@ -179,20 +187,17 @@ class LoadedConfig:
     # at the first use.
     @functools.cached_property
     def db_path(self) -> Path:
-        return self._resolve(self.config.store.path)
+        return resolve_path(self.config.store.path, self.config_dir)
 
     @functools.cached_property
     def run_dir(self) -> Path:
         """Actors' sockets and the key file."""
-        return self._resolve(self.config.actors.run_dir)
+        return resolve_path(self.config.actors.run_dir, self.config_dir)
 
-    def _resolve(self, configured: str) -> Path:
-        """A configured path; a relative one is relative to the config file's folder (else the cwd)."""
-        p = Path(configured).expanduser()
-        if p.is_absolute():
-            return p
-        base = self.path.parent if self.path is not None else Path.cwd()
-        return (base / p).resolve()
+    @property
+    def config_dir(self) -> Path | None:
+        """The config file's folder (None: no file); relative paths in it are relative to this."""
+        return self.path.parent if self.path is not None else None
 
     @property
     def source(self) -> str:

@@ -48,9 +48,7 @@ class Doorbell:
             try:
                 self.sock.recv(64)
                 rang = True
-            except (BlockingIOError, InterruptedError):
-                return rang
-            except OSError:
+            except OSError:  # BlockingIOError: none left
                 return rang
 
     def gone(self) -> bool:

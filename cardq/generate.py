@@ -21,12 +21,12 @@ import email.utils
 import functools
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import msgspec
 import orjson
 
+from cardq.config import resolve_path
 from cardq.handlers import Job, PermanentError, RetryAfter
 
 RAW_KEEP = 500  # characters of a bad output kept in the error
@@ -193,7 +193,7 @@ def _prompt(job: Job) -> str:
     folder = job.config.upstream.prompts_dir
     if not folder:
         return DEFAULT_PROMPT
-    base = Path(folder) if Path(folder).is_absolute() else (job.config_dir or Path.cwd()) / folder
+    base = resolve_path(folder, job.config_dir)
     market, style = str(job.payload.get("marketplace", "generic")), str(job.payload.get("style", "selling"))
     for name in (f"{market}.{style}.txt", f"{market}.txt", "default.txt"):
         path = base / name

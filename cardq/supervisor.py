@@ -30,7 +30,7 @@ from cardq import app, children, logs
 from cardq.actors import keys
 from cardq.children import EXIT_CONFIG, ChildSpec, describe_exit
 from cardq.config import LoadedConfig, running_record_path
-from cardq.doorbell import Doorbell
+from cardq.doorbell import DOORBELL, Doorbell
 from cardq.errors import ConfigError, Error, FileError, StoreError
 from cardq.handlers import HandlerCheck
 from cardq.lockfile import SupervisorLock
@@ -169,7 +169,7 @@ class Supervisor:
         try:
             return Doorbell(self.run_dir)
         except OSError as e:
-            raise FileError(self.run_dir / "wake.sock", "create the wake-up socket", e) from None
+            raise FileError(self.run_dir / DOORBELL, "create the wake-up socket", e) from None
 
     def run(self) -> None:
         """Start, supervise until told to stop (or, with burst, until the queue is drained). Raises the failure

@@ -42,13 +42,17 @@ class Wakeups:
                 # Still waiting for a claim (the workers are busy): woken for already. Look again in a second (a
                 # later one may be hidden behind it). (With none in backoff at all, both are None: no hurry.)
                 self.next_due = None
-                self.due_read_at = mono - DUE_REFRESH_S + 1.0
+                self._look_again_in(1.0, mono)
         scheduled = self.next_due is not None and wall >= self.next_due
         if scheduled:
             self.fired, self.next_due = self.next_due, None
-            self.due_read_at = mono - DUE_REFRESH_S + 1.0  # the next one is looked up in a second
+            self._look_again_in(1.0, mono)  # the next one
         rung, self.rung = self.rung, False
         return rung or scheduled
+
+    def _look_again_in(self, seconds: float, mono: float) -> None:
+        """Look up the earliest job in backoff again `seconds` after `mono`, not DUE_REFRESH_S."""
+        self.due_read_at = mono - DUE_REFRESH_S + seconds
 
     def seconds_to_next(self, wall: float | None = None) -> float:
         """How long the supervisor may sleep before `due` could say yes by itself (rings wake it anyway)."""

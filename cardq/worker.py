@@ -36,15 +36,15 @@ IDLE_POLL_S = 10.0  # an idle worker looks for work at least this often, even if
 # wakes it for every submit; this finds rows written by other means)
 GATE_UNAVAILABLE_PAUSE_S = 1.0  # a worker whose gate cannot be reached waits this long before its next claim
 FLUSH_S = 0.02  # with prefetch > 1, finished jobs are committed together at least this often
-# prefetch = "auto": claim about this much work at the pace measured (a job's time, smoothed), 1 to AUTO_MAX jobs.
-# Short enough that a batch never keeps jobs from idle workers for long; long enough that many tiny jobs share one
-# transaction. A job far slower than its batch was sized for gives the rest of the batch back at once.
 # A handler's RetryAfter (an upstream's Retry-After) is honoured up to this long. A job scheduled further ahead than
 # this and the longest backoff is taken for one a wall clock stepped back left there, and runs at once.
 RETRY_AFTER_MAX_S = 900.0
+# prefetch = "auto": claim about PREFETCH_WINDOW_S of work at the pace measured (a job's time, smoothed), 1 to
+# PREFETCH_AUTO_MAX jobs. Short enough that a batch never keeps jobs from idle workers for long; long enough that
+# many tiny jobs share one transaction. A job far slower than its batch was sized for gives the rest back at once.
 PREFETCH_WINDOW_S = 0.005
-COMMAND_POLL_S = 0.001  # within a batch, the supervisor's commands (a stop) are looked for at least this often
 PREFETCH_AUTO_MAX = 256
+COMMAND_POLL_S = 0.001  # within a batch, the supervisor's commands (a stop) are looked for at least this often
 STORE_RETRY_FIRST_S, STORE_RETRY_MAX_S = 0.2, 5.0  # waits between writes tried on a full (or read-only) disk
 
 
@@ -268,8 +268,7 @@ class Worker:
         try:
             payload = orjson.loads(claimed.payload)
             job = Job(claimed.id, claimed.user_id, claimed.plan, claimed.kind, payload, claimed.attempt,
-                      claimed.max_attempts, self.loaded.config,
-                      self.loaded.path.parent if self.loaded.path is not None else None)
+                      claimed.max_attempts, self.loaded.config, self.loaded.config_dir)
             with self.gate(claimed.kind):
                 gated = True
                 # The job's clock (the supervisor's timeout, the poison-job count) starts once the gate is ours:

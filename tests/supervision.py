@@ -15,9 +15,12 @@ from typing import Any
 import orjson
 
 import cardq
+from cardq.actors.protocol import socket_path
 from cardq.config import load_config
 from cardq.store import Database, queries
 from cardq.store import processes as store_processes
+
+from conftest import wait_for
 
 CARDQ = str(Path(sys.executable).parent / "cardq")
 TESTS_DIR = Path(__file__).resolve().parent
@@ -102,6 +105,11 @@ class Deployment:
                                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=limit_descriptors)
         self.procs.append(proc)
         return proc
+
+    def wait_for_actor(self, actor: str = "ratelimit", shard: int = 0, timeout: float = 60) -> None:
+        """Until the actor listens (its socket file is there)."""
+        path = socket_path(self.loaded.run_dir, actor, shard)
+        wait_for(path.exists, timeout, what=f"the {actor} actor listening")
 
     def close(self) -> None:
         for proc in self.procs:

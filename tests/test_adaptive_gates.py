@@ -201,7 +201,7 @@ def test_threads_that_end_leave_no_descriptor_of_an_adaptive_gate_behind(tmp_pat
                    gates={"up": {"adaptive": True, "min_concurrency": 1, "max_concurrency": 4}})
     try:
         d.start()  # (only for the key file: the fast path needs no actor)
-        wait_for(lambda: (d.loaded.run_dir / "ratelimit-0.sock").exists(), 60, what="the actors up")
+        d.wait_for_actor()
         q = cardq.connect(d.config_path)
 
         def limit_files() -> int:

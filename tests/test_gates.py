@@ -15,16 +15,11 @@ import pytest
 
 import cardq
 from cardq.actors.gateslots import GateSlots
-from cardq.actors.protocol import socket_path
 
 from conftest import wait_for
 from supervision import Deployment
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
-
-
-def _rate_limiter_up(d: Deployment) -> None:
-    wait_for(lambda: socket_path(d.loaded.run_dir, "ratelimit", 0).exists(), 60, what="the rate limiter")
 
 
 def peak(intervals: list[tuple[float, float]]) -> int:
@@ -45,7 +40,7 @@ def test_max_concurrency_holds_across_workers_and_apps_together(tmp_path: Path):
     try:
         ids = d.submit([{"hold": 0.05, "intervals": str(intervals)}] * 40)
         d.start()
-        _rate_limiter_up(d)
+        d.wait_for_actor()
         q = cardq.connect(d.config_path, name="app")
         lock = threading.Lock()
         app_intervals: list[tuple[float, float]] = []
@@ -82,7 +77,7 @@ def test_a_slot_held_by_a_killed_process_is_free_at_once(tmp_path: Path):
     d = Deployment(tmp_path, workers={"count": 0}, gates={"g": {"max_concurrency": 1}})
     try:
         d.start()
-        _rate_limiter_up(d)
+        d.wait_for_actor()
         pid = os.fork()
         if pid == 0:  # a holder that is SIGKILLed inside its permit
             slots = GateSlots(d.loaded.run_dir, "g")
@@ -114,7 +109,7 @@ def test_a_wait_at_the_gate_cut_short_leaves_no_permit_behind(tmp_path: Path):
                    gates={"one": {"max_concurrency": 1, "queue_timeout_ms": 60_000}})
     try:
         d.start()
-        _rate_limiter_up(d)
+        d.wait_for_actor()
         occupier = GateSlots(d.loaded.run_dir, "one")
         assert occupier.try_take(1) == 0
         q = cardq.connect(d.config_path)
@@ -153,7 +148,7 @@ def test_a_config_edit_inside_a_gate_block_keeps_the_permit(tmp_path: Path):
     d = Deployment(tmp_path, workers={"count": 0}, gates={"one": {"max_concurrency": 1}})
     try:
         d.start()
-        _rate_limiter_up(d)
+        d.wait_for_actor()
         q = cardq.connect(d.config_path)
         other = GateSlots(d.loaded.run_dir, "one")
         with q.gate("one"):
@@ -176,7 +171,7 @@ def test_the_supervisor_never_blocks_on_a_worker_waiting_at_a_full_gate(tmp_path
                    gates={"one": {"max_concurrency": 1, "queue_timeout_ms": 120_000}})
     try:
         proc = d.start()
-        _rate_limiter_up(d)
+        d.wait_for_actor()
         occupier = GateSlots(d.loaded.run_dir, "one")
         assert occupier.try_take(1) == 0
         with cardq.connect(d.config_path, name="app") as q:
