@@ -203,11 +203,11 @@ class PathCollector(Behaviour):
         return now + self.tick_every
 
 
-def read_stats(db: Database, hour: int | None = None, path: str | None = None,
+def read_stats(db: Database, hour: int | None = None, path: str | None = None, since: int | None = None,
                limit: int = 100) -> list[dict[str, Any]]:
     """path_stats_hourly rows, hottest first, with quantiles and unique clients read from their sketches."""
     out = []
-    for row in traffic.hourly(db, hour=hour, path=path, limit=limit):
+    for row in traffic.hourly(db, hour=hour, path=path, since=since, limit=limit):
         s = row.stats
         kll = ds.kll_floats_sketch.deserialize(s.latency)
         out.append({"hour": row.hour, "path": row.path, "requests": s.requests, "status_4xx": s.status_4xx,

@@ -205,6 +205,7 @@ class RateLimiter(Behaviour):
         if new_tat != old and (answer["allowed"] or old is not None):  # a grant, or a TAT pulled back to "full"
             ratelimits.save(tx, a.key, new_tat)
             self.tat[a.key] = new_tat  # only once the write went through: memory never runs ahead of SQLite
+        answer["policy"], answer["window_s"] = p.pattern, p.window_s  # (for the RateLimit-Policy header field)
         return answer
 
     # ---- gates ------------------------------------------------------------------------------------------------

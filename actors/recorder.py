@@ -14,7 +14,7 @@ import functools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -24,7 +24,7 @@ from cardq import app
 from cardq.actors import keys, protocol
 from cardq.actors.traffic import PathNormalizer, make_event
 from cardq.config import LoadedConfig
-from cardq.errors import ActorError, Error
+from cardq.errors import ActorError, Error, InputError
 from cardq.store import traffic
 
 QUEUE_MAX = 100_000
@@ -82,6 +82,42 @@ class EventRecorder:
         if not self.wakeup.is_set():
             self.wakeup.set()
         return event["id"]
+
+    def build_all(self, fields: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Every event validated and given its id, or InputError naming the first bad one's index (then none is
+        recorded): the all-or-nothing half of Queue.record_events."""
+        out = []
+        for n, f in enumerate(fields):
+            if not isinstance(f, Mapping):
+                raise InputError(f"events[{n}]: expected an object, got {type(f).__name__}", where=f"events[{n}]")
+            try:
+                event = make_event(normalize=self.normalize, hash_ip=self.hash_ip, **f)
+            except InputError as e:
+                raise InputError(f"events[{n}]: {e}", where=f"events[{n}].{e.where}") from None
+            except TypeError as e:  # an unknown or missing field name
+                raise InputError(f"events[{n}]: {_field_problem(e)}", where=f"events[{n}]") from None
+            out.append(msgspec.structs.asdict(event))
+        return out
+
+    def send_now(self, client: Asker, events: list[dict[str, Any]]) -> dict[str, int]:
+        """Send to the collector shards and wait for their commit; what a shard cannot take goes to the durable
+        inbox. Raises (StoreError) only if the inbox cannot take them either: then nothing is lost silently."""
+        counts = {"accepted": 0, "duplicates": 0, "late": 0, "sampled_out": 0, "to_inbox": 0}
+        if not self.enabled:
+            return counts
+        by_shard: dict[int, list[dict[str, Any]]] = {}
+        for event in events:
+            by_shard.setdefault(protocol.shard_of(event["path"], self.shards), []).append(event)
+        for shard_events in by_shard.values():
+            try:
+                answer = client.ask("paths", shard_events[0]["path"], "record", {"events": shard_events})
+            except ActorError:
+                self._inbox(shard_events)
+                counts["to_inbox"] += len(shard_events)
+                continue
+            for k in ("accepted", "duplicates", "late", "sampled_out"):
+                counts[k] += int(answer.get(k, 0))
+        return counts
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every recorded event was taken by the collector or written to the inbox."""
@@ -155,3 +191,15 @@ class EventRecorder:
             traffic.inbox_add(self._db, [(protocol.shard_of(e["path"], self.shards), orjson.dumps(e).decode())
                                          for e in events])
         self.to_inbox += len(events)
+
+
+def _field_problem(e: TypeError) -> str:
+    """make_event's TypeError ("got an unexpected keyword argument 'x'") as a reader would say it."""
+    text = str(e)
+    if "unexpected keyword argument" in text:
+        name = text.rsplit(" ", 1)[-1].strip("'")
+        return (f"unknown field {name!r}; expected path, status, response_ms, method, client_ip, request_id, "
+                "ts_ms, bytes, idempotent_id")
+    if "missing" in text:
+        return f"missing {text.split('argument', 1)[-1].strip(': ')}; expected at least path, status, response_ms"
+    return text

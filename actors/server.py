@@ -52,6 +52,7 @@ RECV_CHUNK = 256 * 1024  # bytes read from one connection per loop turn: no clie
 MAX_PER_FRAME = 1024
 DEFER = object()  # a handler's answer that will come later (a gate waiter)
 SINGLE = "single"  # ops flag: the handler writes at most one statement, as its last step (no savepoint needed)
+COMMON_OPS = {"ping": (None, "ping", SINGLE)}  # ops every actor answers, besides its own
 
 
 @dataclass(eq=False)
@@ -115,6 +116,10 @@ class Behaviour:
     def __init__(self, loaded: LoadedConfig, db: Any, shard: int):
         self.loaded, self.db, self.shard = loaded, db, shard
         self.log = logs.get(actor=self.name, shard=shard)
+
+    def ping(self, tx: Tx, peer: Peer, a: Any, msg_id: int | None) -> dict[str, Any]:
+        """Every actor's "ping" op: proof that it answers (readiness checks)."""
+        return {"actor": self.name, "shard": self.shard}
 
     def tick(self, tx: Tx, now: float) -> list[tuple[Peer, int, dict[str, Any]]]:
         """Periodic work inside a write transaction; returns deferred answers now due."""
@@ -496,7 +501,7 @@ class ActorServer:
 
     def _handle(self, tx: Tx, client: Peer, msg: dict[str, Any]) -> dict[str, Any] | None:
         op, args = msg["op"], msg.get("a", {})
-        spec = self.behaviour.ops.get(op)
+        spec = self.behaviour.ops.get(op) or COMMON_OPS.get(op)
         if spec is None:
             return _error("bad_request", f"unknown op {op!r} for {self.actor}; expected one of: "
                                          f"{', '.join(self.behaviour.ops)}")

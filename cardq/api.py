@@ -97,6 +97,8 @@ class RateLimitDecision(msgspec.Struct, frozen=True):
     retry_after_s: float  # when the same request would be allowed (0 when it is)
     reset_after_s: float  # when the key's whole burst is available again
     unavailable: bool = False  # allowed only because no rate limiter could be reached (on_unavailable="allow")
+    policy: str = ""  # the [ratelimit] policy's key pattern that applied ("*": the default)
+    window_s: float = 0.0  # that policy's window: `limit` per `window_s`
 
     def to_dict(self) -> dict[str, Any]:
         return msgspec.to_builtins(self)  # (new containers: changing them leaves this value as it is)
@@ -105,6 +107,30 @@ class RateLimitDecision(msgspec.Struct, frozen=True):
 class CounterResult(msgspec.Struct, frozen=True):
     ok: bool
     value: int
+
+
+class NewToken(msgspec.Struct, frozen=True):
+    id: int
+    token: str  # shown once: only its digest is stored
+    scope: str
+    name: str
+
+
+class TokenInfo(msgspec.Struct, frozen=True):
+    id: int
+    name: str
+    scope: str
+    created_at: float
+    revoked_at: float | None
+
+
+class EventsRecorded(msgspec.Struct, frozen=True):
+    ids: list[str]  # each event's idempotent id, in the order given
+    accepted: int  # new events counted
+    duplicates: int  # seen before (a retried payload): counted once
+    late: int  # older than paths.retention_days: refused
+    sampled_out: int
+    to_inbox: int  # stored durably for the collector, which was not reachable; counted when it is back
 
 
 class _PerThread(threading.local):
@@ -371,6 +397,50 @@ class Queue:
         data["warnings"] = disk_warnings(loaded) + loose_permissions(loaded)
         return data
 
+    def readiness(self) -> dict[str, str | None]:
+        """What /readyz checks: {"database", "actors", "children"} -> None when fine, else why not (one line).
+        The database must take a write (its write lock, a disk with room, not read-only), every actor shard
+        must answer a ping, and the supervisor must run with every permanent child up."""
+        import shutil
+
+        from cardq.errors import read_only_fs
+        from cardq.reload import actor_shards
+        from cardq.running import supervisor_summary
+
+        loaded, out = self.config, {}
+        try:
+            db = self._db()
+            db.write(lambda c: None, "readiness")
+            if read_only_fs(loaded.db_path):
+                out["database"] = f"{loaded.db_path}: read-only file system"
+            elif shutil.disk_usage(loaded.db_path.parent).free < 1024 * 1024:
+                out["database"] = f"{loaded.db_path}: disk full (less than 1 MiB free)"
+            else:
+                out["database"] = None
+        except Error as e:
+            out["database"] = str(e)
+        try:
+            client = self._client()
+            for actor, shards in actor_shards(loaded).items():
+                for shard in range(shards):
+                    client.ask_shard(actor, shard, "ping", {}, timeout=1.0)
+            out["actors"] = None
+        except Error as e:
+            out["actors"] = str(e)
+        try:
+            summary = supervisor_summary(loaded, processes.read_all(self._db()))
+            down = [w["name"] for w in summary["workers"] if w["pid"] is None or w["state"] in ("restarting",
+                                                                                                "stopped")]
+            out["children"] = ("no supervisor runs" if not summary["running"] else
+                               f"not up: {', '.join(down)}" if down else None)
+        except Error as e:
+            out["children"] = str(e)
+        return out
+
+    def change_token(self) -> int:
+        """A number that moves whenever any process commits to the database (for waiting without polling rows)."""
+        return self._db().change_token()
+
     def _gate_stats(self) -> dict[str, Any] | str:
         """The running gates, or why they cannot be shown (status must work even when the actors do not)."""
         try:
@@ -405,6 +475,59 @@ class Queue:
         from cardq.running import wait_stopped
 
         wait_stopped(self._loaded, timeout=self._loaded.config.supervisor.shutdown_timeout_s + 30)
+
+    # ---- HTTP API tokens ---------------------------------------------------------------------------------------
+
+    def create_token(self, scope: str, name: str = "") -> NewToken:
+        """A new bearer token for the HTTP API (`read`, `app` or `admin`); the token itself is in the answer
+        only: the database keeps its SHA-256 digest."""
+        from cardq import tokens
+
+        return NewToken(*tokens.create(self._db(), scope, name))
+
+    def tokens(self) -> list[TokenInfo]:
+        from cardq.store import tokens as store_tokens
+
+        return [TokenInfo(*row) for row in store_tokens.list_all(self._db())]
+
+    def revoke_token(self, token_id: int) -> bool:
+        """Whether a live token had this id. A running HTTP server stops taking it within a second."""
+        from cardq.store import tokens as store_tokens
+
+        return store_tokens.revoke(self._db(), token_id, now=time.time())
+
+    def token_scope(self, token: str) -> tuple[int, str] | None:
+        """(id, scope) of a live token, None for an unknown or revoked one."""
+        from cardq import tokens
+
+        return tokens.check(self._db(), token)
+
+    # ---- traffic ----------------------------------------------------------------------------------------------
+
+    def record_events(self, events: Sequence[Mapping[str, Any]]) -> EventsRecorded:
+        """Record events now, all or none validated first (InputError naming the index and field), and return
+        once they are committed by the path collector or stored in its durable inbox — unlike `events.record`,
+        which buffers. The ids are idempotent: the same events sent again count once (give `ts_ms` and
+        `request_id`, or `idempotent_id`, so that a resend has the same id)."""
+        recorder = self.events
+        built = recorder.build_all(events)
+        counts = recorder.send_now(self._client(), built)
+        return EventsRecorded([e["id"] for e in built], **counts)
+
+    def path_stats(self, *, hour: int | None = None, path: str | None = None, hours: int | None = None,
+                   limit: int = 100) -> list[dict[str, Any]]:
+        """Hourly path statistics, hottest first: requests, 4xx/5xx, bytes, p50/p95/p99 ms, unique clients.
+        `hour` (epoch seconds of an hour's start) narrows to one hour; `hours` to the last N hours."""
+        from cardq.actors.paths import read_stats
+
+        since = None
+        if hours is not None:
+            if not 1 <= hours <= 24 * 366:
+                raise InputError(f"hours {hours}: expected 1 to 8784", where="hours")
+            since = int(time.time() // 3600 * 3600) - (hours - 1) * 3600
+        if not 1 <= limit <= 10_000:
+            raise InputError(f"limit {limit}: expected 1 to 10000", where="limit")
+        return read_stats(self._db(), hour=hour, path=path, since=since, limit=limit)
 
     # ---- actors -----------------------------------------------------------------------------------------------
 
@@ -457,12 +580,11 @@ class RateLimits:
             with self._q._lock:
                 self.allowed_unavailable += 1
             return RateLimitDecision(True, 0, 0, 0.0, 0.0, unavailable=True)
-        return RateLimitDecision(r["allowed"], r["limit"], r["remaining"], r["retry_after_s"], r["reset_after_s"])
+        return _decision(r)
 
     def check_many(self, keys: Sequence[str], cost: int = 1) -> list[RateLimitDecision]:
         """Many checks pipelined (every one sent before the first answer is read)."""
-        return [RateLimitDecision(r["allowed"], r["limit"], r["remaining"], r["retry_after_s"], r["reset_after_s"])
-                for r in self._q._client().ratelimit.check_many(list(keys), cost)]
+        return [_decision(r) for r in self._q._client().ratelimit.check_many(list(keys), cost)]
 
     def gate_stats(self, *, timeout_s: float | None = None) -> dict[str, Any]:
         client = self._q._client()
@@ -564,6 +686,11 @@ def selftest(config: str | os.PathLike | None = None) -> list[Any]:
     return checks.run(str(config) if config else os.environ.get("CARDQ_CONFIG"))
 
 
+def _decision(r: Mapping[str, Any]) -> RateLimitDecision:
+    return RateLimitDecision(r["allowed"], r["limit"], r["remaining"], r["retry_after_s"], r["reset_after_s"],
+                             policy=r.get("policy", ""), window_s=r.get("window_s", 0.0))
+
+
 def _job_info(row: Mapping[str, Any]) -> JobInfo:
     return JobInfo(**{k: row.get(k) for k in _JOB_FIELDS})
 
@@ -603,6 +730,7 @@ def _stamp(path: Path | None) -> tuple[int, int, int] | None:
 
 
 __all__ = [
-    "FINISHED", "FORMATS", "MAX_PRIORITY", "STATUSES", "Batch", "CounterResult", "Initialized", "JobInfo",
-    "JobPage", "Limit", "Queue", "RateLimitDecision", "connect", "init", "read_items", "selftest", "supervise",
+    "FINISHED", "FORMATS", "MAX_PRIORITY", "STATUSES", "Batch", "CounterResult", "EventsRecorded", "Initialized",
+    "JobInfo", "JobPage", "Limit", "NewToken", "Queue", "RateLimitDecision", "TokenInfo", "connect", "init",
+    "read_items", "selftest", "supervise",
 ]

@@ -150,6 +150,22 @@ class LimitsConfig(_Section):
     daily: dict[str, int] = msgspec.field(default_factory=_default_daily)
 
 
+class HttpConfig(_Section):
+    enabled: bool = True  # the HTTP API, /metrics and the status page (cardq/web/), one more permanent child
+    listen: str = "127.0.0.1:8787"  # host:port ("[::1]:8787"; port 0: any free one), or a unix socket path
+    tls_cert: str = ""  # PEM files; required to listen beyond loopback unless allow_plain_remote = true
+    tls_key: str = ""
+    allow_plain_remote: bool = False
+    max_body_bytes: Annotated[int, Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    max_connections: Annotated[int, Meta(ge=1, le=100_000)] = 1000
+    header_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 10.0  # a request's headers, from its first byte
+    keepalive_s: Annotated[float, Meta(gt=0, le=3600)] = 5.0  # an idle keep-alive connection is closed after
+    threads: Annotated[int, Meta(ge=1, le=1024)] = 16  # for the blocking calls (database, actors)
+    max_events_per_request: Annotated[int, Meta(ge=1, le=100_000)] = 1000
+    gate_lease_s: Annotated[float, Meta(gt=0, le=86_400)] = 30.0  # an HTTP permit expires unless renewed
+    max_gate_leases: Annotated[int, Meta(ge=1, le=100_000)] = 256
+
+
 class Config(_Section):
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     workers: WorkersConfig = msgspec.field(default_factory=WorkersConfig)
@@ -162,6 +178,7 @@ class Config(_Section):
     ratelimit: RateLimitConfig = msgspec.field(default_factory=RateLimitConfig)
     gates: dict[str, GateConfig] = msgspec.field(default_factory=_default_gates)
     paths: PathsConfig = msgspec.field(default_factory=PathsConfig)
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
 
 
 def resolve_path(configured: str, config_dir: Path | None) -> Path:
@@ -410,6 +427,7 @@ def _check_semantics(name: str, cfg: Config) -> None:
     if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", up.api_key_env):
         raise ConfigError(f"{name}: upstream.api_key_env = {_toml_repr(up.api_key_env)}: expected the NAME of an "
                           "environment variable (the key itself never goes in config.toml)")
+    _check_http(name, cfg.http)
     for n, rule in enumerate(cfg.paths.id_rules):
         try:
             if len(rule) != 2:
@@ -427,3 +445,38 @@ def _check_semantics(name: str, cfg: Config) -> None:
             )
         if lim.daily[plan] < 0:
             raise ConfigError(f"{name}: limits.daily.{plan} = {lim.daily[plan]}: expected an integer >= 0")
+
+
+def parse_listen(listen: str) -> tuple[str, int] | str:
+    """[http] listen: (host, port), or a unix socket path; ValueError saying what is expected."""
+    if listen.startswith(("/", "./", "../", "~")) or listen.endswith(".sock"):
+        return listen
+    m = re.match(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$", listen)
+    if not m or int(m.group(2)) > 65535:
+        raise ValueError('expected "host:port" (such as "127.0.0.1:8787" or "[::1]:8787") or a unix socket path')
+    return m.group(1).strip("[]"), int(m.group(2))
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_http(name: str, h: HttpConfig) -> None:
+    try:
+        where = parse_listen(h.listen)
+    except ValueError as e:
+        raise ConfigError(f"{name}: http.listen = {_toml_repr(h.listen)}: {e}") from None
+    if bool(h.tls_cert) != bool(h.tls_key):
+        raise ConfigError(f"{name}: http.tls_cert and http.tls_key: expected both (PEM files) or neither")
+    if isinstance(where, tuple) and not is_loopback(where[0]) and not h.tls_cert and not h.allow_plain_remote:
+        raise ConfigError(
+            f"{name}: http.listen = {_toml_repr(h.listen)}: beyond loopback, bearer tokens would cross the network "
+            "in clear; expected http.tls_cert and http.tls_key, or http.allow_plain_remote = true (behind a "
+            "TLS-terminating proxy)")

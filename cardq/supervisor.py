@@ -49,6 +49,7 @@ QUIET_TICK_S = 5.0  # ... or this often once nothing at all has been written for
 QUIET_AFTER_S = 10.0
 HEARTBEAT_S = 10.0  # the process table is rewritten when it changes, and at least this often
 BUSY_TICK_S = 0.05
+HTTP_CHILD = "http-0"  # the HTTP server (cardq/web/server.py), when [http] enabled
 
 
 class Supervisor:
@@ -236,6 +237,7 @@ class Supervisor:
         if self.stopping:
             return self._step_shutdown(now)
         self._ensure_actors(now)
+        self._ensure_http(now)
         self._scale(now)
         self.restarts.step(now)
         self._enforce_timeouts(now)
@@ -308,6 +310,24 @@ class Supervisor:
                                      args={"actor": actor, "shard": shard})
                     self.children[name] = TrackedChild(spec)
                     self.restarts.start(name, now)
+
+    def _ensure_http(self, now: float) -> None:
+        """The HTTP server ([http] enabled), a permanent child like the actors; a reload can turn it on or off.
+        Not in burst mode: a burst drains the queue and exits, it serves nobody."""
+        want = self.loaded.config.http.enabled and not self.burst
+        child = self.children.get(HTTP_CHILD)
+        if want and child is None:
+            self.children[HTTP_CHILD] = TrackedChild(ChildSpec(name=HTTP_CHILD, role="http",
+                                                               target="cardq.web.server:main"))
+            self.restarts.start(HTTP_CHILD, now)
+        elif want and child.retiring and child.alive:
+            child.retiring = False
+        elif not want and child is not None and not child.retiring:
+            child.retiring = True
+            self.restarts.cancel(HTTP_CHILD)
+            if child.alive:
+                child.state = "stopping"
+                child.channel.send({"cmd": "stop"})
 
     def _scale(self, now: float) -> None:
         for slot in range(1, self.desired + 1):

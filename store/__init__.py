@@ -16,7 +16,7 @@ database, InputError, LimitExceeded, JobNotFound, InvalidTransition for what the
 Modules hold their tables: db (connection, pragmas, transactions), schema (versions, migrations), jobs (the job
 state machine), submit (batches under limits), admin (operator actions), queries (reads), limits, usage (per-user
 counters; the one owner of user_load), fairness, processes (the supervisor's published view), counters,
-ratelimits, gates, traffic, dead_letters (the actors' state).
+ratelimits, gates, traffic, dead_letters (the actors' state), tokens (the HTTP API's bearer tokens).
 """
 
 from cardq.errors import (
@@ -49,6 +49,7 @@ CONTRACT: dict[str, tuple[str, ...]] = {
     "traffic": ("insert_events", "hour_paths", "load_hour", "save_hour", "hourly", "prune_events", "inbox_add",
                 "inbox_take", "inbox_delete"),
     "dead_letters": ("failure_counts", "record_failure", "count_failure", "clear_failure", "add"),
+    "tokens": ("add", "scope_of", "list_all", "revoke"),
 }
 
 # module -> the data types and constants of the contract (what its operations take and return).
@@ -60,6 +61,7 @@ TYPES: dict[str, tuple[str, ...]] = {
     "processes": ("ProcessRow",),
     "gates": ("Permit",),
     "traffic": ("HourStats", "HourRow", "EventRow"),
+    "tokens": ("TokenRow", "SCOPES"),
 }
 
 __all__ = [

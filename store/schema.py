@@ -196,6 +196,18 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE counter_ops ADD COLUMN request TEXT NOT NULL DEFAULT '';
     """,
+    # v5: bearer tokens of the HTTP API, kept as SHA-256 digests (a token is 32 random bytes: a fast hash is
+    # enough, and the plain token is shown once, at creation).
+    """
+    CREATE TABLE api_tokens (
+        id           INTEGER PRIMARY KEY,
+        name         TEXT    NOT NULL,
+        scope        TEXT    NOT NULL CHECK (scope IN ('read', 'app', 'admin')),
+        digest       TEXT    NOT NULL UNIQUE,
+        created_at   REAL    NOT NULL,
+        revoked_at   REAL
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

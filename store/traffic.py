@@ -84,12 +84,17 @@ def _stats(r: Sequence) -> HourStats:
     return HourStats(*r[:9], bool(r[9]))
 
 
-def hourly(db: Database, *, hour: int | None = None, path: str | None = None, limit: int = 100) -> list[HourRow]:
-    """path_stats_hourly rows, hottest first, optionally for one hour and/or one path."""
+def hourly(db: Database, *, hour: int | None = None, path: str | None = None, since: int | None = None,
+           limit: int = 100) -> list[HourRow]:
+    """path_stats_hourly rows, hottest first, optionally for one hour (or the hours from `since` on) and/or
+    one path."""
     where, args = [], []
     if hour is not None:
         where.append("hour = ?")
         args.append(hour)
+    if since is not None:
+        where.append("hour >= ?")
+        args.append(since)
     if path is not None:
         where.append("path = ?")
         args.append(path)

@@ -34,6 +34,7 @@ BASE_CONFIG: dict[str, dict[str, Any]] = {
     "log": {"file": "cardq.log", "level": "debug", "format": "json"},
     "limits": {"batch_max_items_per_request": 100_000, "batch_max_queued_per_user": 100_000},
     "limits.daily": {"enterprise": 1_000_000},
+    "http": {"enabled": False},  # tests/test_http.py turns it on (on port 0); the rest need no extra process
 }
 
 

@@ -1,0 +1,186 @@
+"""The ASGI app: routes (routes.py) behind one wrapper that does, for every request, what every request needs —
+a request id (taken from X-Request-Id when sane, echoed back), the bearer token and its scope, a capped body,
+strict JSON decoding, and errors as RFC 9457 problems, each logged once with its request id, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from cardq import tokens
+from cardq.errors import Error
+from cardq.web.leases import GateLeases
+from cardq.web.problems import HTTPProblem, from_error, response
+
+T = TypeVar("T")
+SCOPE_RANK = {"read": 0, "app": 1, "admin": 2}  # admin may do what app may, app what read may
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+TOKEN_CACHE_S = 1.0  # a revoked token stops working within this long
+TOKEN_CACHE_MAX = 10_000
+
+
+class Web:
+    """What the handlers share: the Queue (public API), a bounded pool for its blocking calls, the token cache
+    and the gate leases."""
+
+    def __init__(self, q: Any, *, log: Any):
+        http = q.config.config.http
+        self.q, self.log = q, log
+        self.http = http
+        self.pool = ThreadPoolExecutor(http.threads, thread_name_prefix="cardq-http")
+        self.leases = GateLeases(q, max_leases=http.max_gate_leases, default_lease_s=http.gate_lease_s, log=log)
+        self._tokens: dict[str, tuple[float, tuple[int, str] | None]] = {}
+        self.started_at = time.time()
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """A blocking call of the public API, on the pool: the event loop never waits on SQLite or an actor."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args, **kw))
+
+    async def authorize(self, request: Request, scope: str) -> int:
+        """The token's id, or 401/403."""
+        header = request.headers.get("authorization", "")
+        kind, _, token = header.partition(" ")
+        if kind.lower() != "bearer" or not token:
+            raise HTTPProblem(401, "unauthorized", "a bearer token is required: Authorization: Bearer <token> "
+                              "(make one with `cardq token create --scope read|app|admin`)",
+                              {"WWW-Authenticate": 'Bearer realm="cardq"'})
+        found = await self._token(token.strip())
+        if found is None:
+            raise HTTPProblem(401, "unauthorized", "the bearer token is unknown or revoked",
+                              {"WWW-Authenticate": 'Bearer realm="cardq", error="invalid_token"'})
+        token_id, has = found
+        if SCOPE_RANK[has] < SCOPE_RANK[scope]:
+            challenge = f'Bearer realm="cardq", error="insufficient_scope", scope="{scope}"'
+            raise HTTPProblem(403, "forbidden", f"this token's scope is {has!r}; this call needs {scope!r}",
+                              {"WWW-Authenticate": challenge}, token_id=token_id)
+        return token_id
+
+    async def _token(self, token: str) -> tuple[int, str] | None:
+        key = tokens.digest(token)
+        now = time.monotonic()
+        hit = self._tokens.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        found = await self.run(self.q.token_scope, token)
+        if len(self._tokens) >= TOKEN_CACHE_MAX:  # a client trying random tokens must not grow it without end
+            self._tokens.clear()
+        self._tokens[key] = (now + TOKEN_CACHE_S, found)
+        return found
+
+    async def body(self, request: Request, typ: type[T] | None = None) -> T | Any:
+        """The JSON body, at most max_body_bytes (413 past it, counted as it arrives: a chunked body too),
+        decoded strictly into `typ` (400 naming the field), or as plain JSON."""
+        cap = self.http.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > cap:
+            raise HTTPProblem(413, "too-large", f"body of {declared} bytes: expected at most {cap} "
+                              "([http] max_body_bytes)", max_body_bytes=cap)
+        ctype = request.headers.get("content-type", "application/json")
+        # (curl -d sends x-www-form-urlencoded, some fetch() calls text/plain: the body is parsed as JSON anyway)
+        if "json" not in ctype and not ctype.startswith(("application/x-www-form-urlencoded", "text/plain")):
+            raise HTTPProblem(415, "unsupported-media-type", f"content-type {ctype[:80]!r}: expected application/json")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                raise HTTPProblem(413, "too-large", f"body over {cap} bytes ([http] max_body_bytes)",
+                                  max_body_bytes=cap)
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        try:
+            return msgspec.json.decode(raw, type=typ) if typ is not None else msgspec.json.decode(raw)
+        except msgspec.ValidationError as e:
+            reason, _, where = str(e).partition(" - at `$")
+            field = where.rstrip("`").lstrip(".") or "body"
+            unknown = re.match(r"Object contains unknown field `(.+)`", reason)
+            if unknown:
+                allowed = ", ".join(typ.__struct_fields__) if typ is not None else ""
+                field = f"{field}.{unknown.group(1)}" if field != "body" else unknown.group(1)
+                raise HTTPProblem(400, "bad-input", f"{field}: unknown field; expected one of: {allowed}",
+                                  where=field) from None
+            raise HTTPProblem(400, "bad-input", f"{field}: {reason[0].lower()}{reason[1:]}", where=field) from None
+        except msgspec.DecodeError as e:
+            raise HTTPProblem(400, "bad-json", f"body: {e}; expected a JSON document", where="body") from None
+
+    def close(self) -> None:
+        self.leases.release_all()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(msgspec.json.encode(body), status_code=status, media_type="application/json", headers=headers)
+
+
+Handler = Callable[[Web, Request], Awaitable[Response]]
+
+
+def endpoint(scope: str | None, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    """The wrapper every route goes through (see the module's docstring). scope None: no token needed."""
+
+    async def asgi_endpoint(request: Request) -> Response:
+        web: Web = request.app.state.web
+        given = request.headers.get("x-request-id", "")
+        rid = given if REQUEST_ID_RE.match(given) else uuid.uuid4().hex[:16]
+        try:
+            if scope is not None:
+                await web.authorize(request, scope)
+            resp = await handler(web, request)
+        except HTTPProblem as p:
+            problem = p
+        except Error as e:
+            problem = from_error(e)
+        except Exception as e:  # a bug: one line with where it happened; the client gets no internals
+            web.log.error("http.failed", request_id=rid, method=request.method, path=request.url.path,
+                          error=f"{type(e).__name__}: {e}"[:300], at=_where(e))
+            return response(HTTPProblem(500, "internal", "internal error (the server log has the details under "
+                                        "this request id)"), rid, request.url.path)
+        else:
+            resp.headers["X-Request-Id"] = rid
+            return resp
+        level = "error" if problem.status >= 500 and problem.status != 503 else "info"
+        getattr(web.log, level)("http.refused" if problem.status < 500 else "http.unavailable" if problem.status
+                                == 503 else "http.failed", request_id=rid, method=request.method,
+                                path=request.url.path, status=problem.status, detail=problem.detail[:300])
+        return response(problem, rid, request.url.path)
+
+    return asgi_endpoint
+
+
+def _where(e: BaseException) -> str:
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"
+
+
+def build(q: Any, *, log: Any) -> Starlette:
+    from cardq.web.routes import ROUTES
+
+    routes = [Route(r.path, endpoint(r.scope, r.handler), methods=[r.method]) for r in ROUTES]
+    app = Starlette(routes=routes)
+    app.state.web = Web(q, log=log)
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        rid = uuid.uuid4().hex[:16]
+        detail = ("no such endpoint; see /openapi.json" if status == 404 else
+                  f"method {request.method} not allowed here; see /openapi.json")
+        return response(HTTPProblem(status, "not-found" if status == 404 else "method-not-allowed", detail), rid,
+                        request.url.path)
+
+    app.add_exception_handler(404, not_found)
+    app.add_exception_handler(405, not_found)
+    return app
