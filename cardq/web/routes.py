@@ -186,7 +186,7 @@ async def ratelimit_check(web: Web, request: Request) -> Response:
     200 when allowed, 429 (and Retry-After) when not."""
     b = await web.body(request, schemas.RateCheck)
     d = await web.run(web.q.ratelimit.check, b.key, b.cost)
-    name = (d.policy or "default").replace('"', "")
+    name = "default" if d.policy in ("", "*") else d.policy.replace('"', "")
     headers = {"RateLimit-Policy": f'"{name}";q={d.limit};w={max(1, round(d.window_s))}',
                "RateLimit": f'"{name}";r={d.remaining};t={math.ceil(d.reset_after_s)}'}
     if not d.allowed:
