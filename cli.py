@@ -330,6 +330,49 @@ def limits_unset(key: str, config_path: str | None) -> None:
     click.echo(f"{key} = {value} ({source}){'' if had else '; there was no override'}")
 
 
+@cli.group(epilog=EXIT_CODES_HELP)
+def token() -> None:
+    """Bearer tokens of the HTTP API: read (status, jobs, paths, diag, metrics) < app (submit, rate limits,
+    gates, counters, events) < admin (limits, retry, cancel, purge)."""
+
+
+@token.command("create")
+@click.option("--scope", required=True, type=click.Choice(("read", "app", "admin")), help="What it may do.")
+@click.option("--name", default="", help="Whose or what for (shown by `cardq token list`).")
+@config_option
+def token_create(scope: str, name: str, config_path: str | None) -> None:
+    """Make a token and print it, once: only its SHA-256 digest is kept."""
+    with connect(config_path) as q:
+        t = q.create_token(scope, name)
+    click.echo(t.token)
+    click.echo(f"token {t.id} ({t.scope}{', ' + t.name if t.name else ''}): shown once; keep it in a secret store",
+               err=True)
+
+
+@token.command("list")
+@json_option
+@config_option
+def token_list(as_json: bool, config_path: str | None) -> None:
+    """Every token: id, name, scope, when made, when revoked (never the token itself)."""
+    with connect(config_path) as q:
+        rows = q.tokens()
+    if as_json:
+        emit_json([{f: getattr(r, f) for f in r.__struct_fields__} for r in rows])
+    else:
+        click.echo(render.tokens_table(rows))
+
+
+@token.command("revoke")
+@click.argument("token_id", type=click.IntRange(1))
+@config_option
+def token_revoke(token_id: int, config_path: str | None) -> None:
+    """Revoke a token by id; a running HTTP server refuses it within a second."""
+    with connect(config_path) as q:
+        if not q.revoke_token(token_id):
+            raise InputError(f"token {token_id}: no live token with this id (see `cardq token list`)")
+    click.echo(f"token {token_id} revoked")
+
+
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.option("--dir", "directory", default="demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the demo's config and fresh database.")

@@ -129,3 +129,11 @@ def _limit(g: dict[str, Any]) -> str:
 def limits_table(limits: Iterable[Limit], config_source: str) -> str:
     rows = [[lim.key, lim.value, lim.source, lim.configured] for lim in limits]
     return table(["limit", "value", "source", "config value"], rows) + f"\n(config: {config_source})"
+
+
+def tokens_table(rows: Iterable[Any]) -> str:
+    """`cardq token list`: never the token (it is not kept), only what tells them apart."""
+    now = time.time()
+    out = [[t.id, t.name, t.scope, age(now - t.created_at) + " ago",
+            "revoked " + age(now - t.revoked_at) + " ago" if t.revoked_at else "live"] for t in rows]
+    return table(["id", "name", "scope", "created", "state"], out) if out else "no tokens (cardq token create)"

@@ -36,6 +36,7 @@ def scope_of(db: Database, digest: str) -> tuple[int, str] | None:
 
 
 def list_all(db: Database) -> list[TokenRow]:
+    """Every token, live or revoked, oldest first (never a digest: nothing above the store needs one)."""
     return db.read(lambda c: [TokenRow(*r) for r in c.execute(
         "SELECT id, name, scope, created_at, revoked_at FROM api_tokens ORDER BY id")], "token list")
 

@@ -13,7 +13,8 @@ from cardq.store import CONTRACT, TYPES
 
 ROOT = Path(__file__).resolve().parent.parent
 # Where each package's source lives in the checkout (pyproject's package-dir), and the CLI file.
-PACKAGE_DIRS = {"cardq": ROOT / "cardq", "cardq.store": ROOT / "store", "cardq.actors": ROOT / "actors"}
+PACKAGE_DIRS = {"cardq": ROOT / "cardq", "cardq.store": ROOT / "store", "cardq.actors": ROOT / "actors",
+                "cardq.web": ROOT / "cardq" / "web"}
 CLI_FILE = ROOT / "cli.py"
 
 # Lowest first. A module may import its own layer and the layers below it, never one above.
@@ -22,6 +23,7 @@ LAYERS: list[tuple[str, set[str] | str]] = [
     ("store", "cardq.store"),
     ("runtime", "*"),  # everything not named elsewhere: supervisor, workers, actors, logs, handlers, inputs, ...
     ("public API", {"cardq", "cardq.api"}),
+    ("HTTP", "cardq.web"),  # the HTTP server: over the public API, like the CLI
     ("CLI", {"cardq.cli", "cardq.render", "cardq.demo"}),
 ]
 

@@ -15,10 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import msgspec
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from cardq import tokens
 from cardq.errors import Error
@@ -164,23 +162,3 @@ def _where(e: BaseException) -> str:
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"
-
-
-def build(q: Any, *, log: Any) -> Starlette:
-    from cardq.web.routes import ROUTES
-
-    routes = [Route(r.path, endpoint(r.scope, r.handler), methods=[r.method]) for r in ROUTES]
-    app = Starlette(routes=routes)
-    app.state.web = Web(q, log=log)
-
-    async def not_found(request: Request, exc: Exception) -> Response:
-        status = getattr(exc, "status_code", 404)
-        rid = uuid.uuid4().hex[:16]
-        detail = ("no such endpoint; see /openapi.json" if status == 404 else
-                  f"method {request.method} not allowed here; see /openapi.json")
-        return response(HTTPProblem(status, "not-found" if status == 404 else "method-not-allowed", detail), rid,
-                        request.url.path)
-
-    app.add_exception_handler(404, not_found)
-    app.add_exception_handler(405, not_found)
-    return app

@@ -23,17 +23,25 @@ import os
 import signal
 import socket
 import stat
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from cardq import logs
 from cardq.children import EXIT_STOPPED, ChildContext
 from cardq.config import LoadedConfig, parse_config, parse_listen, resolve_path
+from cardq.web.app import Web, endpoint
+from cardq.web.problems import HTTPProblem, response
+from cardq.web.routes import ROUTES
 
 ADDRESS_FILE = "http.json"
 BIND_RETRY_S = (0.5, 30.0)  # first and longest pause between attempts to bind a taken address
@@ -100,9 +108,26 @@ class QuietServer(uvicorn.Server):
         self.config.cardq_nudge.set()
 
 
+def build(q: Any, *, log: Any) -> Starlette:
+    routes = [Route(r.path, endpoint(r.scope, r.handler), methods=[r.method]) for r in ROUTES]
+    app = Starlette(routes=routes)
+    app.state.web = Web(q, log=log)
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        rid = uuid.uuid4().hex[:16]
+        detail = ("no such endpoint; see /openapi.json" if status == 404 else
+                  f"method {request.method} not allowed here; see /openapi.json")
+        return response(HTTPProblem(status, "not-found" if status == 404 else "method-not-allowed", detail), rid,
+                        request.url.path)
+
+    app.add_exception_handler(404, not_found)
+    app.add_exception_handler(405, not_found)
+    return app
+
+
 def main(ctx: ChildContext) -> int:
     from cardq.api import Queue
-    from cardq.web.app import build
 
     log = logs.get(child=ctx.spec.name)
     _route_stdlib_logging(log)
