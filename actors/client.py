@@ -259,7 +259,7 @@ class ActorClient:
             conn.close()
 
     @contextmanager
-    def gate(self, name: str) -> Iterator[str]:
+    def gate(self, name: str, wait_s: float | None = None) -> Iterator[str]:
         """Hold a permit of gate `name` for the block: at most max_concurrency holders at once, across every
         process (an adaptive gate: at most its current limit, which the block's outcome moves — see
         actors/gatelimit.py). A free permit is taken in this process (a kernel lock, ~2 µs: actors/gateslots.py);
@@ -283,7 +283,7 @@ class ActorClient:
                     finally:
                         slots.give(slot)
                     return
-        with self._gate_queued(name) as permit, self._outcome(name, cfg):
+        with self._gate_queued(name, wait_s) as permit, self._outcome(name, cfg):
             yield permit
 
     def _adaptive(self, name: str, cfg: GateConfig | None) -> AdaptiveLimit | None:
@@ -331,12 +331,15 @@ class ActorClient:
                                 error=f"{type(error).__name__}: {error}"[:200] if error is not None else None)
 
     @contextmanager
-    def _gate_queued(self, name: str) -> Iterator[str]:
-        """The slow path of `gate`: a permit from the actor's queue, held by the actor for this process."""
+    def _gate_queued(self, name: str, wait_s: float | None = None) -> Iterator[str]:
+        """The slow path of `gate`: a permit from the actor's queue, held by the actor for this process. Waits
+        up to the gate's queue_timeout_ms, or wait_s if that is shorter."""
         permit = uuid.uuid4().hex
         queue_s = 60.0
         if self.loaded is not None and name in self.loaded.config.gates:
             queue_s = self.loaded.config.gates[name].queue_timeout_ms / 1000
+        if wait_s is not None:
+            queue_s = min(queue_s, wait_s)
         self.release_leftovers()
         try:
             # The actor never keeps us waiting longer than we wait for its answer (wait_ms).

@@ -532,12 +532,12 @@ class Queue:
     # ---- actors -----------------------------------------------------------------------------------------------
 
     @contextmanager
-    def gate(self, name: str) -> Iterator[str]:
+    def gate(self, name: str, *, wait_s: float | None = None) -> Iterator[str]:
         """Hold a permit of concurrency gate `name` for the block: a free one is taken in this process (a kernel
         lock, microseconds; it works with no supervisor running); when none is free the caller waits in the
         gate's bounded queue at the RateLimiter actor (Overloaded when the queue is full or no permit came in
-        time; ActorUnavailable when no supervisor runs)."""
-        with self._client().gate(name) as permit:
+        time — the gate's queue_timeout_ms, or wait_s if shorter; ActorUnavailable when no supervisor runs)."""
+        with self._client().gate(name, wait_s) as permit:
             yield permit
 
     @property

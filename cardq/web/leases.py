@@ -21,6 +21,8 @@ from typing import Any
 
 from cardq.errors import Error, InputError, Overloaded
 
+ANSWER_GRACE_S = 2.0
+
 
 class OverloadReported(Exception):
     """The caller released with outcome "overload": an adaptive gate cuts its limit (gatelimit reads .overload)."""
@@ -69,10 +71,12 @@ class GateLeases:
             if not granted.done():
                 granted.set_result(outcome)
 
-        thread = threading.Thread(target=self._hold, args=(lease, loop, tell), name=f"lease-{gate}", daemon=True)
+        thread = threading.Thread(target=self._hold, args=(lease, wait_s, loop, tell), name=f"lease-{gate}",
+                                  daemon=True)
         thread.start()
         try:
-            error = await asyncio.wait_for(asyncio.shield(granted), wait_s)
+            # The holder's own wait is bounded (by wait_s at the actor): its answer normally comes first.
+            error = await asyncio.wait_for(asyncio.shield(granted), None if wait_s is None else wait_s + ANSWER_GRACE_S)
         except BaseException as e:  # no permit in time, or the request itself was cancelled (client gone)
             lease.abandoned, lease.outcome = True, "error"  # the holder gives the permit straight back if it comes
             lease.released.set()
@@ -83,9 +87,11 @@ class GateLeases:
             raise error
         return lease
 
-    def _hold(self, lease: Lease, loop: asyncio.AbstractEventLoop, tell: Any) -> None:
+    def _hold(self, lease: Lease, wait_s: float | None, loop: asyncio.AbstractEventLoop, tell: Any) -> None:
         try:
-            with self.q.gate(lease.gate) as permit:
+            # The actor keeps the wait in its queue no longer than the caller's: an abandoned wait must not hold
+            # a place in the queue that the next caller needs.
+            with self.q.gate(lease.gate, wait_s=wait_s) as permit:
                 lease.permit = permit
                 lease.expires_at = time.monotonic() + lease.lease_s
                 loop.call_soon_threadsafe(tell, None)
