@@ -438,3 +438,29 @@ def test_token_cli(tmp_path):
         assert d.cardq("token", "create", "--scope", "root").returncode == 2
     finally:
         d.close()
+
+
+def test_tls_files_that_cannot_be_read_are_retried_then_served_over_https(tmp_path):
+    import trustme
+
+    cert, key = tmp_path / "tls" / "cert.pem", tmp_path / "tls" / "key.pem"
+    d = Deployment(tmp_path, http={**HTTP, "tls_cert": str(cert), "tls_key": str(key)})
+    try:
+        d.start()
+        wait_for(lambda: any(x["event"] == "http.tls_failed" for x in d.log_lines()), 60, what="tls_failed logged")
+        ids = d.submit([{"title": "runs without the HTTP server"}])
+        wait_for(lambda: d.statuses(ids) == {"done": 1}, 60, what="the job done meanwhile")
+        ca = trustme.CA()
+        server_cert = ca.issue_cert("127.0.0.1")
+        cert.parent.mkdir()
+        server_cert.cert_chain_pems[0].write_to_path(str(cert))
+        server_cert.private_key_pem.write_to_path(str(key))
+        url = wait_for(lambda: read_address(d.loaded.run_dir), 90, 0.1, "the HTTPS server up once the files exist")
+        assert url.startswith("https://127.0.0.1:")
+        import ssl
+
+        trusting = ssl.create_default_context()
+        ca.configure_trust(trusting)
+        assert httpx.get(f"{url}/healthz", verify=trusting, timeout=10).json() == {"status": "ok"}
+    finally:
+        d.close()

@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import stat
 import uuid
 from collections.abc import Iterator
@@ -164,7 +165,7 @@ async def _serve(ctx: ChildContext, app: Any, log: Any) -> int:
 
     loop.add_signal_handler(signal.SIGTERM, stop)
     loop.add_reader(ctx.channel.conn.fileno(), _commands, ctx, loaded, stop, log)
-    sock = await _bind(loaded, stopped, log)
+    sock = await _bind(loaded, config, stopped, log)
     if sock is None:
         return EXIT_STOPPED
     _publish(loaded, sock)
@@ -188,17 +189,24 @@ def _commands(ctx: ChildContext, loaded: LoadedConfig, stop: Any, log: Any) -> N
             stop()
 
 
-async def _bind(loaded: LoadedConfig, stopped: asyncio.Event, log: Any) -> socket.socket | None:
-    """The listening socket; while the address is taken, retry (logged once per reason) until bound or stopped."""
+async def _bind(loaded: LoadedConfig, config: uvicorn.Config, stopped: asyncio.Event,
+                log: Any) -> socket.socket | None:
+    """The listening socket, TLS files loaded; while the address is taken or the TLS files cannot be read,
+    retry (logged once per reason) until it works or we are stopped. Exiting instead would have the supervisor
+    restart us in a loop until its restart intensity stops the whole tree: a bad port or certificate must not
+    stop the job system."""
     pause, said = BIND_RETRY_S[0], ""
     while not stopped.is_set():
         try:
+            if not config.loaded:
+                config.load()  # reads tls_cert and tls_key
             return _listen(loaded)
-        except OSError as e:
-            reason = f"{loaded.config.http.listen}: {e.strerror or e}"
+        except (OSError, ssl.SSLError) as e:
+            what = "tls" if not config.loaded else "bind"
+            reason = f"{what}: {getattr(e, 'strerror', None) or e}"
             if reason != said:
-                log.error("http.bind_failed", listen=loaded.config.http.listen, reason=e.strerror or str(e),
-                          retry="until it is free; the job system runs on meanwhile")
+                log.error(f"http.{what}_failed", listen=loaded.config.http.listen, reason=reason[len(what) + 2:],
+                          retry="until it works; the job system runs on meanwhile")
                 said = reason
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopped.wait(), pause)
