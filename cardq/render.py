@@ -84,6 +84,8 @@ def _supervisor(sup: dict[str, Any]) -> str:
         f"config in effect: {sup['config_file']} ({sup['config_digest']}), version {sup['config_version']}, "
         f"loaded {loaded_at}",
     ]
+    if sup.get("http"):
+        lines.append(f"http: {sup['http']}")
     if sup["last_reload_error"]:
         lines.append(f"LAST RELOAD FAILED (old config kept): {sup['last_reload_error']}")
     if sup["workers"]:

@@ -6,6 +6,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -84,6 +85,19 @@ def wait_stopped(loaded: LoadedConfig, timeout: float) -> None:
     raise Error(f"the supervisor did not stop within {timeout:g}s")
 
 
+HTTP_ADDRESS_FILE = "http.json"  # in run_dir: where the HTTP server listens now (written by cardq/web/server.py)
+
+
+def http_address(run_dir: Path) -> str | None:
+    """The URL the running HTTP server published ("http://127.0.0.1:8787", "unix:/path"), if one runs."""
+    import orjson
+
+    try:
+        return orjson.loads((run_dir / HTTP_ADDRESS_FILE).read_bytes()).get("url")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def supervisor_summary(loaded: LoadedConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Who runs this database now, with which config, and each worker's state (from the published rows,
     trusted only while the supervisor's lock is held)."""
@@ -108,6 +122,7 @@ def supervisor_summary(loaded: LoadedConfig, rows: list[dict[str, Any]]) -> dict
         "last_reload_error": info.get("last_reload_error"),
         "workers_desired": info.get("workers_desired"),
         "wakeups_sent": info.get("wakeups_sent"),
+        "http": http_address(loaded.run_dir),
         "workers": [
             {**{k: r[k] for k in ("name", "pid", "state", "current_job", "jobs_done", "restarts", "last_exit")},
              **r["info"]}  # an actor's: connections_refused, connections_evicted

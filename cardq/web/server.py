@@ -40,11 +40,11 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from cardq import logs
 from cardq.children import EXIT_STOPPED, ChildContext
 from cardq.config import LoadedConfig, parse_config, parse_listen, resolve_path
+from cardq.running import HTTP_ADDRESS_FILE, http_address
 from cardq.web.app import Web, endpoint
 from cardq.web.problems import HTTPProblem, response
 from cardq.web.routes import ROUTES
 
-ADDRESS_FILE = "http.json"
 BIND_RETRY_S = (0.5, 30.0)  # first and longest pause between attempts to bind a taken address
 DRAIN_S = 5.0  # at stop: in-flight requests get this long to finish
 
@@ -245,7 +245,7 @@ def _url(loaded: LoadedConfig, sock: socket.socket) -> str:
 
 def _publish(loaded: LoadedConfig, sock: socket.socket) -> None:
     """<run_dir>/http.json: where the server listens now (the port taken for "host:0"), for tools and tests."""
-    target = loaded.run_dir / ADDRESS_FILE
+    target = loaded.run_dir / HTTP_ADDRESS_FILE
     tmp = target.with_suffix(".tmp")
     with contextlib.suppress(OSError):  # the address is also in the log; a full disk must not stop the server
         tmp.write_bytes(orjson.dumps({"url": _url(loaded, sock), "pid": os.getpid()}))
@@ -253,18 +253,15 @@ def _publish(loaded: LoadedConfig, sock: socket.socket) -> None:
 
 
 def _unpublish(loaded: LoadedConfig) -> None:
-    target = loaded.run_dir / ADDRESS_FILE
+    target = loaded.run_dir / HTTP_ADDRESS_FILE
     with contextlib.suppress(OSError, ValueError):
         if orjson.loads(target.read_bytes()).get("pid") == os.getpid():
             target.unlink()
 
 
 def read_address(run_dir: Path) -> str | None:
-    """The URL a running HTTP server published, if any."""
-    try:
-        return orjson.loads((run_dir / ADDRESS_FILE).read_bytes()).get("url")
-    except (OSError, ValueError):
-        return None
+    """The URL a running HTTP server published, if any (for tests and tools that know only the run directory)."""
+    return http_address(run_dir)
 
 
 def _peer(client: Any) -> str:
