@@ -174,16 +174,20 @@ class Supervisor:
     def run(self) -> None:
         """Start, supervise until told to stop (or, with burst, until the queue is drained). Raises the failure
         that stopped it, if one did (RestartIntensityExceeded, ConfigError)."""
-        self.start()
+        title = children.set_title("supervisor")  # what `ps` shows; given back after (an app may run us in-process)
         try:
-            if self.burst and self.maintenance.call("pending", lambda: usage.pending_total(self.db)) == 0:
-                # Nothing to run: say so and stop, rather than start a tree of processes to find it out.
-                self._begin_shutdown(time.monotonic(), "burst: no job to run")
-            while not self.step(time.monotonic()):
-                self._wait(self._sleep_for(time.monotonic()))
-            self.log.info("supervisor.exit", reason=self.stop_reason, failed=self.failure is not None)
+            self.start()
+            try:
+                if self.burst and self.maintenance.call("pending", lambda: usage.pending_total(self.db)) == 0:
+                    # Nothing to run: say so and stop, rather than start a tree of processes to find it out.
+                    self._begin_shutdown(time.monotonic(), "burst: no job to run")
+                while not self.step(time.monotonic()):
+                    self._wait(self._sleep_for(time.monotonic()))
+                self.log.info("supervisor.exit", reason=self.stop_reason, failed=self.failure is not None)
+            finally:
+                self.close()
         finally:
-            self.close()
+            children.restore_title(title)
         if self.failure is not None:
             raise self.failure
 
