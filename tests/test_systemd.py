@@ -1,15 +1,25 @@
-"""cardq under systemd and ps: the process titles `ps` shows (read from /proc)."""
+"""cardq under systemd: the notify protocol the supervisor speaks (stepped with made-up times, then heard from a
+real supervisor on a real socket), and the process titles `ps` shows (read from /proc)."""
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+import re
 import signal
+import socket
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 import setproctitle
 
 import cardq
+from cardq.actors.protocol import socket_path
+from cardq.sdnotify import READY_POLL_S, STATUS_EVERY_S, Notifier
 
 from conftest import wait_for
 from supervision import Deployment
@@ -17,9 +27,127 @@ from supervision import Deployment
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Never the repository's ./config.toml, never an inherited CARDQ_CONFIG."""
+    """Never the repository's ./config.toml, never an inherited CARDQ_CONFIG or systemd's variables."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("CARDQ_CONFIG", raising=False)
+    for name in ("CARDQ_CONFIG", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        monkeypatch.delenv(name, raising=False)
+
+
+# ------------------------------------------------------------------------------- the notify protocol, stepped
+
+
+class Log:
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, dict]] = []
+
+    def warning(self, event: str, **kw) -> None:
+        self.lines.append((event, kw))
+
+
+@pytest.fixture
+def listener(tmp_path: Path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    yield sock
+    sock.close()
+
+
+def received(sock: socket.socket) -> list[str]:
+    """Every datagram waiting now (they were sent before this call: nothing to wait for)."""
+    out = []
+    sock.setblocking(False)
+    while True:
+        try:
+            out.append(sock.recv(4096).decode())
+        except BlockingIOError:
+            return out
+
+
+@pytest.mark.timeout(30)
+def test_without_notify_socket_nothing_is_made_and_the_loop_is_not_woken():
+    log = Log()
+    n = Notifier({"WATCHDOG_USEC": "200000"}, log)
+    assert not n.enabled and n.sock is None
+    assert n.seconds_to_next(0.0) == math.inf
+    n.step(0.0, up=lambda: pytest.fail("asked"), status=lambda: pytest.fail("asked"))
+    n.reloading()
+    n.reloaded()
+    n.stopping()
+    assert log.lines == []
+
+
+@pytest.mark.timeout(30)
+def test_ready_status_and_watchdog_paced_by_the_loops_time(listener, tmp_path):
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "4000000", "WATCHDOG_PID": str(os.getpid())}
+    n = Notifier(env, Log())
+    up, status = [False], ["starting\nup"]
+    step = lambda now: n.step(now, up=lambda: up[0], status=lambda: status[0])  # noqa: E731
+    step(100.0)
+    assert received(listener) == ["WATCHDOG=1", "STATUS=starting up"]  # one line: a newline would start a field
+    assert n.seconds_to_next(100.0) == READY_POLL_S  # not ready: look again soon
+    up[0] = True
+    step(100.5)
+    assert received(listener) == ["READY=1"]  # the status is not looked at again within the second
+    assert n.seconds_to_next(100.5) == pytest.approx(1.5)  # ready: the next ping, at half of WATCHDOG_USEC
+    step(100.0 + STATUS_EVERY_S)
+    assert received(listener) == []  # unchanged status: not sent again
+    status[0] = "2 workers up"
+    step(102.0)
+    assert received(listener) == ["WATCHDOG=1", "STATUS=2 workers up"]
+    step(102.1)
+    assert received(listener) == []
+    n.reloading()
+    n.reloaded()
+    n.stopping()
+    reload, ready, stopping = received(listener)
+    fields = dict(line.split("=", 1) for line in reload.splitlines())
+    assert fields.keys() == {"RELOADING", "MONOTONIC_USEC"} and fields["RELOADING"] == "1"
+    assert abs(int(fields["MONOTONIC_USEC"]) - time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000) < 10_000_000
+    assert (ready, stopping) == ("READY=1", "STOPPING=1")
+    n.close()
+
+
+@pytest.mark.timeout(30)
+def test_no_watchdog_for_another_pid_and_no_reload_news_before_ready(listener, tmp_path):
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "200000", "WATCHDOG_PID": "1"}
+    n = Notifier(env, Log())
+    n.reloading()
+    n.reloaded()
+    n.step(5.0, up=lambda: True, status=lambda: "up")
+    assert received(listener) == ["READY=1", "STATUS=up"]
+    assert n.seconds_to_next(5.0) == math.inf  # ready, no watchdog of ours: no wake-up for systemd
+    n.close()
+
+
+@pytest.mark.timeout(30)
+def test_an_abstract_socket_is_reached():
+    name = f"cardq-test-{uuid.uuid4().hex}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    try:
+        n = Notifier({"NOTIFY_SOCKET": "@" + name}, Log())
+        n.stopping()
+        assert received(sock) == ["STOPPING=1"]
+        n.close()
+    finally:
+        sock.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_socket_nobody_listens_on_is_logged_once_and_never_raised(tmp_path):
+    log = Log()
+    n = Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone"), "WATCHDOG_USEC": "1000"}, log)
+    for i in range(20):
+        n.step(float(i), up=lambda: True, status=lambda: "up")
+    n.stopping()
+    assert [event for event, _ in log.lines] == ["systemd.notify_failed"]
+    n.close()
+    log = Log()
+    assert not Notifier({"NOTIFY_SOCKET": "vsock:2:1234"}, log).enabled
+    assert [event for event, _ in log.lines] == ["systemd.notify_failed"]
+
+
+# --------------------------------------------------------------------------------- a real supervisor, heard
 
 
 @pytest.fixture
@@ -35,6 +163,51 @@ def deploy(tmp_path):
     yield factory
     for d in made:
         d.close()
+
+
+class Heard:
+    """The datagrams a supervisor sent to our socket, in order, read with a deadline."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.messages = sock, []
+
+    def until(self, cond, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond(self.messages):
+            left = deadline - time.monotonic()
+            assert left > 0, f"timed out after {timeout}s waiting for {what}; heard {self.messages[-20:]}"
+            self.sock.settimeout(min(left, 1.0))
+            with contextlib.suppress(TimeoutError):  # (then the deadline is looked at again)
+                self.messages.append(self.sock.recv(4096).decode())
+
+    def since(self, n: int) -> list[str]:
+        return self.messages[n:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_supervisor_tells_systemd_ready_status_watchdog_reload_and_stop(deploy, listener, tmp_path):
+    d = deploy()
+    heard = Heard(listener)
+    proc = d.start(env={"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "200000"})
+    heard.until(lambda m: "READY=1" in m, 60, "READY=1")
+    for actor in ("counter", "ratelimit", "paths"):  # up means reachable: each actor listens already
+        assert socket_path(d.loaded.run_dir, actor, 0).exists(), actor
+    heard.until(lambda m: "STATUS=2 workers, 3 actors up; 0 jobs pending, 0 running" in m, 30, "the status")
+    heard.until(lambda m: m.count("WATCHDOG=1") >= 2, 30, "two watchdog pings")
+
+    mark = len(heard.messages)
+    os.kill(proc.pid, signal.SIGHUP)
+    heard.until(lambda m: "READY=1" in m[mark:], 30, "READY=1 after the reload")
+    reload = next(i for i, m in enumerate(heard.since(mark)) if m.startswith("RELOADING=1"))
+    assert re.fullmatch(r"RELOADING=1\nMONOTONIC_USEC=\d+", heard.since(mark)[reload])
+    assert "READY=1" in heard.since(mark)[reload + 1:]
+
+    mark = len(heard.messages)
+    os.kill(proc.pid, signal.SIGTERM)
+    heard.until(lambda m: "STOPPING=1" in m[mark:], 30, "STOPPING=1")
+    assert proc.wait(60) == 0
+    assert not any(line["event"] == "systemd.notify_failed" for line in d.log_lines())
 
 
 # ----------------------------------------------------------------------------------------- process titles
