@@ -1,5 +1,6 @@
-"""cardq under systemd: the notify protocol the supervisor speaks (stepped with made-up times, then heard from a
-real supervisor on a real socket), and the process titles `ps` shows (read from /proc)."""
+"""cardq under systemd: the unit `cardq systemd-unit` prints (checked by systemd-analyze where it is installed),
+the notify protocol the supervisor speaks (stepped with made-up times, then heard from a real supervisor on a real
+socket), and the process titles `ps` shows (read from /proc)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import time
 import uuid
@@ -16,13 +18,17 @@ from pathlib import Path
 
 import pytest
 import setproctitle
+from click.testing import CliRunner
 
 import cardq
 from cardq.actors.protocol import socket_path
+from cardq.cli import cli
 from cardq.sdnotify import READY_POLL_S, STATUS_EVERY_S, Notifier
 
 from conftest import wait_for
-from supervision import Deployment
+from supervision import CARDQ, Deployment
+
+SYSTEMD_ANALYZE = "/usr/bin/systemd-analyze"
 
 
 @pytest.fixture(autouse=True)
@@ -31,6 +37,108 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     for name in ("CARDQ_CONFIG", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
         monkeypatch.delenv(name, raising=False)
+
+
+def unit_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def setting(text: str, key: str) -> list[str]:
+    return [line.split("=", 1)[1] for line in unit_lines(text) if line.split("=", 1)[0] == key]
+
+
+# ------------------------------------------------------------------------------------------------ the unit
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    """A config whose database, run directory and log file are in three different folders."""
+    root = tmp_path / "srv"
+    for folder in ("data", "logs", "config"):
+        (root / folder).mkdir(parents=True)
+    config = root / "config" / "config.toml"
+    config.write_text(f'[store]\npath = "{root}/data/cardq.db"\n[actors]\nrun_dir = "{tmp_path}/run"\n'
+                      '[log]\nfile = "../logs/cardq.log"\n[supervisor]\nshutdown_timeout_s = 42.5\n')
+    return config
+
+
+@pytest.mark.timeout(30)
+def test_the_unit_has_every_setting_systemd_needs(site, tmp_path):
+    result = CliRunner().invoke(cli, ["systemd-unit", "--user", "cardq", "--config", str(site)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    root = tmp_path / "srv"
+    for line in ("Type=notify", "NotifyAccess=main", "ExecReload=/bin/kill -HUP $MAINPID", "KillMode=mixed",
+                 "Restart=on-failure", "User=cardq", f"WorkingDirectory={root / 'config'}", "NoNewPrivileges=yes",
+                 "ProtectSystem=strict", "PrivateTmp=yes", "UMask=0077", "WantedBy=multi-user.target"):
+        assert line in unit_lines(text), line
+    [exec_start] = setting(text, "ExecStart")
+    words = exec_start.split()
+    assert Path(words[0]).is_absolute() and Path(words[0]).name == "cardq" and os.access(words[0], os.X_OK)
+    assert words[1:] == ["supervise", "--config", str(site)]
+    [paths] = setting(text, "ReadWritePaths")
+    folders = (root / "data", tmp_path / "run", root / "logs", root / "config")
+    assert sorted(paths.split()) == sorted(os.path.realpath(p) for p in folders)
+    [watchdog] = setting(text, "WatchdogSec")
+    assert re.fullmatch(r"\d+s", watchdog) and int(watchdog[:-1]) >= 30
+    [stop] = setting(text, "TimeoutStopSec")
+    assert int(stop.removesuffix("s")) > 42.5  # past the supervisor's own grace for in-flight jobs
+    assert text.index("[Unit]") < text.index("[Service]") < text.index("[Install]")
+
+
+@pytest.mark.timeout(30)
+def test_the_unit_names_each_writable_folder_once_and_no_user_unless_asked(tmp_path):
+    (tmp_path / "config.toml").write_text("")  # the defaults: database and run directory beside the config
+    text = cardq.systemd_unit(tmp_path / "config.toml")
+    assert setting(text, "ReadWritePaths") == [str(tmp_path)]
+    assert setting(text, "User") == []
+    assert setting(text, "WatchdogSec") == ["60s"]  # 2 x 5 s busy timeout x 6 tries (documented in the README)
+    assert setting(text, "TimeoutStopSec") == ["45s"]  # 30 s shutdown grace + 15 s
+
+
+@pytest.mark.timeout(30)
+def test_the_unit_needs_a_valid_config_file_and_a_plain_user_name(tmp_path):
+    runner = CliRunner()
+    none = runner.invoke(cli, ["systemd-unit"], catch_exceptions=False)  # no ./config.toml here
+    assert none.exit_code == 2 and "no config file" in none.stderr and none.stdout == ""
+    (tmp_path / "config.toml").write_text("[store]\nbogus = 1\n")
+    bad = runner.invoke(cli, ["systemd-unit", "--config", "config.toml"], catch_exceptions=False)
+    assert bad.exit_code == 2 and "store.bogus" in bad.stderr
+    (tmp_path / "config.toml").write_text("")
+    user = runner.invoke(cli, ["systemd-unit", "--user", "root\nExecStartPre=/bin/sh"], catch_exceptions=False)
+    assert user.exit_code == 2 and "--user" in user.stderr and user.stdout == ""
+
+
+@pytest.mark.timeout(30)
+def test_paths_with_spaces_percent_and_dollar_are_quoted_for_systemd(tmp_path):
+    folder = tmp_path / "my site 100%" / "$HOME"
+    folder.mkdir(parents=True)
+    (folder / "config.toml").write_text("")
+    text = cardq.systemd_unit(folder / "config.toml")
+    escaped = str(folder).replace("%", "%%")
+    assert setting(text, "WorkingDirectory") == [escaped]
+    assert setting(text, "ReadWritePaths") == [f'"{escaped}"']
+    assert setting(text, "ExecStart")[0].endswith(f'--config "{escaped.replace("$", "$$")}/config.toml"')
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not Path(SYSTEMD_ANALYZE).exists(), reason="systemd-analyze is not installed")
+@pytest.mark.parametrize("folder", ["site", "a site 100%"])
+def test_systemd_analyze_verifies_the_unit(tmp_path, folder):
+    config = tmp_path / folder / "config.toml"
+    config.parent.mkdir()
+    config.write_text("")
+    cardq.init(config)  # the database and run directory exist, as ReadWritePaths= needs at start
+    # The venv's own cardq (as `cardq systemd-unit` run from it names itself); no --user: verify would look it up.
+    unit = tmp_path / "cardq-test.service"
+    unit.write_text(cardq.systemd_unit(config, argv0=CARDQ))
+    assert setting(unit.read_text(), "ExecStart")[0].startswith(str(Path(CARDQ).resolve()))
+    done = subprocess.run([SYSTEMD_ANALYZE, "verify", str(unit)], capture_output=True, text=True, timeout=50,
+                          cwd=tmp_path)
+    # systemd-analyze also reports on the host's own units (a container's missing ones): only ours count.
+    ours = [line for line in (done.stdout + done.stderr).splitlines() if unit.name in line]
+    assert not ours, "\n".join(ours)
 
 
 # ------------------------------------------------------------------------------- the notify protocol, stepped
