@@ -448,6 +448,18 @@ def stop(wait: bool, config_path: str | None) -> None:
         click.echo("stopped")
 
 
+@cli.command("systemd-unit", epilog=EXIT_CODES_HELP)
+@click.option("--user", help="The account the service runs as (default: root). It must be able to write the "
+              "database's, run directory's and log's folders.")
+@config_option
+def systemd_unit(user: str | None, config_path: str | None) -> None:
+    """Print a systemd service unit that runs `cardq supervise` for this config (Type=notify, watchdog, hardened).
+
+    Example: cardq systemd-unit --user cardq --config /srv/cardq/config.toml > /etc/systemd/system/cardq.service
+    """
+    click.echo(cardq.systemd_unit(config_path, user=user, argv0=sys.argv[0]), nl=False)
+
+
 @cli.command(epilog=EXIT_CODES_HELP)
 @config_option
 def selftest(config_path: str | None) -> None:

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
         read_items,
         selftest,
         supervise,
+        systemd_unit,
     )
     from cardq.handlers import Job, PermanentError
 
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
 _LAZY = {
     **dict.fromkeys(["FINISHED", "FORMATS", "MAX_PRIORITY", "STATUSES", "Batch", "CounterResult", "JobInfo",
                      "JobPage", "Limit", "Queue", "RateLimitDecision", "connect", "init", "read_items",
-                     "selftest", "supervise"], "cardq.api"),
+                     "selftest", "supervise", "systemd_unit"], "cardq.api"),
     "Job": "cardq.handlers",
     "PermanentError": "cardq.handlers",
 }
@@ -87,4 +88,5 @@ __all__ = [
     "InvalidTransition", "Job", "JobInfo", "JobNotFound", "JobPage", "LeaseLost", "Limit", "LimitExceeded",
     "NotRunning", "Overloaded", "PermanentError", "Queue", "RateLimitDecision", "RestartIntensityExceeded",
     "StoreBusy", "StoreError", "StoreUnwritable", "connect", "init", "read_items", "selftest", "supervise",
+    "systemd_unit",
 ]

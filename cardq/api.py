@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 
 from cardq import app
-from cardq.config import LoadedConfig
+from cardq.config import LoadedConfig, resolve_config_path
 from cardq.errors import ActorUnavailable, ConfigError, Error, InputError, JobNotFound
 from cardq.store import Database, admin, processes, queries, usage
 from cardq.store import limits as store_limits
@@ -691,6 +691,20 @@ def _decision(r: Mapping[str, Any]) -> RateLimitDecision:
                              policy=r.get("policy", ""), window_s=r.get("window_s", 0.0))
 
 
+def systemd_unit(config: str | os.PathLike | None = None, *, user: str | None = None,
+                 argv0: str | None = None) -> str:
+    """The text of a systemd service unit (Type=notify, watchdog, hardened) that runs `cardq supervise` for this
+    config file: `config`, else $CARDQ_CONFIG, else ./config.toml (a file is needed: the unit names it). `user`:
+    the account it runs as (default: root). `argv0`: the `cardq` executable running now, if it is one; else the
+    one beside this Python, or on PATH, is named in ExecStart. ConfigError if there is no valid config file."""
+    from cardq import systemd
+
+    path = resolve_config_path(config or os.environ.get("CARDQ_CONFIG") or None)
+    if path is None:
+        raise ConfigError("no config file: a systemd unit runs one; pass --config PATH (or run `cardq init` first)")
+    return systemd.render(app.load(os.path.abspath(path)), systemd.command(argv0), user=user)
+
+
 def _job_info(row: Mapping[str, Any]) -> JobInfo:
     return JobInfo(**{k: row.get(k) for k in _JOB_FIELDS})
 
@@ -732,5 +746,5 @@ def _stamp(path: Path | None) -> tuple[int, int, int] | None:
 __all__ = [
     "FINISHED", "FORMATS", "MAX_PRIORITY", "STATUSES", "Batch", "CounterResult", "EventsRecorded", "Initialized",
     "JobInfo", "JobPage", "Limit", "NewToken", "Queue", "RateLimitDecision", "TokenInfo", "connect", "init",
-    "read_items", "selftest", "supervise",
+    "read_items", "selftest", "supervise", "systemd_unit",
 ]

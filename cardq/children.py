@@ -13,6 +13,9 @@ consistent pair), which the supervisor reads when it needs it. A worker doing 20
 the supervisor nothing per job.
 
 A child dies with its supervisor: PR_SET_PDEATHSIG, armed at start and re-checked against getppid().
+
+Every process of the tree has a title that `ps`, `top` and /proc/PID/cmdline show: "cardq: supervisor",
+"cardq: ratelimit-0", "cardq: worker-1 idle", "cardq: worker-1 job 123" (set_title, Title).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import orjson
+import setproctitle
 
 from cardq import logs
 from cardq.config import LoadedConfig
@@ -154,6 +158,39 @@ class Slot:
                 self.STATES[int(self.a[self.STATE])])
 
 
+TITLE_PREFIX = "cardq: "
+
+
+def set_title(what: str) -> str:
+    """Title this process "cardq: <what>"; returns the title it had (for restore_title)."""
+    previous = setproctitle.getproctitle()
+    setproctitle.setproctitle(TITLE_PREFIX + what)
+    return previous
+
+
+def restore_title(previous: str) -> None:
+    setproctitle.setproctitle(previous)
+
+
+class Title:
+    """A worker's title, following what it does: "cardq: worker-1 idle", "cardq: worker-1 job 123".
+
+    Set at every job's start: one call, string built, costs 0.39-0.43 µs on the 2-core VM (300,000 calls, three
+    runs, next to a test suite), ~1.5 % of a no-op job at the default config's drain (~30,000 jobs/s a worker;
+    an A/B of the whole drain was lost in that machine's noise). Worth it for a title that is always the job in
+    hand: one updated at most every 100 ms would show the previous job for as long as a hung one runs, had it
+    started within those 100 ms."""
+
+    def __init__(self, name: str):
+        self.base = f"{TITLE_PREFIX}{name} "
+
+    def job(self, job_id: int) -> None:
+        setproctitle.setproctitle(f"{self.base}job {job_id}")
+
+    def state(self, state: str) -> None:
+        setproctitle.setproctitle(self.base + state)
+
+
 @dataclass
 class ChildContext:
     """What a child's target receives."""
@@ -195,6 +232,7 @@ def arm_parent_death_signal(parent_pid: int) -> None:
 def _entry(spec: ChildSpec, loaded: LoadedConfig, conn: Connection, log_conn: Connection, array: Any,
            parent_pid: int) -> None:
     arm_parent_death_signal(parent_pid)
+    set_title(spec.name)  # a worker adds what it does (Title); an actor keeps its name
     stop = [False]
 
     def on_term(_signum: int, _frame: object) -> None:

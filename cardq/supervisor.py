@@ -11,7 +11,7 @@ The loop: `run()` waits on every child's pipes and sentinel plus a signal wake-u
 which does all the work and can be called by tests with a chosen time. Beside this file: restarts.py (the restart
 policy), releases.py (a dead child's work), maintenance.py (periodic work on the database), wakeups.py (when to
 wake idle workers), reload.py (reading a new config), signals.py (handlers that only count), tracked.py (a child
-as tracked here), children.py (how a child starts and talks).
+as tracked here), children.py (how a child starts and talks), sdnotify.py (what systemd is told).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from cardq.maintenance import Maintenance
 from cardq.releases import release
 from cardq.reload import Reload, actor_shards, read_new_config
 from cardq.restarts import RestartPolicy
+from cardq.sdnotify import Notifier
 from cardq.signals import SignalFlags
 from cardq.store import jobs, processes, usage
 from cardq.tracked import TrackedChild
@@ -87,6 +88,7 @@ class Supervisor:
         self.wakeups_sent = 0  # idle workers woken (in status: what traffic does not cause)
         self.published: tuple[list[processes.ProcessRow], float] = ([], 0.0)  # last rows published, and when
         self.log = logs.get()
+        self.notify = Notifier({}, self.log)  # systemd's, if it listens: made in start()
         self.lock = SupervisorLock(loaded.db_path)
         self.run_dir = loaded.run_dir  # resolved once (a key a reload cannot change)
         self.db = None
@@ -98,6 +100,7 @@ class Supervisor:
             raise Error("the supervisor runs in a process's main thread only: it handles SIGTERM, SIGINT and SIGHUP")
         self.lock.acquire()
         try:
+            self.notify = Notifier(os.environ, self.log)
             keys.ensure_run_dir(self.run_dir)
             self.secret = keys.load_secret(self.run_dir)  # kept, to put the key back should it vanish
             self.db = app.open_db(self.loaded, create=True)
@@ -110,6 +113,7 @@ class Supervisor:
             self.signals.install()
             self._write_running_record()
         except BaseException:
+            self.notify.close()
             self.signals.restore()
             if self.doorbell is not None:
                 self.doorbell.close()
@@ -163,6 +167,7 @@ class Supervisor:
         if self.doorbell is not None:
             self.doorbell.close()
             self.doorbell = None
+        self.notify.close()
         self.lock.release()
         self.signals.restore()
 
@@ -175,28 +180,33 @@ class Supervisor:
     def run(self) -> None:
         """Start, supervise until told to stop (or, with burst, until the queue is drained). Raises the failure
         that stopped it, if one did (RestartIntensityExceeded, ConfigError)."""
-        self.start()
+        title = children.set_title("supervisor")  # what `ps` shows; given back after (an app may run us in-process)
         try:
-            if self.burst and self.maintenance.call("pending", lambda: usage.pending_total(self.db)) == 0:
-                # Nothing to run: say so and stop, rather than start a tree of processes to find it out.
-                self._begin_shutdown(time.monotonic(), "burst: no job to run")
-            while not self.step(time.monotonic()):
-                self._wait(self._sleep_for(time.monotonic()))
-            self.log.info("supervisor.exit", reason=self.stop_reason, failed=self.failure is not None)
+            self.start()
+            try:
+                if self.burst and self.maintenance.call("pending", lambda: usage.pending_total(self.db)) == 0:
+                    # Nothing to run: say so and stop, rather than start a tree of processes to find it out.
+                    self._begin_shutdown(time.monotonic(), "burst: no job to run")
+                while not self.step(time.monotonic()):
+                    self._wait(self._sleep_for(time.monotonic()))
+                self.log.info("supervisor.exit", reason=self.stop_reason, failed=self.failure is not None)
+            finally:
+                self.close()
         finally:
-            self.close()
+            children.restore_title(title)
         if self.failure is not None:
             raise self.failure
 
     def _sleep_for(self, now: float) -> float:
         """How long the loop may wait for an event. With idle workers nothing needs polling: rings, children and
         signals wake it; the periodic work (checkpoints, the WAL's size, publishing) and the next restart or
-        job in backoff set the pace."""
+        job in backoff set the pace — and systemd's watchdog, when it has one (none: no wake-up for it)."""
         if not self._any_idle():
-            return BUSY_TICK_S
+            return min(BUSY_TICK_S, self.notify.seconds_to_next(now))
         # (each wake-up of an idle process costs ~0.5-3 ms of CPU on these VMs: a quiet tree wakes seldom)
         quiet = now - self.maintenance.written_at > QUIET_AFTER_S
-        timeout = min(QUIET_TICK_S if quiet else IDLE_TICK_S, self.wakeups.seconds_to_next())
+        timeout = min(QUIET_TICK_S if quiet else IDLE_TICK_S, self.wakeups.seconds_to_next(),
+                      self.notify.seconds_to_next(now))
         if self.restarts.due:
             timeout = min(timeout, max(0.0, min(self.restarts.due.values()) - now))
         return timeout
@@ -235,7 +245,9 @@ class Supervisor:
             if child.proc is not None and not child.alive:
                 self._on_exit(child, now)
         if self.stopping:
-            return self._step_shutdown(now)
+            finished = self._step_shutdown(now)
+            self._notify(now)  # the watchdog's ping goes on while in-flight jobs finish
+            return finished
         self._ensure_actors(now)
         self._ensure_http(now)
         self._scale(now)
@@ -246,6 +258,7 @@ class Supervisor:
         self._wake_idle()
         if self.burst and self._drained():
             self._begin_shutdown(now, "burst: no job left to run")
+        self._notify(now)
         return False
 
     def _act_on_signals(self, now: float) -> None:
@@ -262,6 +275,7 @@ class Supervisor:
         if self.stopping:
             return
         self.stopping, self.stop_reason, self.failure = True, reason, failure
+        self.notify.stopping()
         timeout = 0.0 if immediate else self.loaded.config.supervisor.shutdown_timeout_s
         self.shutdown_deadline = now + timeout
         self.log.info("supervisor.stopping", reason=reason, shutdown_timeout_s=timeout)
@@ -463,9 +477,11 @@ class Supervisor:
         """SIGHUP: reopen the log file (after logrotate moved it away), then re-read the config file. A broken
         file is refused and the running config kept. A new handler is imported in a throwaway child first (a
         handler module may hang or exit at import); the loop goes on meanwhile, and the outcome comes later."""
+        self.notify.reloading()
         self._reopen_log(self.loaded.config.log.file)
         if self.loaded.path is None:
             self.log.warning("config.reload_skipped", reason="running on built-in defaults: no file to re-read")
+            self.notify.reloaded()
             return
         if self.pending_reload is not None:  # a newer SIGHUP: the file may have changed again
             self.pending_reload[0].poll_and_stop()
@@ -498,6 +514,7 @@ class Supervisor:
         self.last_reload_error = reason
         self.log.error("config.reload_failed", reason=reason, kept_digest=self.loaded.digest)
         self._publish()
+        self.notify.reloaded()
 
     def _apply_reload(self, r: Reload) -> None:
         new = r.new
@@ -522,6 +539,7 @@ class Supervisor:
         self.log.info("config.reloaded", version=self.config_version, digest=new.digest,
                       changes={k: [old, new_v] for k, (old, new_v) in r.changes.items()})
         self._publish()
+        self.notify.reloaded()
 
     def _reopen_log(self, path: str) -> None:
         if self.log_destination is None:
@@ -532,6 +550,33 @@ class Supervisor:
             self.log.error("log.reopen_failed", file=path, reason=str(e))
 
     # ---- status -----------------------------------------------------------------------------------------
+
+    def _notify(self, now: float) -> None:
+        if self.notify.enabled:
+            self.notify.step(now, up=self._children_up, status=self._summary)
+
+    def _children_up(self) -> bool:
+        """Every permanent child started: actors listening (an actor's slot leaves "starting" after it listens
+        and has run its first batch), workers past their start (their first claim)."""
+        if self.stopping:
+            return False  # (stopping children are retiring: none left to wait for is not "up")
+        # Not the HTTP server: it may wait for its port for a long time (logged), and the job system does not.
+        return all(c.alive and c.state != "starting" for c in self.children.values()
+                   if not c.retiring and c.spec.role != "http")
+
+    def _summary(self) -> str:
+        """One line for `systemctl status`: "3 workers, 3 actors up, http up; 12 jobs pending, 3 running" (pending:
+        queued, in backoff or claimed; running: a handler running now)."""
+        up = [c for c in self.children.values() if c.alive and c.state != "starting"]
+        workers = sum(c.spec.role == "worker" for c in up)
+        actors = sum(c.spec.role == "actor" for c in up)
+        running = sum(c.spec.role == "worker" and c.current_job is not None for c in up)
+        pending = self.maintenance.call("pending", lambda: usage.pending_total(self.db))
+        http = self.children.get(HTTP_CHILD)
+        serving = "" if http is None else ", http up" if http in up else ", http not serving (see the log)"
+        text = (f"{workers} workers, {actors} actors up{serving}; "
+                f"{'?' if pending is None else pending} jobs pending, {running} running")
+        return f"stopping ({self.stop_reason}): {text}" if self.stopping else text
 
     def _publish(self) -> None:
         rows = [processes.ProcessRow(

@@ -24,7 +24,7 @@ import structlog
 
 from cardq import app, doorbell, jsonshape, logs
 from cardq.actors.client import ActorClient
-from cardq.children import EXIT_CONFIG, EXIT_STOPPED, EXIT_STORE, ChildContext
+from cardq.children import EXIT_CONFIG, EXIT_STOPPED, EXIT_STORE, ChildContext, Title
 from cardq.config import LoadedConfig, parse_config
 from cardq.errors import ActorError, ConfigError, Error
 from cardq.handlers import Handler, Job, PermanentError, RetryAfter, load_handler
@@ -69,6 +69,7 @@ class Worker:
         self.handler: Handler = load_handler(self.loaded.config.workers.handler)
         self.rng = random.Random()
         self.log = logs.get()
+        self.title = Title(ctx.spec.name)  # "cardq: worker-1 job 123" in ps
         self.client: ActorClient | None = None  # to the actors, made on first use
         self.pending: list[tuple[int, int, Any]] = []  # finished, not yet committed: (id, token, result)
         self.pending_since = 0.0
@@ -91,6 +92,7 @@ class Worker:
                 self.pace = None  # what comes next may be another kind of job: start at one again
                 if self.ctx.slot.read()[3] != "idle":  # tell the supervisor once, not at every empty look
                     self.ctx.slot.idle()
+                    self.title.state("idle")
                     self.ctx.channel.send({"ev": "idle"})
                 self.handle_commands(IDLE_POLL_S)
                 continue
@@ -242,6 +244,7 @@ class Worker:
                 if since is None:
                     since = time.monotonic()
                     self.ctx.slot.blocked(True)
+                    self.title.state("blocked")  # on the database (as the slot says)
                     self.log.error("worker.blocked", waiting_to=what, reason=str(e),
                                    retrying="every few seconds, until the database takes writes again")
                 self.handle_commands(delay)
@@ -274,6 +277,7 @@ class Worker:
                 # The job's clock (the supervisor's timeout, the poison-job count) starts once the gate is ours:
                 # waiting for a permit is not the handler running.
                 self.ctx.slot.begin(claimed.id, time.monotonic())  # see Supervisor._enforce_timeouts
+                self.title.job(claimed.id)
                 signal.setitimer(signal.ITIMER_REAL, timeout_s)
                 try:
                     result = self.handler(job)

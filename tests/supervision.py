@@ -94,7 +94,8 @@ class Deployment:
         return subprocess.run([CARDQ, *args], env=self.env, cwd=self.root, capture_output=True, text=True,
                               timeout=timeout, check=check)
 
-    def start(self, *args: str) -> subprocess.Popen:
+    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """`cardq supervise ARGS` in its own session; `env`: variables added to its environment."""
         out = open(self.out_dir / f"supervise-{len(self.procs)}.out", "wb")  # noqa: SIM115 - closed with the proc
         limit = self.max_descriptors
 
@@ -102,7 +103,7 @@ class Deployment:
             if limit is not None:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
-        proc = subprocess.Popen([CARDQ, "supervise", *args], env=self.env, cwd=self.root, stdout=out,
+        proc = subprocess.Popen([CARDQ, "supervise", *args], env={**self.env, **(env or {})}, cwd=self.root, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=limit_descriptors)
         self.procs.append(proc)
         return proc

@@ -526,6 +526,7 @@ CONFIGURED_COMMANDS = [
     ("limits", "list"),
     ("limits", "set", "daily.free", "9"),
     ("limits", "unset", "daily.free"),
+    ("systemd-unit",),
 ]
 
 
