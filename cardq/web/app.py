@@ -83,7 +83,7 @@ class Web:
         decoded strictly into `typ` (400 naming the field), or as plain JSON."""
         cap = self.http.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > cap:
+        if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > cap:
             raise HTTPProblem(413, "too-large", f"body of {declared} bytes: expected at most {cap} "
                               "([http] max_body_bytes)", max_body_bytes=cap)
         ctype = request.headers.get("content-type", "application/json")

@@ -39,10 +39,12 @@ def _document(routes: tuple[Any, ...]) -> dict[str, Any]:
     for r in routes:
         op: dict[str, Any] = {"summary": r.summary, "operationId": r.handler.__name__,
                               "responses": {str(r.ok): {"description": "success"}}}
-        params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+        params = [{"name": n, "in": "path", "required": True,
+                   "schema": {"type": "integer", "minimum": 1} if n == "id" else {"type": "string", "minLength": 1}}
                   for n in re.findall(r"{(\w+)}", r.path)]
         params += [{"name": p.name, "in": "query", "required": p.required, "description": p.doc,
-                    "schema": {"type": p.kind}} for p in r.params]
+                    "schema": {"type": p.kind, **({"minimum": p.lo} if p.lo is not None else {}),
+                               **({"maximum": p.hi} if p.hi is not None else {})}} for p in r.params]
         if params:
             op["parameters"] = params
         if r.body is not None:

@@ -29,9 +29,11 @@ WAIT_STEP_S = (0.01, 0.5)  # long poll: first and longest pause between looks wh
 @dataclass(frozen=True)
 class Param:
     name: str
-    kind: str  # "integer", "string"
+    kind: str  # "integer", "number", "string"
     doc: str
     required: bool = False
+    lo: float | None = None  # the bounds the handler enforces, for the document
+    hi: float | None = None
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ def float_param(request: Request, name: str, default: float, lo: float, hi: floa
 
 def path_int(request: Request, name: str) -> int:
     raw = request.path_params[name]
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:  # (isdigit alone takes "²", which int() refuses)
         raise HTTPProblem(400, "bad-input", f"{name} {raw[:40]!r}: expected a positive whole number", where=name)
     return int(raw)
 
@@ -243,7 +245,7 @@ def hour_param(request: Request) -> int:
     raw = request.query_params.get("hour")
     if not raw:
         return int(time.time() // 3600 * 3600)
-    if raw.isdigit():
+    if raw.isascii() and raw.isdigit():
         return int(raw) // 3600 * 3600
     import datetime as dt
 
@@ -341,10 +343,11 @@ ROUTES: list[RouteSpec] = [
     R("GET", "/v1/jobs", "read", list_jobs, "Jobs, newest first, without payloads; page on with cursor",
       params=(P("status", "string", "queued, scheduled, processing, done, dead or cancelled"),
               P("user", "string", "one user's"), P("kind", "string", "one kind's"),
-              P("limit", "integer", "1 to 1000 (50)"), P("cursor", "integer", "the previous page's cursor"))),
+              P("limit", "integer", "1 to 1000 (50)", lo=1, hi=1000),
+              P("cursor", "integer", "the previous page's cursor", lo=1, hi=2**62))),
     R("GET", "/v1/jobs/{id}", "read", get_job, "One job, every field", errors=(404,)),
     R("GET", "/v1/jobs/{id}/wait", "read", wait_job, "Long poll until the job is done, dead or cancelled",
-      params=(P("timeout", "number", "seconds, 0 to 300 (30)"),), errors=(404,)),
+      params=(P("timeout", "number", "seconds, 0 to 300 (30)", lo=0, hi=WAIT_MAX_S),), errors=(404,)),
     R("POST", "/v1/jobs/{id}/retry", "admin", retry_job, "Queue a dead, cancelled or scheduled job again",
       errors=(404, 409)),
     R("POST", "/v1/jobs/{id}/cancel", "admin", cancel_job, "Cancel a queued, scheduled or processing job",
@@ -367,12 +370,13 @@ ROUTES: list[RouteSpec] = [
       ok=202, errors=(400, 413, 503)),
     R("GET", "/v1/paths/top", "read", paths_top, "The hottest paths of an hour",
       params=(P("hour", "string", "epoch seconds or 2026-12-02T05 (UTC); default the current hour"),
-              P("limit", "integer", "1 to 1000 (20)"))),
+              P("limit", "integer", "1 to 1000 (20)", lo=1, hi=1000))),
     R("GET", "/v1/paths/stats", "read", paths_stats, "One path, hour by hour: requests, 4xx/5xx, bytes, "
       "p50/p95/p99, unique clients",
-      params=(P("path", "string", "the normalized path", required=True), P("hours", "integer", "1 to 8784 (24)"))),
+      params=(P("path", "string", "the normalized path", required=True),
+              P("hours", "integer", "1 to 8784 (24)", lo=1, hi=24 * 366))),
     R("GET", "/v1/status", "read", status, "What `cardq status --json` shows",
-      params=(P("top", "integer", "busiest users shown (10)"),)),
+      params=(P("top", "integer", "busiest users shown (10)", lo=1, hi=100),)),
     R("GET", "/v1/diag/gates", "read", diag_gates, "Each gate: active, queued, dropped, waits, limits"),
     R("GET", "/v1/selftest", "read", selftest, "The checks of `cardq selftest` (503 if one fails)", errors=(503,)),
 ]
