@@ -278,6 +278,7 @@ async def status(web: Web, request: Request) -> Response:
     top = int_param(request, "top", 10, 1, 100)
     data = await web.run(web.q.status, top=top)
     data["http"] = {"started_at": web.started_at, "gate_leases": web.leases.count()}
+    data["throughput"] = await web.run(web.q.throughput, minutes=60)  # the status page's chart
     return json(data)
 
 
@@ -375,7 +376,8 @@ ROUTES: list[RouteSpec] = [
       "p50/p95/p99, unique clients",
       params=(P("path", "string", "the normalized path", required=True),
               P("hours", "integer", "1 to 8784 (24)", lo=1, hi=24 * 366))),
-    R("GET", "/v1/status", "read", status, "What `cardq status --json` shows",
+    R("GET", "/v1/status", "read", status, "What `cardq status --json` shows, with the HTTP server's own (http) "
+      "and jobs finished per minute over the last hour (throughput)",
       params=(P("top", "integer", "busiest users shown (10)", lo=1, hi=100),)),
     R("GET", "/v1/diag/gates", "read", diag_gates, "Each gate: active, queued, dropped, waits, limits"),
     R("GET", "/v1/selftest", "read", selftest, "The checks of `cardq selftest` (503 if one fails)", errors=(503,)),
