@@ -205,7 +205,7 @@ def test_the_page_shows_the_deployments_numbers_as_text_and_says_when_they_are_s
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_a_refused_token_asks_for_another_and_a_good_one_shows_the_status(site, browser):
+def test_a_refused_token_asks_for_another_and_a_failed_reload_is_shown(site, browser):
     from playwright.sync_api import expect
 
     url = start(site)
@@ -224,6 +224,14 @@ def test_a_refused_token_asks_for_another_and_a_good_one_shows_the_status(site, 
     page.reload()  # kept in localStorage: no form the second time
     expect(page.locator("body")).to_have_attribute("data-state", "fresh", timeout=WAIT_MS)
     expect(page.locator("#login")).to_be_hidden()
+
+    site.write_config(workers={"count": "many"})  # a reload of this is refused: the old config is kept
+    os.kill(site.procs[0].pid, signal.SIGHUP)
+    expect(page.locator("#config-error")).to_contain_text("LAST RELOAD FAILED (old config kept):", timeout=WAIT_MS)
+    expect(page.locator("#config-error")).to_contain_text('workers.count = "many"')
+    expect(page.locator('#config-list dd[data-key="last reload"]')).to_have_text(re.compile(r"^\d{4}-\d\d-\d\d "))
+    expect(page.locator('#config-list dd[data-key="version"]')).to_have_text("1")
+
     page.click("#forget")
     expect(page.locator("#login")).to_be_visible()
     assert page.evaluate("localStorage.getItem('cardq.read_token')") is None
