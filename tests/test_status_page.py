@@ -104,7 +104,7 @@ def test_the_page_and_its_files_are_served_and_its_script_writes_no_markup(tmp_p
     import httpx
 
     from cardq import logs
-    from cardq.web.app import build
+    from cardq.web.server import build
 
     names = ["page.js", "page.css", "index.html", "..%2Fapp.py", ".hidden.js", "nope.js"]
 
