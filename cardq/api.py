@@ -42,6 +42,9 @@ if TYPE_CHECKING:
     from cardq.actors.recorder import EventRecorder
 
 WAIT_MIN_S, WAIT_MAX_S = 0.002, 0.1  # wait(): first and longest sleep between looks at the change token
+# throughput(): a minute this long past its end is taken as complete: a worker stamps finished_at before its
+# commit, which a busy database can hold back for a few seconds.
+SETTLED_S = 10.0
 
 
 class Batch(msgspec.Struct, frozen=True):
@@ -160,6 +163,7 @@ class Queue:
         # Gate permits whose release failed (the actor was restarting): shared by every thread's client, so the
         # next gate call of ANY thread releases them — a thread that ends must not keep a permit for good.
         self._unreleased: list[tuple[str, str]] = []
+        self._finished_minutes: dict[int, tuple[int, ...]] = {}  # throughput(): minute -> counts, once over
         self._closed = False
         self.ratelimit = RateLimits(self)
         self.counter = Counters(self)
@@ -396,6 +400,32 @@ class Queue:
 
         data["warnings"] = disk_warnings(loaded) + loose_permissions(loaded)
         return data
+
+    def throughput(self, *, minutes: int = 60) -> dict[str, Any]:
+        """Jobs finished per minute over the last `minutes` (1 to 1440) whole minutes, the current one (partial)
+        last: {"since": epoch seconds of the first minute's start, "minute_s": 60, "done": [n, ...], "dead":
+        [...], "cancelled": [...]}, one number per minute. A minute is counted once it is SETTLED_S past its end
+        and then kept (a later purge does not lower it), so a page asking every 2 s counts only the newest jobs."""
+        if not 1 <= minutes <= 1440:
+            raise InputError(f"minutes {minutes}: expected 1 to 1440", where="minutes")
+        now = time.time()
+        until = (int(now) // 60 + 1) * 60
+        since = until - 60 * minutes
+        settled_until = int(now - SETTLED_S) // 60 * 60  # the minutes before it are over, with their last commits
+        with self._lock:
+            kept = {m: row for m, row in self._finished_minutes.items() if since <= m < settled_until}
+        first = since
+        while first in kept:
+            first += 60
+        fresh = queries.finished_per_minute(self._db(), first, until)
+        for i, minute in enumerate(range(first, settled_until, 60)):
+            kept[minute] = tuple(fresh[status][i] for status in FINISHED)
+        with self._lock:
+            self._finished_minutes = kept
+        out: dict[str, Any] = {"since": since, "minute_s": 60}
+        for n, status in enumerate(FINISHED):
+            out[status] = [kept[m][n] for m in range(since, first, 60)] + fresh[status]
+        return out
 
     def readiness(self) -> dict[str, str | None]:
         """What /readyz checks: {"database", "actors", "children"} -> None when fine, else why not (one line).

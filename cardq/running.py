@@ -120,6 +120,8 @@ def supervisor_summary(loaded: LoadedConfig, rows: list[dict[str, Any]]) -> dict
         "config_version": info.get("config_version"),
         "config_loaded_at": info.get("config_loaded_at"),
         "last_reload_error": info.get("last_reload_error"),
+        "last_reload_at": info.get("last_reload_at"),  # None: not reloaded since it started
+        "reloads": info.get("reloads"),
         "workers_desired": info.get("workers_desired"),
         "wakeups_sent": info.get("wakeups_sent"),
         "http": http_address(loaded.run_dir),

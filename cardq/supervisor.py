@@ -77,6 +77,7 @@ class Supervisor:
         self.config_version = 1
         self.config_loaded_at = time.time()
         self.last_reload_error: str | None = None
+        self.last_reload_at: float | None = None  # the last reload asked for, applied or refused
         self.stopping = False
         self.stop_reason = ""
         self.failure: Error | None = None  # why the supervisor stopped, when it is a failure run() raises
@@ -511,6 +512,7 @@ class Supervisor:
 
     def _reload_refused(self, reason: str) -> None:
         self.reloads += 1
+        self.last_reload_at = time.time()
         self.last_reload_error = reason
         self.log.error("config.reload_failed", reason=reason, kept_digest=self.loaded.digest)
         self._publish()
@@ -530,7 +532,7 @@ class Supervisor:
                                 backoff_max_s=sup.restart_backoff_max_s)
         self.reloads += 1
         self.config_version += 1
-        self.config_loaded_at = time.time()
+        self.config_loaded_at = self.last_reload_at = time.time()
         self.last_reload_error = None
         text = new.raw.decode()  # exactly the bytes validated above, not the file as it may be now
         for child in self.children.values():
@@ -585,8 +587,8 @@ class Supervisor:
             restarts=self.restarts.restarts_in_window,
             info={"run_id": self.run_id, "config_file": self.loaded.source, "config_digest": self.loaded.digest,
                   "config_version": self.config_version, "config_loaded_at": self.config_loaded_at,
-                  "last_reload_error": self.last_reload_error, "workers_desired": self.desired,
-                  "reloads": self.reloads, "wakeups_sent": self.wakeups_sent,
+                  "last_reload_error": self.last_reload_error, "last_reload_at": self.last_reload_at,
+                  "workers_desired": self.desired, "reloads": self.reloads, "wakeups_sent": self.wakeups_sent,
                   "burst": self.burst})]
         for child in sorted(self.children.values(), key=lambda c: c.spec.name):
             rows.append(processes.ProcessRow(

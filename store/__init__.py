@@ -39,7 +39,7 @@ CONTRACT: dict[str, tuple[str, ...]] = {
              "extend_owned", "release_owner", "recover_orphans", "next_run_at"),
     "submit": ("submit",),
     "admin": ("cancel", "retry", "purge"),
-    "queries": ("get", "statuses", "list_jobs", "stats"),
+    "queries": ("get", "statuses", "list_jobs", "stats", "finished_per_minute"),
     "limits": ("show", "in_effect", "override", "drop_override", "validate", "check_key"),
     "usage": ("pending_total", "day_key", "next_day_start"),
     "processes": ("publish", "clear", "read_all"),

@@ -196,6 +196,29 @@ def test_purge_dry_run_counts_and_deletes_nothing(q):
     assert q.purge("0s", statuses=["cancelled"]) == 2 and q.jobs().jobs == []
 
 
+def test_throughput_counts_a_minute_once_it_is_over(q):
+    from cardq.store import Database, admin
+
+    ids = q.submit(items(3), user="u1", plan="basic").ids
+    now = time.time()
+    db = Database.open(q.config.db_path)
+    try:
+        admin.cancel(db, ids[0], now=now - 600)  # a minute long over
+        admin.cancel(db, ids[1], now=now)  # this minute, still counting
+    finally:
+        db.close()
+    t = q.throughput(minutes=60)
+    assert len(t["done"]) == len(t["dead"]) == len(t["cancelled"]) == 60 and t["minute_s"] == 60
+    assert t["cancelled"][(int(now - 600) - t["since"]) // 60] == 1
+    assert t["cancelled"][(int(now) - t["since"]) // 60] == 1 and sum(t["cancelled"]) == 2
+    assert sum(t["done"]) == sum(t["dead"]) == 0
+    assert q.purge(0, statuses=["cancelled"]) == 2
+    # The minute that is over was counted once and kept; the current one is counted again (now without its job).
+    assert sum(q.throughput(minutes=60)["cancelled"]) == 1
+    with pytest.raises(cardq.InputError, match="minutes 0"):
+        q.throughput(minutes=0)
+
+
 def test_actor_calls_fail_at_once_when_no_supervisor_runs(site, tmp_path):
     # An ask timeout of 10 minutes: were the client to wait for it, this test would time out instead.
     site.write_text(site.read_text().replace("ask_timeout_ms = 2000", "ask_timeout_ms = 600000"))

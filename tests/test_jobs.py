@@ -8,6 +8,7 @@ import random
 import orjson
 import pytest
 
+from cardq.errors import InputError
 from cardq.store import InvalidTransition, JobNotFound, LeaseLost, admin, counters, jobs, queries
 from cardq.store.db import Tx
 from cardq.store.submit import NewJob, submit
@@ -234,3 +235,36 @@ def test_upstream_tokens_are_counted_per_user_per_day_once_when_done(db, configu
     [j] = jobs.claim(db, "w", lease_s=30, now=T0 + 86400)
     jobs.complete(db, again, j.token, meta, now=T0 + 86400)
     assert _tokens_of(db, f"tokens:alice:{db.days.key(T0 + 86400)}") == 100
+
+
+def test_finished_per_minute_counts_each_minute_by_final_status(db, configured):
+    ids = add(db, configured, n=6, max_attempts=1)
+    claimed = {j.id: j for j in jobs.claim(db, "w", k=6, lease_s=600, now=T0)}
+    for jid, minute, outcome in ((ids[0], 0, "done"), (ids[1], 0, "done"), (ids[2], 2, "done"), (ids[3], 2, "dead"),
+                                 (ids[4], 5, "done")):  # minute 5: past the range asked for
+        now = T0 + minute * 60 + 59.5
+        if outcome == "done":
+            jobs.complete(db, jid, claimed[jid].token, None, now=now)
+        else:
+            jobs.fail(db, jid, claimed[jid].token, "boom", backoff=BACKOFF, now=now)
+    admin.cancel(db, ids[5], now=T0 + 60)
+    got = queries.finished_per_minute(db, int(T0), int(T0) + 3 * 60)
+    assert got == {"done": [2, 0, 1], "dead": [0, 0, 1], "cancelled": [0, 1, 0]}
+    assert queries.finished_per_minute(db, int(T0) - 120, int(T0)) == {"done": [0, 0], "dead": [0, 0],
+                                                                        "cancelled": [0, 0]}
+    with pytest.raises(InputError, match="whole minutes"):
+        queries.finished_per_minute(db, int(T0) + 1, int(T0) + 61)
+
+
+def test_finished_per_minute_reads_only_the_finished_index(db):
+    """The status page asks every 2 s: the count must be a range of the jobs_finished index (covering), not a scan
+    of the jobs table, whatever number of queued or old jobs it holds. The statement the store runs, traced."""
+    ran: list[tuple[str, object]] = []
+    db.conn.exec_trace = lambda cursor, sql, bindings: ran.append((sql, bindings)) or True
+    try:
+        queries.finished_per_minute(db, int(T0), int(T0) + 3600)
+    finally:
+        db.conn.exec_trace = None
+    [(sql, bindings)] = [(s, b) for s, b in ran if "finished_at" in s]
+    plan = db.conn.execute("EXPLAIN QUERY PLAN " + sql, bindings).fetchall()
+    assert any("COVERING INDEX jobs_finished" in str(step) for step in plan), plan

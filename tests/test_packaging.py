@@ -69,6 +69,7 @@ def test_wheel_installs_one_import_name_and_runs_the_demo(tmp_path: Path):
     assert {"store", "actors", "cli", "cli.py"}.isdisjoint(os.listdir(site))
     assert (site / "cardq" / "store" / "db.py").is_file()
     assert (site / "cardq" / "cli.py").is_file() and not (site / "cardq" / "cli.py").is_symlink()
+    assert {"index.html", "page.js", "page.css"} <= set(os.listdir(site / "cardq" / "web" / "static"))  # the page
 
     # The dependencies come from this test run's environment, added to the new venv's path (after its own
     # site-packages, so `cardq` is the wheel's): a fresh download of apsw & co. would make the test slow.

@@ -255,6 +255,7 @@ def test_sighup_with_broken_config_keeps_the_old_one_and_says_so(deploy):
                              else None), 10, what="reload error published")
     assert 'workers.count = "many": expected an integer' in info["last_reload_error"]
     assert (info["config_digest"], info["config_version"]) == (before["config_digest"], 1)
+    assert before["last_reload_at"] is None and info["last_reload_at"] >= before["config_loaded_at"]
     status = orjson.loads(d.cardq("status", "--json").stdout)
     assert status["supervisor"]["running"] and status["supervisor"]["last_reload_error"]
     assert "LAST RELOAD FAILED" in d.cardq("status").stdout
@@ -264,7 +265,9 @@ def test_sighup_with_broken_config_keeps_the_old_one_and_says_so(deploy):
     d.config_path.write_text(good)  # fixed: the next reload applies and clears the error
     assert d.cardq("reload").returncode == 0
     wait_for(lambda: d.supervisor_row()["info"]["config_version"] == 2, 10, what="good config applied")
-    assert d.supervisor_row()["info"]["last_reload_error"] is None
+    after = d.supervisor_row()["info"]
+    assert after["last_reload_error"] is None and after["last_reload_at"] == after["config_loaded_at"] >= \
+        info["last_reload_at"]
 
 
 def test_a_reload_that_changes_a_restart_only_key_is_refused_whole(deploy, tmp_path):

@@ -278,6 +278,7 @@ async def status(web: Web, request: Request) -> Response:
     top = int_param(request, "top", 10, 1, 100)
     data = await web.run(web.q.status, top=top)
     data["http"] = {"started_at": web.started_at, "gate_leases": web.leases.count()}
+    data["throughput"] = await web.run(web.q.throughput, minutes=60)  # the status page's chart
     return json(data)
 
 
@@ -300,8 +301,17 @@ async def openapi(web: Web, request: Request) -> Response:
     return json(document(ROUTES))
 
 
+# The status page runs only its own script and style, talks only to this server, and is never framed: data that
+# slipped into markup could still run nothing (the page itself sets every value as text).
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+            "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+
+
 async def page(web: Web, request: Request) -> Response:
-    return _static("index.html", "text/html; charset=utf-8")
+    resp = _static("index.html", "text/html; charset=utf-8")
+    resp.headers["Content-Security-Policy"] = PAGE_CSP
+    resp.headers["Referrer-Policy"] = "no-referrer"
+    return resp
 
 
 async def static_file(web: Web, request: Request) -> Response:
@@ -318,7 +328,8 @@ def _static(name: str, media_type: str) -> Response:
         content = (STATIC / name).read_bytes()
     except OSError:
         raise HTTPProblem(404, "not-found", f"no static file {name!r} in this installation") from None
-    return Response(content, media_type=media_type, headers={"Cache-Control": "no-cache"})
+    return Response(content, media_type=media_type, headers={"Cache-Control": "no-cache",
+                                                             "X-Content-Type-Options": "nosniff"})
 
 
 async def metrics(web: Web, request: Request) -> Response:
@@ -375,7 +386,8 @@ ROUTES: list[RouteSpec] = [
       "p50/p95/p99, unique clients",
       params=(P("path", "string", "the normalized path", required=True),
               P("hours", "integer", "1 to 8784 (24)", lo=1, hi=24 * 366))),
-    R("GET", "/v1/status", "read", status, "What `cardq status --json` shows",
+    R("GET", "/v1/status", "read", status, "What `cardq status --json` shows, with the HTTP server's own (http) "
+      "and jobs finished per minute over the last hour (throughput)",
       params=(P("top", "integer", "busiest users shown (10)", lo=1, hi=100),)),
     R("GET", "/v1/diag/gates", "read", diag_gates, "Each gate: active, queued, dropped, waits, limits"),
     R("GET", "/v1/selftest", "read", selftest, "The checks of `cardq selftest` (503 if one fails)", errors=(503,)),
