@@ -72,6 +72,8 @@ class Worker:
         self.title = Title(ctx.spec.name)  # "cardq: worker-1 job 123" in ps
         self.client: ActorClient | None = None  # to the actors, made on first use
         self.pending: list[tuple[int, int, Any]] = []  # finished, not yet committed: (id, token, result)
+        self.took: dict[int, float] = {}  # job id -> seconds its handler ran, for the pending ones (the totals'
+        # duration histogram: the handler's own time, not the batch's wait for its commit)
         self.pending_since = 0.0
         self.pace: float | None = None  # seconds a job takes here, smoothed; None until one has run since idle
 
@@ -211,21 +213,21 @@ class Worker:
     def claim_next(self) -> list[jobs.Claimed]:
         """Commit the finished jobs' results and claim the next jobs, in one transaction."""
         w = self.loaded.config.workers
-        batch = self.pending  # cleared only once committed: a write that failed is tried again with it
+        batch, took = self.pending, self.took  # cleared only once committed: a failed write is tried again
         k = self.batch_size()
         lost, held = self.durable("finish and claim", lambda: jobs.finish_and_claim(
             self.db, batch, self.owner, k=k, lease_s=w.lease_s,
-            horizon_s=max(w.backoff_max_s, RETRY_AFTER_MAX_S) + 1))
-        self.pending = []
+            horizon_s=max(w.backoff_max_s, RETRY_AFTER_MAX_S) + 1, took=took))
+        self.pending, self.took = [], {}
         self._report(batch, lost)
         return held
 
     def flush(self) -> None:
         """Commit every finished job's result in one transaction (a job whose lease was lost is reported)."""
         if self.pending:
-            batch = self.pending
-            lost = self.durable("store results", lambda: jobs.complete_many(self.db, batch))
-            self.pending = []
+            batch, took = self.pending, self.took
+            lost = self.durable("store results", lambda: jobs.complete_many(self.db, batch, took=took))
+            self.pending, self.took = [], {}
             self._report(batch, lost)
 
     def durable(self, what: str, write: Callable[[], T]) -> T:
@@ -251,7 +253,7 @@ class Worker:
                 if self.ctx.stopping:
                     self.log.warning("worker.stopped_blocked", unstored_results=len(self.pending),
                                      reason="stopped while the database took no writes; their jobs run again")
-                    self.pending = []
+                    self.pending, self.took = [], {}
                     raise
                 delay = min(delay * 2, STORE_RETRY_MAX_S)
                 continue
@@ -279,10 +281,12 @@ class Worker:
                 self.ctx.slot.begin(claimed.id, time.monotonic())  # see Supervisor._enforce_timeouts
                 self.title.job(claimed.id)
                 signal.setitimer(signal.ITIMER_REAL, timeout_s)
+                began = time.perf_counter()
                 try:
                     result = self.handler(job)
                 finally:
                     signal.setitimer(signal.ITIMER_REAL, 0)
+                    ran = time.perf_counter() - began
                     # The handler is done: a death from here on (say, while the gate is given back to a stalled
                     # actor) is not this job's fault and must not count towards its poison kills.
                     self.ctx.slot.end()
@@ -312,6 +316,7 @@ class Worker:
         if not self.pending:
             self.pending_since = time.monotonic()
         self.pending.append((claimed.id, claimed.token, result))
+        self.took[claimed.id] = ran
         if self.loaded.config.log.level == "debug":  # (the lazy logger resolves itself at each call: ~3 µs)
             self.log.debug("job.done", attempt=claimed.attempt)
         return "pending"

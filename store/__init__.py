@@ -16,7 +16,8 @@ database, InputError, LimitExceeded, JobNotFound, InvalidTransition for what the
 Modules hold their tables: db (connection, pragmas, transactions), schema (versions, migrations), jobs (the job
 state machine), submit (batches under limits), admin (operator actions), queries (reads), limits, usage (per-user
 counters; the one owner of user_load), fairness, processes (the supervisor's published view), counters,
-ratelimits, gates, traffic, dead_letters (the actors' state), tokens (the HTTP API's bearer tokens).
+ratelimits, gates, traffic, dead_letters (the actors' state), tokens (the HTTP API's bearer tokens), totals
+(durable job and limit totals, counted in the transactions above, and the snapshot /metrics reads).
 """
 
 from cardq.errors import (
@@ -50,6 +51,7 @@ CONTRACT: dict[str, tuple[str, ...]] = {
                 "inbox_take", "inbox_delete"),
     "dead_letters": ("failure_counts", "record_failure", "count_failure", "clear_failure", "add"),
     "tokens": ("add", "scope_of", "list_all", "revoke"),
+    "totals": ("snapshot",),
 }
 
 # module -> the data types and constants of the contract (what its operations take and return).
@@ -62,6 +64,7 @@ TYPES: dict[str, tuple[str, ...]] = {
     "gates": ("Permit",),
     "traffic": ("HourStats", "HourRow", "EventRow"),
     "tokens": ("TokenRow", "SCOPES"),
+    "totals": ("Figures", "Histogram", "OTHER"),
 }
 
 __all__ = [

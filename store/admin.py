@@ -2,6 +2,9 @@
 
 Operator actions bypass the submit limits on purpose: an operator retrying dead jobs is deciding to spend
 capacity. Retried jobs get fresh fair-share virtual times, so a mass retry does not jump every other user.
+Cancels, and jobs leaving a finished state (a retry of a dead or cancelled job, a purge), are counted in the
+durable totals in the same transaction (store/totals.py: the jobs in each finished state are a difference of
+totals).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from collections import Counter, defaultdict
 import apsw
 
 from cardq.errors import InvalidTransition, JobNotFound
-from cardq.store import fairness, usage
+from cardq.store import fairness, totals, usage
 from cardq.store.db import Database
 
 CANCELLABLE = ("queued", "scheduled", "processing")
@@ -35,12 +38,13 @@ def cancel(db: Database, job_id: int, *, now: float | None = None) -> str:
         status = _status_of(c, job_id)
         if status not in CANCELLABLE:
             raise InvalidTransition(f"job {job_id} is {status}; only {', '.join(CANCELLABLE)} jobs can be cancelled")
-        user_id = c.execute(
+        user_id, kind = c.execute(
             "UPDATE jobs SET status = 'cancelled', finished_at = ?, updated_at = ?, lease_owner = NULL,"
-            " lease_token = NULL, lease_until = NULL WHERE id = ? RETURNING user_id",
+            " lease_token = NULL, lease_until = NULL WHERE id = ? RETURNING user_id, kind",
             (now, now, job_id),
-        ).fetchall()[0][0]
+        ).fetchall()[0]
         usage.add_active(c, {user_id: -1})
+        totals.add(c, db.kinds, {(kind, "cancelled"): 1})
         return status
 
     return db.write(tx, "cancel")
@@ -61,9 +65,10 @@ def retry(db: Database, job_id: int | None = None, *, status: str | None = None,
             if current not in RETRYABLE:
                 raise InvalidTransition(
                     f"job {job_id} is {current}; only {', '.join(RETRYABLE)} jobs can be retried")
-            rows = c.execute("SELECT id, user_id, priority, status FROM jobs WHERE id = ?", (job_id,)).fetchall()
+            rows = c.execute("SELECT id, user_id, priority, status, kind FROM jobs WHERE id = ?",
+                             (job_id,)).fetchall()
         else:
-            sql = "SELECT id, user_id, priority, status FROM jobs WHERE status = ?"
+            sql = "SELECT id, user_id, priority, status, kind FROM jobs WHERE status = ?"
             args: list[object] = [status or "dead"]
             if user_id is not None:
                 sql += " AND user_id = ?"
@@ -74,9 +79,13 @@ def retry(db: Database, job_id: int | None = None, *, status: str | None = None,
             rows = c.execute(sql + " ORDER BY id", args).fetchall()
         groups: dict[tuple[str, int], list[int]] = defaultdict(list)
         reactivated: Counter[str] = Counter()
-        for jid, user, priority, was in rows:
+        left: Counter[tuple[str, str]] = Counter()
+        for jid, user, priority, was, job_kind in rows:
             groups[(user, priority)].append(jid)
             reactivated[user] += was != "scheduled"  # scheduled jobs already count as active
+            if was != "scheduled":
+                left[(job_kind, totals.left(was))] += 1
+        totals.add(c, db.kinds, left)
         day = db.days.key(now)
         for (user, priority), ids in groups.items():
             load = usage.load(c, user, day)
@@ -112,8 +121,11 @@ def purge(db: Database, *, older_than_s: float, statuses: tuple[str, ...] = ("do
         if dry_run:
             return c.execute(f"SELECT count(*) FROM jobs WHERE status IN ({marks}) AND finished_at < ?",
                              (*statuses, cutoff)).fetchall()[0][0]
-        c.execute(f"DELETE FROM jobs WHERE status IN ({marks}) AND finished_at < ?", (*statuses, cutoff))
-        deleted = c.changes()
+        left = Counter((kind, totals.left(status)) for kind, status in c.execute(
+            f"DELETE FROM jobs WHERE status IN ({marks}) AND finished_at < ? RETURNING kind, status",
+            (*statuses, cutoff)))
+        deleted = left.total()
+        totals.add(c, db.kinds, left)
         day = time.strftime("%Y-%m-%d", time.gmtime(cutoff - 86400))  # a day of slack for any time zone
         c.execute("DELETE FROM daily_stats WHERE day < ?", (day,))
         return deleted

@@ -25,7 +25,7 @@ from typing import TypeVar
 import apsw
 
 from cardq.errors import StoreBusy, StoreError, StoreUnwritable, os_problem, read_only_fs
-from cardq.store import schema, usage
+from cardq.store import schema, totals, usage
 
 T = TypeVar("T")
 
@@ -60,23 +60,25 @@ class Database:
     """An open cardq database. Not thread-safe and not fork-safe: one per process (or per thread)."""
 
     def __init__(self, conn: apsw.Connection, path: Path, *, busy_retries: int, timezone: str,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, max_kinds: int = totals.MAX_KINDS):
         self.conn = conn
         self.path = path
         self.busy_retries = busy_retries
         self.busy_timeout_ms = 5000  # set by open()
         self.tz = zoneinfo.ZoneInfo(timezone)
         self.days = usage.DayClock(self.tz)  # the local day (limits.timezone) of a time, cached per day
+        self.kinds = totals.KindLabels(max_kinds)  # the name each job kind is counted under (store/totals.py)
         self._rng = rng or random.Random()
 
     @classmethod
     def open(cls, path: str | Path, *, synchronous: str = "normal", busy_timeout_ms: int = 5000,
              busy_retries: int = 6, timezone: str = "UTC", create: bool = False,
-             autocheckpoint: bool = True) -> Database:
+             autocheckpoint: bool = True, max_kinds: int = totals.MAX_KINDS) -> Database:
         """Open (with create=True: create) the database at `path` and bring its schema up to date.
 
         autocheckpoint=False leaves WAL checkpoints to someone else (the supervisor checkpoints on a timer for
-        its workers): a commit then never pays for copying the WAL back into the database file.
+        its workers): a commit then never pays for copying the WAL back into the database file. max_kinds: job
+        kinds counted by name in the totals (store/totals.py); later ones count as "(other)".
 
         Refuses, without modifying the file: a missing file (unless create), a file that is not SQLite, a SQLite
         database that is not cardq's, and a cardq database written by a newer cardq.
@@ -98,7 +100,7 @@ class Database:
             raise StoreError(f"{path}: cannot create the database: {os_problem(e, path)}") from None
         except apsw.CantOpenError:
             raise StoreError(f"{path}: cannot open the database: {_why_unopenable(path)}") from None
-        db = cls(conn, path, busy_retries=busy_retries, timezone=timezone)
+        db = cls(conn, path, busy_retries=busy_retries, timezone=timezone, max_kinds=max_kinds)
         try:
             conn.setbusytimeout(busy_timeout_ms)
             db.busy_timeout_ms = busy_timeout_ms

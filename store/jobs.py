@@ -8,7 +8,8 @@
 
 A claim gives each job a fresh random lease token; complete, fail and extend must present it, so a holder whose
 lease expired and whose job was claimed again (or recovered, or cancelled) changes nothing: `LeaseLost`.
-Every function here runs in one IMMEDIATE transaction: each either happens whole or not at all.
+Every function here runs in one IMMEDIATE transaction: each either happens whole or not at all — the counts it
+adds to the durable totals (claims, failed attempts, dead and done jobs by kind: store/totals.py) included.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import random
 import secrets
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ import apsw
 import orjson
 
 from cardq.errors import LeaseLost
-from cardq.store import counters, usage
+from cardq.store import counters, totals, usage
 from cardq.store.db import Database
 
 ERROR_TEXT_MAX = 500  # characters kept of one error message
@@ -88,9 +89,10 @@ def claim(db: Database, owner: str, *, k: int = 1, lease_s: float, horizon_s: fl
 
 
 def finish_and_claim(db: Database, done: list[tuple[int, int, Any]], owner: str, *, k: int, lease_s: float,
-                     horizon_s: float | None = None, now: float | None = None) -> tuple[list[int], list[Claimed]]:
-    """complete_many(done) and claim(k) in ONE transaction: a worker's results and its next jobs for the price of
-    one commit. Returns (ids whose lease was lost, the claimed jobs). `horizon_s`: see `claim`."""
+                     horizon_s: float | None = None, now: float | None = None,
+                     took: Mapping[int, float] | None = None) -> tuple[list[int], list[Claimed]]:
+    """complete_many(done, took=took) and claim(k) in ONE transaction: a worker's results and its next jobs for the
+    price of one commit. Returns (ids whose lease was lost, the claimed jobs). `horizon_s`: see `claim`."""
     now = time.time() if now is None else now
     token = secrets.randbits(62) + 1
     until = now + lease_s
@@ -98,13 +100,16 @@ def finish_and_claim(db: Database, done: list[tuple[int, int, Any]], owner: str,
     day = db.days.key(now) if done else ""
 
     def tx(c: apsw.Connection) -> tuple[list[int], list[tuple]]:
-        lost = _complete_tx(c, done, batch, now, day) if done else []
+        lost = _complete_tx(c, db, done, batch, now, day, took) if done else []
         c.execute(
             "UPDATE jobs SET status = 'queued', updated_at = ?1 WHERE status = 'scheduled'"
             " AND (run_at <= ?1 OR run_at > ?2)",
             (now, now + horizon_s if horizon_s is not None else float("inf")),
         )
-        return lost, c.execute(_CLAIM_ONE if k == 1 else _CLAIM_MANY, (owner, token, until, now, now, k)).fetchall()
+        rows = c.execute(_CLAIM_ONE if k == 1 else _CLAIM_MANY, (owner, token, until, now, now, k)).fetchall()
+        if rows:
+            totals.add(c, db.kinds, {(kind, "claimed"): n for kind, n in Counter(r[3] for r in rows).items()})
+        return lost, rows
 
     lost, rows = db.write(tx, "claim")
     rows.sort(key=lambda r: (-r[7], r[8], r[0]))
@@ -139,34 +144,39 @@ def complete(db: Database, job_id: int, token: int, result: Any = None, *, now: 
         raise LeaseLost(f"job {job_id}: lease lost (it was recovered, cancelled or claimed again); result discarded")
 
 
-def complete_many(db: Database, done: list[tuple[int, int, Any]], *, now: float | None = None) -> list[int]:
+def complete_many(db: Database, done: list[tuple[int, int, Any]], *, now: float | None = None,
+                  took: Mapping[int, float] | None = None) -> list[int]:
     """Mark each held (job_id, token, result) done, in one transaction; returns the ids whose lease was lost.
 
-    Also counts each done job in its user's usage for the local day (the daily plan limits), and the upstream
-    tokens a result reports (`_meta.usage.total_tokens`, as the card generator's do) in `tokens:<user>:<day>`.
+    Also counts each done job in its user's usage for the local day (the daily plan limits), the upstream tokens
+    a result reports (`_meta.usage.total_tokens`, as the card generator's do) in `tokens:<user>:<day>`, and its
+    duration in its kind's totals: `took[job_id]`, the seconds its handler ran, else the time since its claim.
     """
     now = time.time() if now is None else now
     day = db.days.key(now)
     batch = _encode_done(done)
-    return db.write(lambda c: _complete_tx(c, done, batch, now, day), "complete")
+    return db.write(lambda c: _complete_tx(c, db, done, batch, now, day, took), "complete")
 
 
 def _encode_done(done: list[tuple[int, int, Any]]) -> str:
     return orjson.dumps([[job_id, token, result] for job_id, token, result in done]).decode()
 
 
-def _complete_tx(c: apsw.Connection, done: list[tuple[int, int, Any]], batch: str, now: float, day: str) -> list[int]:
+def _complete_tx(c: apsw.Connection, db: Database, done: list[tuple[int, int, Any]], batch: str, now: float,
+                 day: str, took: Mapping[int, float] | None) -> list[int]:
     rows = c.execute(_COMPLETE, (batch, now)).fetchall()
-    by_user = Counter(user for _, user in rows)
-    if by_user:
-        usage.record_done(c, by_user, day)
+    if rows:
+        usage.record_done(c, Counter(r[1] for r in rows), day)
+        took = took or {}
+        totals.add_durations(c, db.kinds, [
+            (kind, took[job_id] if job_id in took else now - (started or now)) for job_id, _, kind, started in rows])
     tokens = _tokens(done)
     if tokens:
         per_user: Counter[str] = Counter()
-        for job_id, user in rows:
+        for job_id, user, _, _ in rows:
             per_user[counters.tokens_key(user, day)] += tokens.get(job_id, 0)
         counters.add_in(c, {key: n for key, n in per_user.items() if n}, now)
-    finished = {job_id for job_id, _ in rows}
+    finished = {r[0] for r in rows}
     return [job_id for job_id, _, _ in done if job_id not in finished]
 
 
@@ -188,7 +198,7 @@ _COMPLETE = (
     "UPDATE jobs SET status = 'done', result = j.value -> 2, finished_at = ?2, updated_at = ?2,"
     " lease_owner = NULL, lease_token = NULL, lease_until = NULL"
     " FROM json_each(?1) AS j WHERE jobs.id = j.value ->> 0 AND jobs.lease_token = j.value ->> 1"
-    " RETURNING jobs.id, jobs.user_id"
+    " RETURNING jobs.id, jobs.user_id, jobs.kind, jobs.started_at"
 )
 
 
@@ -204,22 +214,27 @@ def fail(db: Database, job_id: int, token: int, error: str, *, permanent: bool =
 
     def tx(c: apsw.Connection) -> FailOutcome:
         rows = c.execute(
-            "SELECT attempts, max_attempts, user_id, errors FROM jobs WHERE id = ? AND lease_token = ?",
+            "SELECT attempts, max_attempts, user_id, kind, errors FROM jobs WHERE id = ? AND lease_token = ?",
             (job_id, token),
         ).fetchall()
         if not rows:
             raise LeaseLost(f"job {job_id}: lease lost (it was recovered, cancelled or claimed again); "
                             "failure not recorded")
         attempts = rows[0][0]
-        return _fail_held(c, db, job_id, *rows[0], error, permanent=permanent,
-                          delay=max(not_before_s, backoff.delay(attempts, rng)), now=now)
+        tally: Counter[tuple[str, str]] = Counter()
+        out = _fail_held(c, db, job_id, *rows[0], error, permanent=permanent,
+                         delay=max(not_before_s, backoff.delay(attempts, rng)), now=now, tally=tally)
+        totals.add(c, db.kinds, tally)
+        return out
 
     return db.write(tx, "fail")
 
 
 def _fail_held(c: apsw.Connection, db: Database, job_id: int, attempts: int, max_attempts: int, user_id: str,
-               errors: str, error: str, *, permanent: bool, delay: float, now: float) -> FailOutcome:
-    """Shared by fail and recover: the job is processing and `attempts` have been made."""
+               kind: str, errors: str, error: str, *, permanent: bool, delay: float, now: float,
+               tally: Counter[tuple[str, str]]) -> FailOutcome:
+    """Shared by fail and recover: the job is processing and `attempts` have been made. The failed attempt (and
+    the job's death) is added to `tally`, for the caller to write to the totals once per transaction."""
     error = error[:ERROR_TEXT_MAX]
     history = orjson.loads(errors)
     history = [*history, {"attempt": attempts, "at": round(now, 3), "error": error}][-ERROR_HISTORY_MAX:]
@@ -240,6 +255,9 @@ def _fail_held(c: apsw.Connection, db: Database, job_id: int, attempts: int, max
             (outcome.status, run_at, error, orjson.dumps(history).decode(), now, job_id),
         )
     usage.record_failure(c, db.days.key(now), dead=outcome.status == "dead")
+    tally[(kind, "failed")] += 1
+    if outcome.status == "dead":
+        tally[(kind, "dead")] += 1
     return outcome
 
 
@@ -268,17 +286,19 @@ def recover(db: Database, *, processing_timeout_s: float, live_owners: Sequence[
 
     def tx(c: apsw.Connection) -> Recovered:
         rows = c.execute(
-            "SELECT id, attempts, max_attempts, user_id, errors, expired FROM (SELECT *, lease_until < ?1"
+            "SELECT id, attempts, max_attempts, user_id, kind, errors, expired FROM (SELECT *, lease_until < ?1"
             " AND lease_owner NOT IN (SELECT value FROM json_each(?3)) AS expired FROM jobs"
             " WHERE status = 'processing') WHERE expired OR started_at < ?2",
             (now, now - processing_timeout_s, live),
         ).fetchall()
         dead = 0
+        tally: Counter[tuple[str, str]] = Counter()
         for *job, expired in rows:
             reason = "lease expired (worker stopped or lost)" if expired else (
                 f"processing longer than job_processing_timeout_seconds={processing_timeout_s:g}")
-            out = _fail_held(c, db, *job, reason, permanent=False, delay=0, now=now)
+            out = _fail_held(c, db, *job, reason, permanent=False, delay=0, now=now, tally=tally)
             dead += out.status == "dead"
+        totals.add(c, db.kinds, tally)
         return Recovered(len(rows) - dead, dead)
 
     return db.write(tx, "recover")
@@ -344,12 +364,13 @@ def release_owner(db: Database, owner: str, *, running: int | None = None, error
 
     def tx(c: apsw.Connection) -> Released:
         rows = c.execute(
-            "SELECT id, attempts, max_attempts, user_id, errors, kills FROM jobs"
+            "SELECT id, attempts, max_attempts, user_id, kind, errors, kills FROM jobs"
             " WHERE status = 'processing' AND lease_owner = ?",
             (owner,),
         ).fetchall()
         failed, given_back = None, 0
-        for job_id, attempts, max_attempts, user_id, errors, kills in rows:
+        tally: Counter[tuple[str, str]] = Counter()
+        for job_id, attempts, max_attempts, user_id, kind, errors, kills in rows:
             if job_id != running:
                 c.execute(_GIVE_BACK, (now, job_id))
                 given_back += 1
@@ -359,8 +380,9 @@ def release_owner(db: Database, owner: str, *, running: int | None = None, error
                 c.execute("UPDATE jobs SET kills = ? WHERE id = ?", (kills, job_id))
             poison = killed and kills >= poison_kills
             reason = f"killed its worker {kills} times; last: {error}" if poison else error
-            failed = _fail_held(c, db, job_id, attempts, max_attempts, user_id, errors, reason, permanent=poison,
-                                delay=backoff.delay(attempts, rng), now=now)
+            failed = _fail_held(c, db, job_id, attempts, max_attempts, user_id, kind, errors, reason,
+                                permanent=poison, delay=backoff.delay(attempts, rng), now=now, tally=tally)
+        totals.add(c, db.kinds, tally)
         return Released(failed, given_back)
 
     return db.write(tx, "release jobs")
@@ -375,14 +397,17 @@ def recover_orphans(db: Database, *, owner_prefix: str, current_prefix: str, now
 
     def tx(c: apsw.Connection) -> Recovered:
         rows = c.execute(
-            "SELECT id, attempts, max_attempts, user_id, errors FROM jobs WHERE status = 'processing'"
+            "SELECT id, attempts, max_attempts, user_id, kind, errors FROM jobs WHERE status = 'processing'"
             " AND substr(lease_owner, 1, ?) = ? AND substr(lease_owner, 1, ?) != ?",
             (len(owner_prefix), owner_prefix, len(current_prefix), current_prefix),
         ).fetchall()
         dead = 0
+        tally: Counter[tuple[str, str]] = Counter()
         for job in rows:
-            out = _fail_held(c, db, *job, "its supervisor stopped while it ran", permanent=False, delay=0, now=now)
+            out = _fail_held(c, db, *job, "its supervisor stopped while it ran", permanent=False, delay=0, now=now,
+                             tally=tally)
             dead += out.status == "dead"
+        totals.add(c, db.kinds, tally)
         return Recovered(len(rows) - dead, dead)
 
     return db.write(tx, "recover orphans")

@@ -21,9 +21,16 @@ from pathlib import Path
 import apsw
 
 from cardq.errors import StoreError
+from cardq.store.totals import DURATION_BOUNDS
 from cardq.vocabulary import ACTIVE_STATUSES, STATUSES  # noqa: F401 - (re-exported for the store)
 
 APPLICATION_ID = 0x63617264  # "card"
+
+
+def _bucket_sql(seconds: str) -> str:
+    """The job duration bucket of `seconds` (an SQL expression), as SQL: its upper bound (9e999 is +inf)."""
+    finite = [b for b in DURATION_BOUNDS if b != float("inf")]
+    return "CASE " + " ".join(f"WHEN {seconds} <= {b!r} THEN {b!r}" for b in finite) + " ELSE 9e999 END"
 
 
 MIGRATIONS: list[str] = [
@@ -214,6 +221,47 @@ MIGRATIONS: list[str] = [
     # Finished times grow, so a completion appends at the index's right edge (one hot page).
     """
     CREATE INDEX jobs_finished ON jobs (finished_at, status) WHERE finished_at IS NOT NULL;
+    """,
+    # v7: durable totals for /metrics (see store/totals.py), seeded from the rows a database upgraded from v6 holds:
+    # submitted = its jobs, claimed = their attempts, failed = their recorded errors (the newest 25 per job are
+    # kept: a floor), dead, cancelled and done durations from the jobs in those states — so that the jobs in each
+    # finished state stay a difference of totals. Kinds past the 50 most frequent are counted as "(other)".
+    f"""
+    CREATE TABLE job_totals (
+        kind  TEXT    NOT NULL,
+        event TEXT    NOT NULL,
+        n     INTEGER NOT NULL,
+        PRIMARY KEY (kind, event)
+    ) WITHOUT ROWID;
+    CREATE TABLE job_durations (
+        kind    TEXT    NOT NULL,
+        le      REAL    NOT NULL,  -- the bucket's upper bound, seconds (not cumulative)
+        n       INTEGER NOT NULL,
+        seconds REAL    NOT NULL,  -- the durations of those n jobs, summed
+        PRIMARY KEY (kind, le)
+    ) WITHOUT ROWID;
+    CREATE TABLE limit_rejections (
+        limit_key TEXT PRIMARY KEY,
+        n         INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TEMP TABLE seed_kinds AS SELECT kind, CASE WHEN row_number() OVER (ORDER BY count(*) DESC, kind) <= 50
+        THEN kind ELSE '(other)' END AS label FROM jobs GROUP BY kind;
+    INSERT INTO job_totals (kind, event, n)
+        SELECT label, 'submitted', count(*) FROM jobs JOIN seed_kinds USING (kind) GROUP BY label;
+    INSERT INTO job_totals (kind, event, n)
+        SELECT label, 'claimed', sum(attempts) FROM jobs JOIN seed_kinds USING (kind) GROUP BY label
+        HAVING sum(attempts) > 0;
+    INSERT INTO job_totals (kind, event, n)
+        SELECT label, 'failed', sum(json_array_length(errors)) FROM jobs JOIN seed_kinds USING (kind) GROUP BY label
+        HAVING sum(json_array_length(errors)) > 0;
+    INSERT INTO job_totals (kind, event, n)
+        SELECT label, status, count(*) FROM jobs JOIN seed_kinds USING (kind)
+        WHERE status IN ('dead', 'cancelled') GROUP BY label, status;
+    INSERT INTO job_durations (kind, le, n, seconds)
+        SELECT label, {_bucket_sql("max(finished_at - started_at, 0)")}, count(*),
+               sum(max(finished_at - started_at, 0))
+        FROM jobs JOIN seed_kinds USING (kind) WHERE status = 'done' GROUP BY 1, 2;
+    DROP TABLE seed_kinds;
     """,
 ]
 

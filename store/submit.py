@@ -1,7 +1,8 @@
 """Submitting jobs: one, or a batch all-or-nothing, under the limits, in one IMMEDIATE transaction.
 
 The limits are read and checked in the same transaction as the insert, so two concurrent submits can never
-overshoot a limit together, and an override set a moment ago applies.
+overshoot a limit together, and an override set a moment ago applies. The jobs submitted are counted in the
+durable totals in that transaction too; a submit refused by a limit is counted after it (store/totals.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import apsw
 import msgspec
 
 from cardq.errors import InputError, LimitExceeded
-from cardq.store import fairness, limits, usage
+from cardq.store import fairness, limits, totals, usage
 from cardq.store.db import Database
 from cardq.vocabulary import MAX_PRIORITY
 
@@ -83,12 +84,17 @@ def submit(db: Database, items: Sequence[NewJob], *, user_id: str, plan: str, ki
             c.execute("UPDATE sched SET next_job_id = ?, vt = max(vt, ?) WHERE id = 1",
                       (first_id + len(fresh), last_vt))
             usage.add_jobs(c, user_id, len(fresh), last_vt)
+            totals.add(c, db.kinds, {(kind, "submitted"): len(fresh)})
             for i, v in enumerate(ids):
                 if v < 0:  # a repeated key within this batch: the id its first occurrence got
                     ids[i] = ids[-1 - v]
         return SubmitResult(ids, len(fresh), len(items) - len(fresh))
 
-    return db.write(tx, "submit")
+    try:
+        return db.write(tx, "submit")
+    except LimitExceeded as e:
+        totals.count_rejection(db, e.limit)  # (its own transaction: the submit's was rolled back)
+        raise
 
 
 def _check_names(**names: str) -> None:
