@@ -35,7 +35,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from cardq.config import load_config
 from cardq.errors import InputError, InvalidTransition, JobNotFound, LeaseLost
 from cardq.inputs import parse_items
-from cardq.store import Database, admin, jobs, queries, usage
+from cardq.store import Database, admin, jobs, queries, totals, usage
 from cardq.store import submit as submit_mod
 from cardq.store.schema import ACTIVE_STATUSES, STATUSES
 
@@ -287,7 +287,7 @@ def _snapshot(db: Database):
     def tx(c):
         return tuple(
             c.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
-            for table in ("jobs", "user_load", "daily_stats", "sched", "limits")
+            for table in ("jobs", "user_load", "daily_stats", "sched", "limits", "job_totals", "job_durations")
         )
 
     return db.read(tx, "snapshot")
@@ -742,6 +742,26 @@ class JobMachine(RuleBasedStateMachine):
             else:
                 assert done_today == 0 and not any(u == user for u, _ in done_on)
         assert daily == self.failed_by_day
+
+    @invariant()
+    def totals_match_the_rows(self):
+        """The durable totals (/metrics) agree with the rows: the jobs in each state — the finished ones derived
+        from totals alone — every job submitted once, every failed attempt and every done job counted once."""
+        figures = totals.snapshot(self.db, now=self.now)
+        by_state = dict.fromkeys(STATUSES, 0)
+        for m in self.jobs.values():
+            by_state[m.status] += 1
+        assert figures.jobs_by_state == by_state
+        assert sum(figures.totals["submitted"].values()) == len(self.jobs)
+        assert sum(figures.totals["failed"].values()) == sum(m.failures for m in self.jobs.values())
+        assert sum(sum(h.counts) for h in figures.durations.values()) == by_state["done"]  # (done is never left)
+        queued = [i for i, m in self.jobs.items() if m.status == "queued"]
+        if queued:
+            created = self.db.read(lambda c: c.execute("SELECT created_at FROM jobs WHERE id = ?",
+                                                       (min(queued),)).fetchall()[0][0])
+            assert figures.oldest_queued_age_s == max(0.0, self.now - created)
+        else:
+            assert figures.oldest_queued_age_s is None
 
 
 @settings(max_examples=40, deadline=None)
