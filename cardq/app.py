@@ -32,6 +32,7 @@ def open_db(loaded: LoadedConfig, *, create: bool = False, autocheckpoint: bool 
         timezone=cfg.limits.timezone,
         create=create,
         autocheckpoint=autocheckpoint,
+        max_kinds=cfg.metrics.max_kinds,
     )
 
 

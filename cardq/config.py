@@ -166,6 +166,10 @@ class HttpConfig(_Section):
     max_gate_leases: Annotated[int, Meta(ge=1, le=100_000)] = 256
 
 
+class MetricsConfig(_Section):
+    max_kinds: Annotated[int, Meta(ge=1, le=10_000)] = 50  # job kinds counted by name; later ones as "(other)"
+
+
 class Config(_Section):
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     workers: WorkersConfig = msgspec.field(default_factory=WorkersConfig)
@@ -179,6 +183,7 @@ class Config(_Section):
     gates: dict[str, GateConfig] = msgspec.field(default_factory=_default_gates)
     paths: PathsConfig = msgspec.field(default_factory=PathsConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
 
 
 def resolve_path(configured: str, config_dir: Path | None) -> Path:

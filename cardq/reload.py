@@ -22,7 +22,7 @@ class Reload:
 # live would split the tree (a worker looking for its key in a new run_dir dead-letters every job), so a file
 # that changes one is refused whole until the next start.
 RESTART_ONLY = ("store.", "actors.run_dir", "actors.counter_shards", "actors.ratelimit_shards", "actors.paths_shards",
-                "actors.max_frame_bytes", "actors.max_connections", "paths.enabled")
+                "actors.max_frame_bytes", "actors.max_connections", "paths.enabled", "metrics.max_kinds")
 
 
 def read_new_config(current: LoadedConfig) -> Reload:
