@@ -122,8 +122,12 @@ class PathCollector(Behaviour):
             agg.clients.update(e.client)
             agg.estimated = agg.estimated or self.rate < 1.0
             self.dirty.add(key)
-        return {"accepted": len(inserted), "duplicates": len(events) - late - sampled_out - len(inserted),
-                "sampled_out": sampled_out, "late": late}
+        counts = {"accepted": len(inserted), "duplicates": len(events) - late - sampled_out - len(inserted),
+                  "sampled_out": sampled_out, "late": late}
+        for what, n in counts.items():
+            if n:
+                self.telemetry.count("events", what, n=n)
+        return counts
 
     def before_commit(self, tx: Tx) -> None:
         for hour, path in self.dirty:

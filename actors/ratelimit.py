@@ -31,6 +31,7 @@ from cardq.actors import protocol
 from cardq.actors.gatelimit import AdaptiveLimit, describe
 from cardq.actors.gateslots import GateSlots
 from cardq.actors.server import DEFER, SINGLE, Behaviour, Peer
+from cardq.actors.telemetry import WAIT_BOUNDS
 from cardq.config import GateConfig, LoadedConfig
 from cardq.errors import ActorError
 from cardq.store import gates as store_gates
@@ -206,6 +207,7 @@ class RateLimiter(Behaviour):
             ratelimits.save(tx, a.key, new_tat)
             self.tat[a.key] = new_tat  # only once the write went through: memory never runs ahead of SQLite
         answer["policy"], answer["window_s"] = p.pattern, p.window_s  # (for the RateLimit-Policy header field)
+        self.telemetry.count("ratelimit", p.pattern, "allowed" if answer["allowed"] else "denied")
         return answer
 
     # ---- gates ------------------------------------------------------------------------------------------------
@@ -254,6 +256,13 @@ class RateLimiter(Behaviour):
         return {name: {**gate.stats(), "config": self.config_digest} for name, gate in self.gates.items()
                 if protocol.shard_of(f"gate:{name}", shards) == self.shard}
 
+    def more_stats(self) -> dict[str, Any]:
+        """For the "stats" op: every configured gate this shard serves (active, queued, dropped, its limit), the
+        ones nobody has used since this actor started too (their figures are zero, not missing)."""
+        shards = self.loaded.config.actors.ratelimit_shards
+        return {"gates": {name: self._gate(name).stats() for name in self.loaded.config.gates
+                          if protocol.shard_of(f"gate:{name}", shards) == self.shard}}
+
     def _grant(self, tx: Tx, gate: Gate, permit: str, pid: int, waited_s: float) -> bool:
         """Take a free slot and hold it for `pid` as `permit`; False when every slot is held."""
         slot = gate.slots.try_take(gate.limit(), files=gate.cfg.max_concurrency)
@@ -263,6 +272,7 @@ class RateLimiter(Behaviour):
         store_gates.add(tx, store_gates.Permit(permit, gate.name, pid, started, now))
         gate.permits[permit] = (pid, started, now, slot)
         gate.waits_ms.append(waited_s * 1000)
+        self.telemetry.observe(("gate_wait", gate.name), WAIT_BOUNDS, waited_s)
         return True
 
     def _admit(self, tx: Tx, gate: Gate) -> None:

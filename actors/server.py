@@ -35,6 +35,7 @@ import msgspec
 from cardq import app, logs
 from cardq.actors import keys, protocol
 from cardq.actors.protocol import socket_path
+from cardq.actors.telemetry import ASK_BOUNDS, Telemetry
 from cardq.children import EXIT_STOPPED, EXIT_STORE, ChildContext
 from cardq.config import LoadedConfig, parse_config
 from cardq.errors import Error, InputError, StoreError
@@ -52,7 +53,7 @@ RECV_CHUNK = 256 * 1024  # bytes read from one connection per loop turn: no clie
 MAX_PER_FRAME = 1024
 DEFER = object()  # a handler's answer that will come later (a gate waiter)
 SINGLE = "single"  # ops flag: the handler writes at most one statement, as its last step (no savepoint needed)
-COMMON_OPS = {"ping": (None, "ping", SINGLE)}  # ops every actor answers, besides its own
+COMMON_OPS = {"ping": (None, "ping", SINGLE), "stats": (None, "stats", SINGLE)}  # ops every actor answers
 
 
 @dataclass(eq=False)
@@ -116,10 +117,22 @@ class Behaviour:
     def __init__(self, loaded: LoadedConfig, db: Any, shard: int):
         self.loaded, self.db, self.shard = loaded, db, shard
         self.log = logs.get(actor=self.name, shard=shard)
+        self.telemetry = Telemetry()  # this process's figures for /metrics (the server counts into it too)
+        self.started_at = time.time()
 
     def ping(self, tx: Tx, peer: Peer, a: Any, msg_id: int | None) -> dict[str, Any]:
         """Every actor's "ping" op: proof that it answers (readiness checks)."""
         return {"actor": self.name, "shard": self.shard}
+
+    def stats(self, tx: Tx, peer: Peer, a: Any, msg_id: int | None) -> dict[str, Any]:
+        """Every actor's "stats" op: its figures since this process started (actors/telemetry.py) — messages by
+        op, each ask's time in the actor, and the behaviour's own counts — for /metrics."""
+        return {"actor": self.name, "shard": self.shard, "pid": os.getpid(), "started_at": self.started_at,
+                **self.telemetry.to_dict(), **self.more_stats()}
+
+    def more_stats(self) -> dict[str, Any]:
+        """A behaviour's figures that are state rather than counts (the gates' active and queued), for `stats`."""
+        return {}
 
     def tick(self, tx: Tx, now: float) -> list[tuple[Peer, int, dict[str, Any]]]:
         """Periodic work inside a write transaction; returns deferred answers now due."""
@@ -286,6 +299,7 @@ class ActorServer:
                     timeout = min(timeout, 0.01)
                 listening = [listener] if time.monotonic() >= self.listen_paused_until else []
                 ready = wait([*listening, self.wake_r, self.ctx.channel.conn, *self.clients], timeout)
+                read_at = time.perf_counter()
                 batch: list[tuple[Peer, dict[str, Any]]] = []
                 for r in ready:
                     if r is listener:
@@ -304,6 +318,9 @@ class ActorServer:
                 due = mono >= next_tick
                 if batch or due:
                     self.process(batch, tick=due)
+                    if batch:  # each ask's time here: from its batch being read to the answers sent
+                        self.behaviour.telemetry.observe_now(("ask_seconds",), ASK_BOUNDS,
+                                                             time.perf_counter() - read_at, len(batch))
                     # a message may have set an earlier deadline (a gate waiter's): never sleep past it
                     wall = time.time()
                     upcoming = mono + (self.behaviour.next_tick(wall) - wall)
@@ -417,9 +434,11 @@ class ActorServer:
         """Apply a batch in one transaction, commit, then answer. The periodic tick runs in a transaction of its
         own, so that a failing tick rolls back alone and cannot take the messages (or the actor) with it."""
         answers: list[tuple[Peer, int, dict[str, Any]]] = []
+        telemetry = self.behaviour.telemetry  # its counts stand once the transaction commits
 
         def messages(tx: Tx) -> list[tuple[Peer, int, dict[str, Any]]]:
             answers.clear()  # (a retry after a busy database starts over)
+            telemetry.discard()
             for client, msg in batch:
                 answer = self._handle(tx, client, msg)
                 if answer is not None and msg.get("id") is not None:
@@ -430,6 +449,7 @@ class ActorServer:
 
         def periodic(tx: Tx) -> list[tuple[Peer, int, dict[str, Any]]]:
             answers.clear()
+            telemetry.discard()
             answers.extend(self.behaviour.tick(tx, time.time()))
             answers.extend(self.behaviour.drain_answers())
             self.behaviour.before_commit(tx)
@@ -439,16 +459,21 @@ class ActorServer:
         if batch:
             try:
                 out += self.db.batch(messages, f"{self.actor} batch")
+                telemetry.commit()
                 self._store_ok()
             except StoreError as e:
+                telemetry.discard()
                 self._store_failed(e, [(c, m["id"]) for c, m in batch if m.get("id") is not None] + answers)
         if tick:
             try:
                 out += self.db.batch(periodic, f"{self.actor} tick")
+                telemetry.commit()
                 self._store_ok()
             except StoreError as e:
+                telemetry.discard()
                 self._store_failed(e, answers)
             except Exception as e:  # a bug in periodic work: log it, start its state afresh, keep serving
+                telemetry.discard()
                 self.behaviour.on_tick_failed()
                 self.log.error("actor.tick_failed", error=f"{type(e).__name__}: {e}"[:300])
         self.ctx.slot.idle()
@@ -502,6 +527,8 @@ class ActorServer:
     def _handle(self, tx: Tx, client: Peer, msg: dict[str, Any]) -> dict[str, Any] | None:
         op, args = msg["op"], msg.get("a", {})
         spec = self.behaviour.ops.get(op) or COMMON_OPS.get(op)
+        # (An op nobody knows is counted under one name: a client must not grow the figures without bound.)
+        self.behaviour.telemetry.counts[("messages", op if spec is not None else "(unknown)")] += 1
         if spec is None:
             return _error("bad_request", f"unknown op {op!r} for {self.actor}; expected one of: "
                                          f"{', '.join(self.behaviour.ops)}")
