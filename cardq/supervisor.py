@@ -63,6 +63,7 @@ class Supervisor:
         self.secret = b""
         self.run_dir_check_at = 0.0
         self.reloads = 0  # reloads decided (applied or refused), published: `cardq reload` waits for the next
+        self.reloads_applied = self.reloads_failed = 0  # the two outcomes, published for /metrics
         self.pending_reload: tuple[HandlerCheck, Reload] | None = None  # a new handler being checked in a child
         self.desired = workers if workers is not None else loaded.config.workers.count
         self.burst = burst
@@ -512,6 +513,7 @@ class Supervisor:
 
     def _reload_refused(self, reason: str) -> None:
         self.reloads += 1
+        self.reloads_failed += 1
         self.last_reload_at = time.time()
         self.last_reload_error = reason
         self.log.error("config.reload_failed", reason=reason, kept_digest=self.loaded.digest)
@@ -531,6 +533,7 @@ class Supervisor:
         self.restarts.configure(max_restarts=sup.max_restarts, max_seconds=sup.max_seconds,
                                 backoff_max_s=sup.restart_backoff_max_s)
         self.reloads += 1
+        self.reloads_applied += 1
         self.config_version += 1
         self.config_loaded_at = self.last_reload_at = time.time()
         self.last_reload_error = None
@@ -588,7 +591,8 @@ class Supervisor:
             info={"run_id": self.run_id, "config_file": self.loaded.source, "config_digest": self.loaded.digest,
                   "config_version": self.config_version, "config_loaded_at": self.config_loaded_at,
                   "last_reload_error": self.last_reload_error, "last_reload_at": self.last_reload_at,
-                  "workers_desired": self.desired, "reloads": self.reloads, "wakeups_sent": self.wakeups_sent,
+                  "workers_desired": self.desired, "reloads": self.reloads, "reloads_applied": self.reloads_applied,
+                  "reloads_failed": self.reloads_failed, "wakeups_sent": self.wakeups_sent,
                   "burst": self.burst})]
         for child in sorted(self.children.values(), key=lambda c: c.spec.name):
             rows.append(processes.ProcessRow(
