@@ -28,10 +28,11 @@ import msgspec
 from cardq import app
 from cardq.config import LoadedConfig, resolve_config_path
 from cardq.errors import ActorUnavailable, ConfigError, Error, InputError, JobNotFound
-from cardq.store import Database, admin, processes, queries, usage
+from cardq.store import Database, admin, processes, queries, totals, usage
 from cardq.store import limits as store_limits
 from cardq.store import submit as store_submit
 from cardq.store.limits import Limit
+from cardq.store.totals import Figures
 from cardq.vocabulary import FINISHED, FORMATS, MAX_PRIORITY, STATUSES
 
 # Loaded on first use (`cardq status` needs none of them): the actor client and the event recorder on the first
@@ -134,6 +135,15 @@ class EventsRecorded(msgspec.Struct, frozen=True):
     late: int  # older than paths.retention_days: refused
     sampled_out: int
     to_inbox: int  # stored durably for the collector, which was not reachable; counted when it is back
+
+
+class MetricsSnapshot(msgspec.Struct, frozen=True):
+    """What /metrics shows, gathered across the processes that hold it (`Queue.metrics`)."""
+
+    store: Figures  # the durable totals, the jobs in each state, the inbox, the files' sizes: one snapshot
+    supervisor: dict[str, Any] | None  # the running supervisor's published info (config digest, reloads), or None
+    children: list[dict[str, Any]]  # each child the supervisor published: name, role, pid, state, restarts
+    actors: list[dict[str, Any]]  # each actor shard's "stats" answer, or {"actor", "shard", "error"}
 
 
 class _PerThread(threading.local):
@@ -467,6 +477,35 @@ class Queue:
             out["children"] = str(e)
         return out
 
+    def metrics(self, *, actor_timeout_s: float = 0.5) -> MetricsSnapshot:
+        """The figures /metrics exposes, from the processes that hold them: the store's durable totals (jobs by
+        kind, durations, limit rejections — counted by whichever process moved each job) and counts, from one
+        snapshot that scans no table of jobs; the supervisor's published process table (children's restarts, its
+        reloads and config digest); and each actor shard's own figures since it started, asked over its socket
+        (an actor that does not answer within actor_timeout_s is listed with its error, the rest still shown)."""
+        from cardq.reload import actor_shards
+        from cardq.running import supervisor_summary
+
+        loaded, db = self.config, self._db()
+        figures = totals.snapshot(db)
+        rows = processes.read_all(db)
+        running = supervisor_summary(loaded, rows)["running"]
+        sup = next((r for r in rows if r["role"] == "supervisor"), None) if running else None
+        children = [{k: r[k] for k in ("name", "role", "pid", "state", "restarts")} for r in rows
+                    if running and r["role"] != "supervisor"]
+        actors: list[dict[str, Any]] = []
+        for actor, shards in actor_shards(loaded).items():
+            for shard in range(shards):
+                if not running:
+                    actors.append({"actor": actor, "shard": shard, "error": "no supervisor runs"})
+                    continue
+                try:
+                    actors.append(self._client().ask_shard(actor, shard, "stats", {}, timeout=actor_timeout_s))
+                except Error as e:
+                    actors.append({"actor": actor, "shard": shard, "error": str(e)})
+        info = {**sup["info"], "pid": sup["pid"], "started_at": sup["started_at"]} if sup else None
+        return MetricsSnapshot(figures, info, children, actors)
+
     def change_token(self) -> int:
         """A number that moves whenever any process commits to the database (for waiting without polling rows)."""
         return self._db().change_token()
@@ -775,6 +814,6 @@ def _stamp(path: Path | None) -> tuple[int, int, int] | None:
 
 __all__ = [
     "FINISHED", "FORMATS", "MAX_PRIORITY", "STATUSES", "Batch", "CounterResult", "EventsRecorded", "Initialized",
-    "JobInfo", "JobPage", "Limit", "NewToken", "Queue", "RateLimitDecision", "TokenInfo", "connect", "init",
-    "read_items", "selftest", "supervise", "systemd_unit",
+    "JobInfo", "JobPage", "Limit", "MetricsSnapshot", "NewToken", "Queue", "RateLimitDecision", "TokenInfo",
+    "connect", "init", "read_items", "selftest", "supervise", "systemd_unit",
 ]
