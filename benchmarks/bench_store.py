@@ -45,13 +45,12 @@ from cardq.store.db import Database
 from cardq.store.fairness import _HEAD
 from cardq.store.jobs import _CLAIM_MANY, _CLAIM_ONE, _COMPLETE
 from cardq.store.submit import _INSERT, NewJob
-from cardq.store.totals import _ADD, _ADD_DURATIONS, DURATION_BOUNDS
+from cardq.store.totals import _ADD, _DONE_EVENTS, DURATION_BOUNDS
 
 # ---------------------------------------------------------------------------------------------------------------
 # The SQL cardq runs. Statements the store keeps as module constants are imported above (_INSERT, _HEAD,
-# _CLAIM_ONE, _CLAIM_MANY, _COMPLETE, the totals' _ADD and _ADD_DURATIONS); the ones it writes inline are copied
-# here. check_same_sql() traces cardq's
-# own calls next to the raw loops' and warns if they drift apart.
+# _CLAIM_ONE, _CLAIM_MANY, _COMPLETE, the totals' _ADD); the ones it writes inline are copied here.
+# check_same_sql() traces cardq's own calls next to the raw loops' and warns if they drift apart.
 
 PROMOTE = (  # jobs.claim (?2: the clock-step horizon, +inf when none is given)
     "UPDATE jobs SET status = 'queued', updated_at = ?1 WHERE status = 'scheduled' AND (run_at <= ?1 OR run_at > ?2)"
@@ -257,8 +256,9 @@ def check_same_sql(parent: str | None) -> SameSql:
             *conn.execute("SELECT * FROM user_load ORDER BY user_id").fetchall(),
             *conn.execute("SELECT * FROM sched").fetchall(),
             *conn.execute("SELECT * FROM daily_stats ORDER BY day").fetchall(),
-            *conn.execute("SELECT * FROM job_totals ORDER BY kind, event").fetchall(),
-            *conn.execute("SELECT kind, sum(n) FROM job_durations GROUP BY kind").fetchall(),
+            *conn.execute("SELECT kind, event, n FROM job_totals WHERE event NOT LIKE 'done:%' ORDER BY kind, event"
+                          ).fetchall(),
+            *conn.execute("SELECT kind, sum(n) FROM job_totals WHERE event LIKE 'done:%' GROUP BY kind").fetchall(),
         ]
 
     with fresh_dir(parent) as d:
@@ -430,7 +430,7 @@ def raw_submit_one(conn: apsw.Connection, names: list[str], count: int) -> None:
         conn.executemany(_INSERT, [(job_id, user, PLAN, "card", PAYLOAD_TEXT, 0, vt, 5, now, now, now, None)])
         ex(SET_SCHED, (job_id + 1, vt))
         ex(ADD_JOBS, (user, 1, vt))
-        conn.executemany(_ADD, [("card", "submitted", 1)])
+        conn.executemany(_ADD, [("card", "submitted", 1, 0.0)])
         ex("COMMIT")
 
 
@@ -457,8 +457,8 @@ def cardq_claim_complete_one(db: Database, count: int) -> None:
 
 
 def raw_claim_complete_one(conn: apsw.Connection, count: int, first_token: int) -> None:
-    """cardq's SQL for claim(k=1) then complete(): PROMOTE + _CLAIM_ONE + the claim's total, then _COMPLETE +
-    RECORD_DONE + the job's duration bucket."""
+    """cardq's SQL for claim(k=1) then complete(): PROMOTE + _CLAIM_ONE, then _COMPLETE + RECORD_DONE + the job's
+    duration bucket in the totals."""
     ex = conn.execute
     day = today()
     for token in range(first_token, first_token + count):
@@ -466,14 +466,13 @@ def raw_claim_complete_one(conn: apsw.Connection, count: int, first_token: int) 
         ex("BEGIN IMMEDIATE")
         ex(PROMOTE, (now, float("inf")))
         job_id = ex(_CLAIM_ONE, ("worker-1", token, now + LEASE_S, now, now, 1)).fetchall()[0][0]
-        conn.executemany(_ADD, [("card", "claimed", 1)])
         ex("COMMIT")
         ex("BEGIN IMMEDIATE")
         done = time.time()
         _, user, kind, started = ex(_COMPLETE, (f"[[{job_id},{token},null]]", done)).fetchall()[0]
         conn.executemany(RECORD_DONE, [(1, day, user)])
         took = done - started
-        conn.executemany(_ADD_DURATIONS, [(kind, DURATION_BOUNDS[bisect.bisect_left(DURATION_BOUNDS, took)], 1, took)])
+        conn.executemany(_ADD, [(kind, _DONE_EVENTS[bisect.bisect_left(DURATION_BOUNDS, took)], 1, took)])
         ex("COMMIT")
 
 
@@ -549,22 +548,21 @@ def raw_claim_many(conn: apsw.Connection, batches: int, first_token: int, *, one
         ex("BEGIN IMMEDIATE")
         ex(PROMOTE, (now, float("inf")))
         rows = ex(_CLAIM_MANY, ("worker-1", token, now + LEASE_S, now, now, BATCH_K)).fetchall()
-        conn.executemany(_ADD, [("card", "claimed", len(rows))])
         if not one_tx:
             ex("COMMIT")
             ex("BEGIN IMMEDIATE")
         batch = "[" + ",".join([f"[{row[0]},{token},null]" for row in rows]) + "]"
         by_user: dict[str, int] = {}
-        buckets: dict[tuple[str, float], list] = {}
+        buckets: dict[tuple[str, str], list] = {}
         done = time.time()
         for _, user, kind, started in ex(_COMPLETE, (batch, done)).fetchall():
             by_user[user] = by_user.get(user, 0) + 1
             took = done - started
-            b = buckets.setdefault((kind, DURATION_BOUNDS[bisect.bisect_left(DURATION_BOUNDS, took)]), [0, 0.0])
+            b = buckets.setdefault((kind, _DONE_EVENTS[bisect.bisect_left(DURATION_BOUNDS, took)]), [0, 0.0])
             b[0] += 1
             b[1] += took
         conn.executemany(RECORD_DONE, [(k, day, user) for user, k in by_user.items()])
-        conn.executemany(_ADD_DURATIONS, [(kind, le, n, secs) for (kind, le), (n, secs) in buckets.items()])
+        conn.executemany(_ADD, [(kind, event, n, secs) for (kind, event), (n, secs) in buckets.items()])
         ex("COMMIT")
 
 

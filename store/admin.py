@@ -44,7 +44,8 @@ def cancel(db: Database, job_id: int, *, now: float | None = None) -> str:
             (now, now, job_id),
         ).fetchall()[0]
         usage.add_active(c, {user_id: -1})
-        totals.add(c, db.kinds, {(kind, "cancelled"): 1})
+        # (A held job's claim ends here: released, see store/totals.py.)
+        totals.add(c, db.kinds, {(kind, "cancelled"): 1, (kind, "released"): int(status == "processing")})
         return status
 
     return db.write(tx, "cancel")

@@ -9,7 +9,8 @@
 A claim gives each job a fresh random lease token; complete, fail and extend must present it, so a holder whose
 lease expired and whose job was claimed again (or recovered, or cancelled) changes nothing: `LeaseLost`.
 Every function here runs in one IMMEDIATE transaction: each either happens whole or not at all — the counts it
-adds to the durable totals (claims, failed attempts, dead and done jobs by kind: store/totals.py) included.
+adds to the durable totals (done jobs and their durations, failed attempts, dead jobs, claims given back, by kind:
+store/totals.py) included.
 """
 
 from __future__ import annotations
@@ -106,10 +107,8 @@ def finish_and_claim(db: Database, done: list[tuple[int, int, Any]], owner: str,
             " AND (run_at <= ?1 OR run_at > ?2)",
             (now, now + horizon_s if horizon_s is not None else float("inf")),
         )
-        rows = c.execute(_CLAIM_ONE if k == 1 else _CLAIM_MANY, (owner, token, until, now, now, k)).fetchall()
-        if rows:
-            totals.add(c, db.kinds, {(kind, "claimed"): n for kind, n in Counter(r[3] for r in rows).items()})
-        return lost, rows
+        # (Claims are not counted here: see store/totals.py, "released".)
+        return lost, c.execute(_CLAIM_ONE if k == 1 else _CLAIM_MANY, (owner, token, until, now, now, k)).fetchall()
 
     lost, rows = db.write(tx, "claim")
     rows.sort(key=lambda r: (-r[7], r[8], r[0]))
@@ -168,7 +167,7 @@ def _complete_tx(c: apsw.Connection, db: Database, done: list[tuple[int, int, An
     if rows:
         usage.record_done(c, Counter(r[1] for r in rows), day)
         took = took or {}
-        totals.add_durations(c, db.kinds, [
+        totals.add(c, db.kinds, done=[
             (kind, took[job_id] if job_id in took else now - (started or now)) for job_id, _, kind, started in rows])
     tokens = _tokens(done)
     if tokens:
@@ -310,11 +309,12 @@ def give_back(db: Database, held: list[tuple[int, int]], *, now: float | None = 
     now = time.time() if now is None else now
 
     def tx(c: apsw.Connection) -> int:
-        n = 0
+        released: Counter[tuple[str, str]] = Counter()
         for job_id, token in held:
-            c.execute(_GIVE_BACK + " AND lease_token = ?", (now, job_id, token))
-            n += c.changes()
-        return n
+            for (kind,) in c.execute(_GIVE_BACK + " AND lease_token = ? RETURNING kind", (now, job_id, token)):
+                released[(kind, "released")] += 1
+        totals.add(c, db.kinds, released)
+        return released.total()
 
     return db.write(tx, "give back")
 
@@ -374,6 +374,7 @@ def release_owner(db: Database, owner: str, *, running: int | None = None, error
             if job_id != running:
                 c.execute(_GIVE_BACK, (now, job_id))
                 given_back += 1
+                tally[(kind, "released")] += 1
                 continue
             kills += killed
             if killed:

@@ -28,9 +28,10 @@ APPLICATION_ID = 0x63617264  # "card"
 
 
 def _bucket_sql(seconds: str) -> str:
-    """The job duration bucket of `seconds` (an SQL expression), as SQL: its upper bound (9e999 is +inf)."""
+    """The job duration bucket of `seconds` (an SQL expression), as SQL text: its upper bound as store/totals.py
+    writes it in a done:<le> event ("0.005", ..., "inf")."""
     finite = [b for b in DURATION_BOUNDS if b != float("inf")]
-    return "CASE " + " ".join(f"WHEN {seconds} <= {b!r} THEN {b!r}" for b in finite) + " ELSE 9e999 END"
+    return "CASE " + " ".join(f"WHEN {seconds} <= {b!r} THEN '{b!r}'" for b in finite) + " ELSE 'inf' END"
 
 
 MIGRATIONS: list[str] = [
@@ -223,22 +224,17 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_finished ON jobs (finished_at, status) WHERE finished_at IS NOT NULL;
     """,
     # v7: durable totals for /metrics (see store/totals.py), seeded from the rows a database upgraded from v6 holds:
-    # submitted = its jobs, claimed = their attempts, failed = their recorded errors (the newest 25 per job are
-    # kept: a floor), dead, cancelled and done durations from the jobs in those states — so that the jobs in each
-    # finished state stay a difference of totals. Kinds past the 50 most frequent are counted as "(other)".
+    # submitted = its jobs, failed = their recorded errors (the newest 25 per job are kept: a floor), dead,
+    # cancelled and done durations from the jobs in those states — so that the jobs in each finished state stay a
+    # difference of totals (and claims, done + failed + processing). Kinds past the 50 most frequent are counted
+    # as "(other)".
     f"""
     CREATE TABLE job_totals (
-        kind  TEXT    NOT NULL,
-        event TEXT    NOT NULL,
-        n     INTEGER NOT NULL,
-        PRIMARY KEY (kind, event)
-    ) WITHOUT ROWID;
-    CREATE TABLE job_durations (
         kind    TEXT    NOT NULL,
-        le      REAL    NOT NULL,  -- the bucket's upper bound, seconds (not cumulative)
+        event   TEXT    NOT NULL,  -- submitted, failed, dead, cancelled, released, left_<state>, done:<le>
         n       INTEGER NOT NULL,
-        seconds REAL    NOT NULL,  -- the durations of those n jobs, summed
-        PRIMARY KEY (kind, le)
+        seconds REAL    NOT NULL DEFAULT 0,  -- done:<le>: the durations of those n jobs, summed
+        PRIMARY KEY (kind, event)
     ) WITHOUT ROWID;
     CREATE TABLE limit_rejections (
         limit_key TEXT PRIMARY KEY,
@@ -249,16 +245,13 @@ MIGRATIONS: list[str] = [
     INSERT INTO job_totals (kind, event, n)
         SELECT label, 'submitted', count(*) FROM jobs JOIN seed_kinds USING (kind) GROUP BY label;
     INSERT INTO job_totals (kind, event, n)
-        SELECT label, 'claimed', sum(attempts) FROM jobs JOIN seed_kinds USING (kind) GROUP BY label
-        HAVING sum(attempts) > 0;
-    INSERT INTO job_totals (kind, event, n)
         SELECT label, 'failed', sum(json_array_length(errors)) FROM jobs JOIN seed_kinds USING (kind) GROUP BY label
         HAVING sum(json_array_length(errors)) > 0;
     INSERT INTO job_totals (kind, event, n)
         SELECT label, status, count(*) FROM jobs JOIN seed_kinds USING (kind)
         WHERE status IN ('dead', 'cancelled') GROUP BY label, status;
-    INSERT INTO job_durations (kind, le, n, seconds)
-        SELECT label, {_bucket_sql("max(finished_at - started_at, 0)")}, count(*),
+    INSERT INTO job_totals (kind, event, n, seconds)
+        SELECT label, 'done:' || {_bucket_sql("max(finished_at - started_at, 0)")}, count(*),
                sum(max(finished_at - started_at, 0))
         FROM jobs JOIN seed_kinds USING (kind) WHERE status = 'done' GROUP BY 1, 2;
     DROP TABLE seed_kinds;

@@ -1,21 +1,24 @@
 """Durable totals for /metrics: what happened to jobs, by kind, and the submits each limit refused.
 
-They are counted in the very transactions that submit, claim, complete, fail, cancel, retry and purge jobs, so
-every job is counted once whichever process moved it (a worker, the supervisor recovering a lease, an app
+They are counted in the very transactions that submit, complete, fail, cancel, give back, retry and purge jobs,
+so every job is counted once whichever process moved it (a worker, the supervisor recovering a lease, an app
 submitting), nothing is lost when a process dies, and the figures survive restarts. Counts are aggregated in
-Python first: one upsert per (kind, event) — and per (kind, duration bucket) — per transaction, however many jobs
-it moved (a worker's batch of 256 completions and 256 claims costs two statements here).
+Python first: one statement per transaction, however many jobs it moved.
 
-Tables (schema v6):
-- job_totals(kind, event, n): events `submitted`, `claimed` (claims: a prefetched job given back unstarted was
-  claimed too), `failed` (failed attempts, the last of a dead job's included), `dead`, `cancelled`; and
-  `left_done`, `left_dead`, `left_cancelled`: jobs that left a finished state (an operator's retry, a purge).
-  Those make the number of jobs in each finished state a difference of totals — no count over the jobs table,
-  which holds millions of finished rows and has no index on them.
-- job_durations(kind, le, n, seconds): done jobs by duration bucket (`le`, its upper bound in seconds; the counts
-  are not cumulative) and the seconds they took. A kind's done total is its buckets' n summed.
-- limit_rejections(limit_key, n): submits refused by each limit (counted by a small write of its own, after the
-  refused submit rolled back).
+One table, so that a transaction dirties one more page at most (its kind's rows sit together): a page is what a
+commit pays for (~5 µs each here), more than the statement. job_totals(kind, event, n, seconds), events:
+- `submitted`; `failed` (failed attempts, a dead job's last included); `dead`; `cancelled`;
+- `done:<le>`: done jobs whose handler ran at most `le` seconds (the bucket's upper bound; not cumulative), and
+  in `seconds` their durations summed. A kind's done total is its buckets' n summed;
+- `released`: claims that ended with no outcome — a prefetched job given back unstarted, a job cancelled while
+  held. Claims are not written when they happen (the claim is the hottest statement there is): every claim ends
+  in exactly one of done, a failed attempt or a release, or is still processing, so the claims of a kind are
+  those totals plus its jobs processing now (a count on the processing jobs' partial index);
+- `left_done`, `left_dead`, `left_cancelled`: jobs that left a finished state (an operator's retry, a purge), so
+  that the jobs in each finished state are a difference of totals — no count over the jobs table, which holds
+  millions of finished rows and has no index on them.
+limit_rejections(limit_key, n): submits refused by each limit, counted by a small write of its own after the
+refused submit rolled back.
 
 Kinds are bounded: while fewer than `max_kinds` distinct kinds are counted a kind is counted as itself, after that
 a new kind is counted as "(other)" (decided in the write transaction; cached per connection, since a kind once
@@ -46,7 +49,9 @@ MAX_KINDS = 50  # the default of [metrics] max_kinds
 # upstream calls seconds to minutes (its request timeout is 12 s, a job's timeout 300 s).
 DURATION_BOUNDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
                    math.inf)
-EVENTS = ("submitted", "claimed", "failed", "dead", "cancelled")
+DONE = "done:"  # the prefix of the duration buckets' events: "done:0.005", ..., "done:inf"
+_DONE_EVENTS = tuple(f"{DONE}{b!r}" for b in DURATION_BOUNDS)
+EVENTS = ("submitted", "claimed", "failed", "dead", "cancelled")  # what a snapshot's totals hold
 _LEFT = {"done": "left_done", "dead": "left_dead", "cancelled": "left_cancelled"}
 _KNOWN_MAX = 10_000  # kinds remembered per connection (those counted as OTHER included) before starting afresh
 
@@ -64,14 +69,10 @@ class KindLabels:
         """Call inside the write transaction that counts it (the decision and the row are made together)."""
         got = self.known.get(kind)
         if got is None:
-            counted = c.execute(
-                "SELECT EXISTS (SELECT 1 FROM job_totals WHERE kind = ?1) OR EXISTS (SELECT 1 FROM job_durations"
-                " WHERE kind = ?1)", (kind,)).fetchall()[0][0]
-            if counted:
+            if c.execute("SELECT EXISTS (SELECT 1 FROM job_totals WHERE kind = ?)", (kind,)).fetchall()[0][0]:
                 got = kind
             else:
-                n = c.execute("SELECT count(*) FROM (SELECT kind FROM job_totals UNION SELECT kind FROM job_durations)"
-                              " WHERE kind != ?", (OTHER,)).fetchall()[0][0]
+                n = c.execute("SELECT count(DISTINCT kind) FROM job_totals WHERE kind != ?", (OTHER,)).fetchall()[0][0]
                 got = kind if n < self.max_kinds else OTHER
             if len(self.known) >= _KNOWN_MAX:
                 self.known.clear()
@@ -82,47 +83,38 @@ class KindLabels:
         return got
 
 
-_ADD = ("INSERT INTO job_totals (kind, event, n) VALUES (?1, ?2, ?3)"
-        " ON CONFLICT (kind, event) DO UPDATE SET n = n + ?3")
-_ADD_DURATIONS = ("INSERT INTO job_durations (kind, le, n, seconds) VALUES (?1, ?2, ?3, ?4)"
-                  " ON CONFLICT (kind, le) DO UPDATE SET n = n + ?3, seconds = seconds + ?4")
+_ADD = ("INSERT INTO job_totals (kind, event, n, seconds) VALUES (?1, ?2, ?3, ?4)"
+        " ON CONFLICT (kind, event) DO UPDATE SET n = n + ?3, seconds = seconds + ?4")
 
 
-def add(c: apsw.Connection, labels: KindLabels, counts: Mapping[tuple[str, str], int]) -> None:
-    """Add each (kind, event) -> n, in the caller's transaction: one upsert per (label, event)."""
-    rows: dict[tuple[str, str], int] = {}
-    for (kind, event), n in counts.items():
+def add(c: apsw.Connection, labels: KindLabels, counts: Mapping[tuple[str, str], int] | None = None,
+        done: Iterable[tuple[str, float]] = ()) -> None:
+    """Add each (kind, event) -> n, and each done job (kind, seconds its handler ran) to its duration bucket, in
+    the caller's transaction: one statement."""
+    rows: dict[tuple[str, str], list] = {}
+    for (kind, event), n in (counts or {}).items():
         if n:
             key = (labels.label(c, kind), event)
-            rows[key] = rows.get(key, 0) + n
-    if rows:
-        c.executemany(_ADD, [(kind, event, n) for (kind, event), n in rows.items()])
-
-
-def add_durations(c: apsw.Connection, labels: KindLabels, done: Iterable[tuple[str, float]]) -> None:
-    """Count done jobs, (kind, seconds) each, into their duration buckets, in the caller's transaction."""
-    buckets: dict[tuple[str, int], list] = {}
-    bounds = DURATION_BOUNDS
+            r = rows.get(key)
+            if r is None:
+                rows[key] = [n, 0.0]
+            else:
+                r[0] += n
+    bounds, events, named = DURATION_BOUNDS, _DONE_EVENTS, {}
     for kind, seconds in done:
+        label = named.get(kind)
+        if label is None:
+            label = named[kind] = labels.label(c, kind)
         seconds = max(seconds, 0.0)  # (a wall clock stepped back between claim and completion)
-        key = (kind, bisect.bisect_left(bounds, seconds))
-        b = buckets.get(key)
-        if b is None:
-            buckets[key] = [1, seconds]
-        else:
-            b[0] += 1
-            b[1] += seconds
-    rows: dict[tuple[str, int], list] = {}
-    for (kind, i), (n, seconds) in buckets.items():
-        key = (labels.label(c, kind), i)
+        key = (label, events[bisect.bisect_left(bounds, seconds)])
         r = rows.get(key)
         if r is None:
-            rows[key] = [n, seconds]
+            rows[key] = [1, seconds]
         else:
-            r[0] += n
+            r[0] += 1
             r[1] += seconds
     if rows:
-        c.executemany(_ADD_DURATIONS, [(kind, bounds[i], n, s) for (kind, i), (n, s) in rows.items()])
+        c.executemany(_ADD, [(kind, event, n, secs) for (kind, event), (n, secs) in rows.items()])
 
 
 def left(status: str) -> str:
@@ -153,7 +145,9 @@ class Figures(msgspec.Struct, frozen=True):
 
     jobs_by_state: dict[str, int]  # every status -> jobs in it now
     oldest_queued_age_s: float | None  # the oldest queued job's age (None: none queued)
-    totals: dict[str, dict[str, int]]  # event (submitted, claimed, failed, dead, cancelled) -> kind -> n
+    # event (submitted, claimed, failed, dead, cancelled) -> kind -> n; claimed = done + failed + released +
+    # processing now (see the module's docstring)
+    totals: dict[str, dict[str, int]]
     durations: dict[str, Histogram]  # kind -> its done jobs' durations (the done total is their count)
     limit_rejections: dict[str, int]  # limit key -> submits it refused
     inbox_events: int  # traffic events waiting in the durable inbox for the collector
@@ -170,26 +164,45 @@ def snapshot(db: Database, *, now: float | None = None) -> Figures:
     def tx(c: apsw.Connection) -> Figures:
         totals: dict[str, dict[str, int]] = {event: {} for event in EVENTS}
         left_n = dict.fromkeys(_LEFT.values(), 0)
-        for kind, event, n in c.execute("SELECT kind, event, n FROM job_totals"):
-            if event in totals:
+        released: dict[str, int] = {}
+        buckets: dict[str, dict[float, tuple[int, float]]] = {}
+        counted: set[str] = set()  # kinds counted by name (the rest are OTHER's)
+        for kind, event, n, seconds in c.execute("SELECT kind, event, n, seconds FROM job_totals"):
+            counted.add(kind)
+            if event.startswith(DONE):
+                buckets.setdefault(kind, {})[float(event[len(DONE):])] = (n, seconds)
+            elif event in totals:
                 totals[event][kind] = n
             elif event in left_n:
                 left_n[event] += n
-        per_kind: dict[str, dict[float, tuple[int, float]]] = {}
-        for kind, le, n, seconds in c.execute("SELECT kind, le, n, seconds FROM job_durations"):
-            per_kind.setdefault(kind, {})[le] = (n, seconds)
+            elif event == "released":
+                released[kind] = n
         durations = {}
-        for kind, rows in per_kind.items():
+        for kind, rows in buckets.items():
             # The standard bounds, and any other a row was stored under (bounds changed since): a histogram keeps
             # every observation whatever its buckets.
             bounds = sorted(set(DURATION_BOUNDS) | rows.keys())
             durations[kind] = Histogram(bounds, [rows.get(b, (0, 0.0))[0] for b in bounds],
                                         sum(s for _, s in rows.values()))
-        by_state = {status: c.execute(f"SELECT count(*) FROM jobs WHERE status = '{status}'").fetchall()[0][0]
-                    for status in ("queued", "scheduled", "processing")}  # (each on its partial index)
-        by_state["done"] = sum(sum(h.counts) for h in durations.values()) - left_n["left_done"]
-        by_state["dead"] = sum(totals["dead"].values()) - left_n["left_dead"]
-        by_state["cancelled"] = sum(totals["cancelled"].values()) - left_n["left_cancelled"]
+        # (INDEXED BY: each on its partial index, which holds exactly the jobs in that state.)
+        processing: dict[str, int] = {}
+        for kind, n in c.execute("SELECT kind, count(*) FROM jobs INDEXED BY jobs_leased WHERE status = 'processing'"
+                                 " GROUP BY kind"):
+            label = kind if kind in counted else OTHER
+            processing[label] = processing.get(label, 0) + n
+        for kind in {*durations, *totals["failed"], *released, *processing}:
+            totals["claimed"][kind] = (sum(durations[kind].counts) if kind in durations else 0) + \
+                totals["failed"].get(kind, 0) + released.get(kind, 0) + processing.get(kind, 0)
+        by_state = {
+            "queued": c.execute("SELECT count(*) FROM jobs INDEXED BY jobs_ready WHERE status = 'queued'"
+                                ).fetchall()[0][0],
+            "scheduled": c.execute("SELECT count(*) FROM jobs INDEXED BY jobs_scheduled WHERE status = 'scheduled'"
+                                   ).fetchall()[0][0],
+            "processing": sum(processing.values()),
+            "done": sum(sum(h.counts) for h in durations.values()) - left_n["left_done"],
+            "dead": sum(totals["dead"].values()) - left_n["left_dead"],
+            "cancelled": sum(totals["cancelled"].values()) - left_n["left_cancelled"],
+        }
         # Ids grow with submit time, so the queued job with the smallest id is the oldest; INDEXED BY keeps SQLite
         # from walking the table in id order past every finished job to find it.
         oldest = c.execute("SELECT created_at FROM jobs WHERE id = (SELECT min(id) FROM jobs INDEXED BY jobs_ready"
