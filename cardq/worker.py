@@ -72,8 +72,8 @@ class Worker:
         self.title = Title(ctx.spec.name)  # "cardq: worker-1 job 123" in ps
         self.client: ActorClient | None = None  # to the actors, made on first use
         self.pending: list[tuple[int, int, Any]] = []  # finished, not yet committed: (id, token, result)
-        self.took: dict[int, float] = {}  # job id -> seconds its handler ran, for the pending ones (the totals'
-        # duration histogram: the handler's own time, not the batch's wait for its commit)
+        self.took: dict[int, tuple[str, float]] = {}  # job id -> (kind, seconds its handler ran), for the pending
+        # ones (the totals' duration histogram: the handler's own time, not the batch's wait for its commit)
         self.pending_since = 0.0
         self.pace: float | None = None  # seconds a job takes here, smoothed; None until one has run since idle
 
@@ -316,7 +316,7 @@ class Worker:
         if not self.pending:
             self.pending_since = time.monotonic()
         self.pending.append((claimed.id, claimed.token, result))
-        self.took[claimed.id] = ran
+        self.took[claimed.id] = (claimed.kind, ran)
         if self.loaded.config.log.level == "debug":  # (the lazy logger resolves itself at each call: ~3 µs)
             self.log.debug("job.done", attempt=claimed.attempt)
         return "pending"

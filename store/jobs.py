@@ -91,7 +91,7 @@ def claim(db: Database, owner: str, *, k: int = 1, lease_s: float, horizon_s: fl
 
 def finish_and_claim(db: Database, done: list[tuple[int, int, Any]], owner: str, *, k: int, lease_s: float,
                      horizon_s: float | None = None, now: float | None = None,
-                     took: Mapping[int, float] | None = None) -> tuple[list[int], list[Claimed]]:
+                     took: Mapping[int, tuple[str, float]] | None = None) -> tuple[list[int], list[Claimed]]:
     """complete_many(done, took=took) and claim(k) in ONE transaction: a worker's results and its next jobs for the
     price of one commit. Returns (ids whose lease was lost, the claimed jobs). `horizon_s`: see `claim`."""
     now = time.time() if now is None else now
@@ -144,12 +144,13 @@ def complete(db: Database, job_id: int, token: int, result: Any = None, *, now: 
 
 
 def complete_many(db: Database, done: list[tuple[int, int, Any]], *, now: float | None = None,
-                  took: Mapping[int, float] | None = None) -> list[int]:
+                  took: Mapping[int, tuple[str, float]] | None = None) -> list[int]:
     """Mark each held (job_id, token, result) done, in one transaction; returns the ids whose lease was lost.
 
     Also counts each done job in its user's usage for the local day (the daily plan limits), the upstream tokens
     a result reports (`_meta.usage.total_tokens`, as the card generator's do) in `tokens:<user>:<day>`, and its
-    duration in its kind's totals: `took[job_id]`, the seconds its handler ran, else the time since its claim.
+    duration in its kind's totals: `took[job_id]` = (its kind, the seconds its handler ran), as the worker knows
+    them, else the time since its claim.
     """
     now = time.time() if now is None else now
     day = db.days.key(now)
@@ -162,17 +163,15 @@ def _encode_done(done: list[tuple[int, int, Any]]) -> str:
 
 
 def _complete_tx(c: apsw.Connection, db: Database, done: list[tuple[int, int, Any]], batch: str, now: float,
-                 day: str, took: Mapping[int, float] | None) -> list[int]:
+                 day: str, took: Mapping[int, tuple[str, float]] | None) -> list[int]:
     rows = c.execute(_COMPLETE, (batch, now)).fetchall()
     if rows:
         usage.record_done(c, Counter(r[1] for r in rows), day)
-        took = took or {}
-        totals.add(c, db.kinds, done=[
-            (kind, took[job_id] if job_id in took else now - (started or now)) for job_id, _, kind, started in rows])
+        totals.add_done(c, db.kinds, rows, took, now)
     tokens = _tokens(done)
     if tokens:
         per_user: Counter[str] = Counter()
-        for job_id, user, _, _ in rows:
+        for job_id, user in rows:
             per_user[counters.tokens_key(user, day)] += tokens.get(job_id, 0)
         counters.add_in(c, {key: n for key, n in per_user.items() if n}, now)
     finished = {r[0] for r in rows}
@@ -197,7 +196,7 @@ _COMPLETE = (
     "UPDATE jobs SET status = 'done', result = j.value -> 2, finished_at = ?2, updated_at = ?2,"
     " lease_owner = NULL, lease_token = NULL, lease_until = NULL"
     " FROM json_each(?1) AS j WHERE jobs.id = j.value ->> 0 AND jobs.lease_token = j.value ->> 1"
-    " RETURNING jobs.id, jobs.user_id, jobs.kind, jobs.started_at"
+    " RETURNING jobs.id, jobs.user_id"
 )
 
 

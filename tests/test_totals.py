@@ -28,7 +28,7 @@ def run(db: Database, n: int, *, fail: bool = False, took: float | None = None) 
             jobs.fail(db, job.id, job.token, "no", permanent=True, backoff=BACKOFF)
     else:
         jobs.complete_many(db, [(j.id, j.token, None) for j in held],
-                           took={j.id: took for j in held} if took is not None else None)
+                           took={j.id: (j.kind, took) for j in held} if took is not None else None)
 
 
 def counts(db: Database) -> dict[str, int]:
