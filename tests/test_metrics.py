@@ -4,6 +4,8 @@ the actors — then the exposition parsed with prometheus_client's own parser an
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import threading
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import cardq
 from cardq.config import load_config
-from cardq.web.server import read_address
+from cardq.web.server import _listen, read_address
 
 from conftest import wait_for
 from supervision import Deployment
@@ -194,5 +196,31 @@ def test_durable_figures_survive_a_supervisor_restart(tmp_path: Path):
         assert after.value("cardq_limit_rejections_total", limit="daily.free") == 1
         # The rate limiter's counts are its process's: a restart starts them again (a Prometheus counter reset).
         assert after.get("cardq_ratelimit_decisions_total", policy="t:*", result="allowed", shard="0") is None
+    finally:
+        d.close()
+
+
+def test_http_connections_send_without_waiting_for_acks(tmp_path: Path):
+    """A scrape must not wait ~40 ms for a delayed ACK (Nagle): asyncio sets TCP_NODELAY on the connections of a
+    socket made with proto IPPROTO_TCP only, so the server's listening socket must be one."""
+    d = Deployment(tmp_path, http={"enabled": True, "listen": "127.0.0.1:0"})
+    try:
+        listener = _listen(d.loaded)
+
+        async def nodelay_of_an_accepted_connection() -> int:
+            got: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+            def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                got.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                writer.close()
+
+            server = await asyncio.start_server(accepted, sock=listener)
+            async with server:
+                _, writer = await asyncio.open_connection(*listener.getsockname()[:2])
+                value = await asyncio.wait_for(got, 30)
+                writer.close()
+            return value
+
+        assert asyncio.run(nodelay_of_an_accepted_connection()) != 0
     finally:
         d.close()

@@ -227,7 +227,10 @@ def _listen(loaded: LoadedConfig) -> socket.socket:
     else:
         host, port = where
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only for such a socket.
+        # Without it, a response written in two parts (headers, body) waited for the client's delayed ACK:
+        # ~40 ms added to every request on a keep-alive connection (/healthz took 44 ms; 0.1 ms with it).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
     sock.listen(2048)
