@@ -1,6 +1,6 @@
 """The store's durable totals (store/totals.py): bounded kinds, finished states as differences of totals through
-purges and retries, the v6 upgrade seeded from the rows already there, and a snapshot that never scans the jobs
-table."""
+purges and retries, the upgrade to the totals' schema seeded from the rows already there, and a snapshot that never
+scans the jobs table."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def test_a_refused_submit_is_counted_and_nothing_else_is(db, configured):
     assert f.totals["submitted"] == {} and f.jobs_by_state["queued"] == 0
 
 
-def test_upgrade_to_v6_seeds_the_totals_from_the_rows(open_db, db_path, unlimited):
+def test_the_upgrade_seeds_the_totals_from_the_rows(open_db, db_path, unlimited):
     db = open_db()
     submit(db, 5, "a", unlimited)
     submit(db, 2, "b", unlimited)
@@ -94,13 +94,14 @@ def test_upgrade_to_v6_seeds_the_totals_from_the_rows(open_db, db_path, unlimite
     admin.cancel(db, 6)
     jobs.claim(db, "w", k=1, lease_s=30)  # one processing
     before = counts(db)
-    # Back to v5, as a database written by the previous release: no totals tables.
+    # Back one version, as a database written by the previous release: no totals tables.
     for sql in ("DROP TABLE job_totals", "DROP TABLE limit_rejections",
-                "DELETE FROM schema_migrations WHERE version = 6", "PRAGMA user_version = 5"):
+                f"DELETE FROM schema_migrations WHERE version = {SCHEMA_VERSION}",
+                f"PRAGMA user_version = {SCHEMA_VERSION - 1}"):
         db.conn.execute(sql).fetchall()
     db.close()
     upgraded = open_db()
-    assert upgraded.schema_version() == SCHEMA_VERSION == 6
+    assert upgraded.schema_version() == SCHEMA_VERSION
     f = totals.snapshot(upgraded)
     assert f.jobs_by_state == before == {"queued": 1, "scheduled": 0, "processing": 1, "done": 2, "dead": 2,
                                          "cancelled": 1}
