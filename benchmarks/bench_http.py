@@ -196,8 +196,9 @@ def main() -> int:
                 args.profile.mkdir(parents=True, exist_ok=True)
                 spy = profile(http_pid, args.duration, args.profile / f"{name}.svg")
             cpu0, t0 = cpu_seconds(http_pid), time.monotonic()
-            results[name] = wrk(url, name, script, duration=args.duration, connections=args.connections)
-            results[name]["http_cpu"] = (cpu_seconds(http_pid) - cpu0) / (time.monotonic() - t0) * 100
+            r = results[name] = wrk(url, name, script, duration=args.duration, connections=args.connections)
+            used = cpu_seconds(http_pid) - cpu0
+            r["http_cpu"], r["http_us"] = used / (time.monotonic() - t0) * 100, used / r["requests"] * 1e6
             if spy is not None:
                 spy.wait(args.duration + 30)
         time.sleep(1.0 + load_config(cfg).config.http.keepalive_s)  # wrk's connections closed by the server
@@ -219,14 +220,14 @@ def main() -> int:
           f"{args.duration:g} s each after {args.warmup:g} s of warm-up), `cardq supervise` on the config "
           f"`cardq init` writes ([http] listen on port 0; no limit raised); {os.cpu_count()} cores shared by wrk, "
           f"the server, the actors and {load_config(cfg).config.workers.count} workers\n")
-    print("| load | requests/s | items/s | p50 | p99 | vs /healthz | target | HTTP child CPU |")
+    print("| load | requests/s | items/s | p50 | p99 | vs /healthz | target | HTTP child: CPU, per request |")
     print("|---|---:|---:|---:|---:|---:|---|---:|")
 
     def row(name: str, label: str, items: int, target: str) -> None:
         r = results[name]
         ratio = r["rate"] / health
         print(f"| {label} | {r['rate']:,.0f} | {r['rate'] * items:,.0f} | {r['p50_us'] / 1000:.2f} ms | "
-              f"{r['p99_us'] / 1000:.2f} ms | {ratio:.2f}x | {target} | {r['http_cpu']:.0f} % |")
+              f"{r['p99_us'] / 1000:.2f} ms | {ratio:.2f}x | {target} | {r['http_cpu']:.0f} %, {r['http_us']:.0f} µs |")
 
     row("healthz", "GET /healthz (the floor)", 1, "")
     if "ratelimit" in results:

@@ -31,6 +31,7 @@ from typing import Any
 
 import orjson
 import uvicorn
+import uvloop
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -135,7 +136,10 @@ def main(ctx: ChildContext) -> int:
     q = Queue(ctx.loaded, name="http")
     app = build(q, log=log)
     try:
-        return asyncio.run(_serve(ctx, app, log))
+        # uvloop, not asyncio's own loop: libuv's transports and callbacks cost this process about a third less
+        # CPU per request (see benchmarks/bench_http.py); it sleeps when idle like asyncio's.
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(_serve(ctx, app, log))
     finally:
         app.state.web.close()
         q.close()
