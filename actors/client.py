@@ -218,14 +218,22 @@ class ActorClient:
 
     def _link(self, actor: str, shard: int, deadline: float) -> mpc.Connection:
         conn = self._links.get((actor, shard))
-        if conn is not None:
-            return conn
+        if conn is None:
+            conn = self._links[(actor, shard)] = self._connect(actor, shard, deadline)
+        return conn
+
+    def open_link(self, actor: str, shard: int, timeout_s: float) -> mpc.Connection:
+        """A new connection to one shard, authenticated and introduced, that this client does not keep (for
+        actors/aioclient.py, which hands it to its event loop); raises what an ask that cannot connect raises."""
+        self._shards(actor)
+        return self._connect(actor, shard, time.monotonic() + timeout_s)
+
+    def _connect(self, actor: str, shard: int, deadline: float) -> mpc.Connection:
         path = socket_path(self.run_dir, actor, shard)
         while True:
             try:
                 conn = mpc.Client(str(path), family="AF_UNIX", authkey=self.authkey)
                 conn.send_bytes(protocol.encode({"pid": os.getpid(), "name": self.name}))
-                self._links[(actor, shard)] = conn
                 return conn
             except mpc.AuthenticationError:
                 raise ActorUnavailable(f"{path}: the actor refused our key (is {self.run_dir}/cardq.key the one "

@@ -39,6 +39,7 @@ from cardq.vocabulary import FINISHED, FORMATS, MAX_PRIORITY, STATUSES
 # actor call, the input parser and the doorbell on the first submit.
 if TYPE_CHECKING:
     from cardq import inputs
+    from cardq.actors.aioclient import AsyncActorClient
     from cardq.actors.client import ActorClient
     from cardq.actors.recorder import EventRecorder
 
@@ -170,6 +171,7 @@ class Queue:
         self._opened: weakref.WeakSet[Database | ActorClient] = weakref.WeakSet()
         self._events: EventRecorder | None = None
         self._events_pid = 0
+        self._loop_clients: dict[Any, tuple[int, AsyncActorClient]] = {}  # event loop -> (generation, its client)
         # Gate permits whose release failed (the actor was restarting): shared by every thread's client, so the
         # next gate call of ANY thread releases them — a thread that ends must not keep a permit for good.
         self._unreleased: list[tuple[str, str]] = []
@@ -252,6 +254,32 @@ class Queue:
                 local.client.release_leftovers()
         return local.client
 
+    def _loop_client(self) -> AsyncActorClient:
+        """The running event loop's actor client: one per loop, shared by its tasks (made anew after a config
+        change, like the per-thread clients)."""
+        if self._closed:
+            raise Error("this cardq Queue was closed; connect() again")
+        import asyncio
+
+        from cardq.actors.aioclient import AsyncActorClient
+
+        self._follow_config()
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            loaded, generation = self._loaded, self._generation
+            entry = self._loop_clients.get(loop)
+            if entry is not None and entry[0] == generation:
+                return entry[1]
+            stale = [entry[1]] if entry is not None else []
+            for other in [other for other in self._loop_clients if other.is_closed()]:  # loops that ended
+                stale.append(self._loop_clients.pop(other)[1])
+            client = AsyncActorClient(loaded, name=f"{self.name}-loop")
+            self._loop_clients[loop] = (generation, client)
+        for old in stale:
+            with contextlib.suppress(Exception):  # (a closed loop's transports are gone with it)
+                old.close()
+        return client
+
     def close(self) -> None:
         """Flush recorded events, give back permits whose release failed, close every connection this Queue
         opened (call it when the app stops). A closed Queue refuses further calls."""
@@ -265,6 +293,8 @@ class Queue:
         self._closed = True
         with self._lock:
             opened, self._opened = list(self._opened), weakref.WeakSet()
+            opened += [client for _, client in self._loop_clients.values()]
+            self._loop_clients.clear()
         for thing in opened:
             with contextlib.suppress(Exception):  # another thread's connection, mid-use at exit: nothing to save
                 thing.close()
@@ -643,6 +673,23 @@ class RateLimits:
             raise InputError(f'on_unavailable {on_unavailable!r}: expected "deny" or "allow"', where="on_unavailable")
         try:
             r = self._q._client().ratelimit.check(key, cost)
+        except ActorUnavailable:
+            if on_unavailable == "deny":
+                raise
+            with self._q._lock:
+                self.allowed_unavailable += 1
+            return RateLimitDecision(True, 0, 0, 0.0, 0.0, unavailable=True)
+        return _decision(r)
+
+    async def check_async(self, key: str, cost: int = 1, *,
+                          on_unavailable: Literal["deny", "allow"] = "deny") -> RateLimitDecision:
+        """check() for code on an asyncio event loop: no thread waits for the answer. The loop's tasks share one
+        connection per rate-limiter shard, and the checks they make in one turn of the loop travel together and
+        are decided in one commit."""
+        if on_unavailable not in ("deny", "allow"):
+            raise InputError(f'on_unavailable {on_unavailable!r}: expected "deny" or "allow"', where="on_unavailable")
+        try:
+            r = await self._q._loop_client().ask("ratelimit", key, "check", {"key": key, "cost": cost})
         except ActorUnavailable:
             if on_unavailable == "deny":
                 raise
