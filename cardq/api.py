@@ -27,7 +27,7 @@ import msgspec
 
 from cardq import app
 from cardq.config import LoadedConfig, resolve_config_path
-from cardq.errors import ActorUnavailable, ConfigError, Error, InputError, JobNotFound
+from cardq.errors import ActorUnavailable, ConfigError, Error, InputError, JobNotFound, LimitExceeded
 from cardq.store import Database, admin, processes, queries, totals, usage
 from cardq.store import limits as store_limits
 from cardq.store import submit as store_submit
@@ -331,6 +331,35 @@ class Queue:
         if r.created:
             doorbell.ring(loaded.run_dir)  # idle workers start on it now, not at their next look
         return Batch(r.ids, r.created, r.existing)
+
+    def submit_many(self, requests: Sequence[Mapping[str, Any]]) -> list[Batch | InputError | LimitExceeded]:
+        """Several submits in ONE transaction: one commit and one ring of the doorbell for all of them (for a
+        server that takes submits from many clients at once). Each request is a dict of submit()'s arguments
+        (items, user, plan, and optionally kind, priority, idempotency_key_field); each is all or nothing on its
+        own, under the limits in effect, in order (each sees the ones before it). Its answer is its Batch, or the
+        error submit() would have raised for it (InputError, LimitExceeded), in its place. A failure of the
+        transaction itself (StoreBusy, ...) is raised: then none was submitted."""
+        from cardq import doorbell, inputs
+
+        loaded = self.config
+        attempts = loaded.config.workers.max_attempts
+        out: list[Batch | InputError | LimitExceeded | None] = [None] * len(requests)
+        todo: list[tuple[int, store_submit.SubmitRequest]] = []
+        for n, r in enumerate(requests):
+            try:
+                items = list(r["items"])
+                if not (items and all(isinstance(i, inputs.Item) for i in items)):
+                    items = inputs.items_from_objects(items, r.get("idempotency_key_field"))
+                todo.append((n, store_submit.SubmitRequest(items, r["user"], r["plan"], r.get("kind", "card"),
+                                                           r.get("priority", 0), attempts)))
+            except InputError as e:
+                out[n] = e
+        done = store_submit.submit_many(self._db(), [req for _, req in todo], configured=loaded.limit_values())
+        for (n, _), result in zip(todo, done, strict=True):
+            out[n] = result if isinstance(result, Error) else Batch(result.ids, result.created, result.existing)
+        if any(isinstance(b, Batch) and b.created for b in out):
+            doorbell.ring(loaded.run_dir)  # idle workers start on them now, not at their next look
+        return out  # type: ignore[return-value]  (every place filled)
 
     def submit_file(self, file: str | os.PathLike, *, user: str, plan: str, fmt: str = "auto",
                     idempotency_key_field: str | None = None, **kw: Any) -> Batch:

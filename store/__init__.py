@@ -38,7 +38,7 @@ CONTRACT: dict[str, tuple[str, ...]] = {
     "db": ("Database", "Tx"),
     "jobs": ("claim", "finish_and_claim", "extend", "complete", "complete_many", "fail", "recover", "give_back",
              "extend_owned", "release_owner", "recover_orphans", "next_run_at"),
-    "submit": ("submit",),
+    "submit": ("submit", "submit_many"),
     "admin": ("cancel", "retry", "purge"),
     "queries": ("get", "statuses", "list_jobs", "stats", "finished_per_minute"),
     "limits": ("show", "in_effect", "override", "drop_override", "validate", "check_key"),
@@ -57,7 +57,7 @@ CONTRACT: dict[str, tuple[str, ...]] = {
 # module -> the data types and constants of the contract (what its operations take and return).
 TYPES: dict[str, tuple[str, ...]] = {
     "jobs": ("Claimed", "Backoff", "FailOutcome", "Recovered", "Released"),
-    "submit": ("NewJob", "SubmitResult", "MAX_PRIORITY"),
+    "submit": ("NewJob", "SubmitRequest", "SubmitResult", "MAX_PRIORITY"),
     "limits": ("Limit",),
     "schema": ("STATUSES", "ACTIVE_STATUSES", "SCHEMA_VERSION"),
     "processes": ("ProcessRow",),

@@ -50,6 +50,68 @@ def submit(db: Database, items: Sequence[NewJob], *, user_id: str, plan: str, ki
     called as rows are inserted (for a progress bar); the commit still happens once, at the end.
     """
     now = time.time() if now is None else now
+    tx = _submit_tx(db, items, user_id=user_id, plan=plan, kind=kind, priority=priority, max_attempts=max_attempts,
+                    configured=configured, now=now, progress=progress)
+    try:
+        return db.write(tx, "submit")
+    except LimitExceeded as e:
+        totals.count_rejection(db, e.limit)  # (its own transaction: the submit's was rolled back)
+        raise
+
+
+class SubmitRequest(msgspec.Struct, frozen=True):
+    """One batch of `submit_many`: submit()'s arguments."""
+
+    items: Sequence[NewJob]
+    user_id: str
+    plan: str
+    kind: str = "card"
+    priority: int = 0
+    max_attempts: int = 5
+
+
+def submit_many(db: Database, requests: Sequence[SubmitRequest], *, configured: Mapping[str, tuple[int, str]],
+                now: float | None = None) -> list[SubmitResult | InputError | LimitExceeded]:
+    """Several batches, each all or nothing as submit() makes it, in ONE transaction: one commit for all (a
+    server taking submits from many clients at once). Applied in order, each under its own savepoint, so each
+    sees the ones before it (limits included); one refused (LimitExceeded, InputError: returned in its place)
+    leaves the others, a limit's refusal counted in the totals as submit() counts it. A failure of the transaction
+    itself (StoreBusy, ...) is raised: then none was submitted.
+    """
+    now = time.time() if now is None else now
+    out: list[SubmitResult | InputError | LimitExceeded | None] = [None] * len(requests)
+    txs: list[tuple[int, Callable[[apsw.Connection], SubmitResult]]] = []
+    for n, r in enumerate(requests):
+        try:
+            txs.append((n, _submit_tx(db, r.items, user_id=r.user_id, plan=r.plan, kind=r.kind, priority=r.priority,
+                                      max_attempts=r.max_attempts, configured=configured, now=now)))
+        except (InputError, LimitExceeded) as e:
+            out[n] = e
+
+    def tx(c: apsw.Connection) -> dict[int, SubmitResult | InputError | LimitExceeded]:
+        done: dict[int, SubmitResult | InputError | LimitExceeded] = {}  # (made anew if the write is retried)
+        for n, one in txs:
+            c.execute("SAVEPOINT submit_one")
+            try:
+                done[n] = one(c)
+            except (InputError, LimitExceeded) as e:
+                c.execute("ROLLBACK TO submit_one")
+                done[n] = e
+                if isinstance(e, LimitExceeded):
+                    totals.add_rejection(c, e.limit)  # (after its savepoint's rollback, as submit() counts it)
+            c.execute("RELEASE submit_one")
+        return done
+
+    if txs:
+        for n, result in db.write(tx, "submit").items():
+            out[n] = result
+    return out  # type: ignore[return-value]  (every place filled)
+
+
+def _submit_tx(db: Database, items: Sequence[NewJob], *, user_id: str, plan: str, kind: str, priority: int,
+               max_attempts: int, configured: Mapping[str, tuple[int, str]], now: float,
+               progress: Callable[[int], object] | None = None) -> Callable[[apsw.Connection], SubmitResult]:
+    """The checks that need no database (InputError now), then the transaction's body (see submit)."""
     _check_names(user_id=user_id, kind=kind)
     if not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
         raise InputError(f"priority {priority!r}: expected a whole number from 0 to {MAX_PRIORITY} (higher runs first)")
@@ -90,11 +152,7 @@ def submit(db: Database, items: Sequence[NewJob], *, user_id: str, plan: str, ki
                     ids[i] = ids[-1 - v]
         return SubmitResult(ids, len(fresh), len(items) - len(fresh))
 
-    try:
-        return db.write(tx, "submit")
-    except LimitExceeded as e:
-        totals.count_rejection(db, e.limit)  # (its own transaction: the submit's was rolled back)
-        raise
+    return tx
 
 
 def _check_names(**names: str) -> None:

@@ -154,9 +154,14 @@ def count_rejection(db: Database, limit: str) -> None:
     """Count one submit refused by `limit`, in a transaction of its own (the submit's own was rolled back). Best
     effort: a database that takes no write now loses the count, never the caller's LimitExceeded."""
     with contextlib.suppress(StoreError):
-        db.write(lambda c: c.execute(
-            "INSERT INTO limit_rejections (limit_key, n) VALUES (?, 1)"
-            " ON CONFLICT (limit_key) DO UPDATE SET n = n + 1", (limit,)), "count a limit rejection")
+        db.write(lambda c: add_rejection(c, limit), "count a limit rejection")
+
+
+def add_rejection(c: apsw.Connection, limit: str) -> None:
+    """Count one submit refused by `limit` in the caller's transaction (submit_many: after that submit's own
+    savepoint was rolled back)."""
+    c.execute("INSERT INTO limit_rejections (limit_key, n) VALUES (?, 1)"
+              " ON CONFLICT (limit_key) DO UPDATE SET n = n + 1", (limit,))
 
 
 class Histogram(msgspec.Struct, frozen=True):

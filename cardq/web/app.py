@@ -28,6 +28,7 @@ SCOPE_RANK = {"read": 0, "app": 1, "admin": 2}  # admin may do what app may, app
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 TOKEN_CACHE_S = 1.0  # a revoked token stops working within this long
 TOKEN_CACHE_MAX = 10_000
+SUBMIT_GROUP_MAX = 256  # most submits committed in one transaction (see Web.submit)
 
 
 class Web:
@@ -41,11 +42,43 @@ class Web:
         self.pool = ThreadPoolExecutor(http.threads, thread_name_prefix="cardq-http")
         self.leases = GateLeases(q, max_leases=http.max_gate_leases, default_lease_s=http.gate_lease_s, log=log)
         self._tokens: dict[str, tuple[float, tuple[int, str] | None]] = {}
+        self._submits: list[tuple[dict[str, Any], asyncio.Future]] = []  # waiting for the next group
+        self._submitting = False
         self.started_at = time.time()
 
     async def run(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """A blocking call of the public API, on the pool: the event loop never waits on SQLite or an actor."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args, **kw))
+
+    async def submit(self, **request: Any) -> Any:
+        """Queue.submit(**request), grouped: the submits that arrive while a group is being committed wait for
+        the next group, and a group is one transaction (Queue.submit_many) on one pool thread — one commit and
+        one ring of the doorbell for many clients, and never the server's own threads queueing for SQLite's
+        write lock. Each submit is still all or nothing on its own and gets what Queue.submit gives or raises."""
+        fut = asyncio.get_running_loop().create_future()
+        self._submits.append((request, fut))
+        if not self._submitting:
+            self._submitting = True
+            asyncio.get_running_loop().create_task(self._submit_groups())
+        return await fut
+
+    async def _submit_groups(self) -> None:
+        try:
+            while self._submits:
+                group, self._submits = self._submits[:SUBMIT_GROUP_MAX], self._submits[SUBMIT_GROUP_MAX:]
+                try:
+                    answers: list[Any] = await self.run(self.q.submit_many, [r for r, _ in group])
+                except Exception as e:  # the transaction failed (StoreBusy, ...): none was submitted
+                    answers = [e] * len(group)
+                for (_, fut), answer in zip(group, answers, strict=True):
+                    if fut.done():  # (its request was cancelled: the client went away)
+                        continue
+                    if isinstance(answer, Exception):
+                        fut.set_exception(answer)
+                    else:
+                        fut.set_result(answer)
+        finally:
+            self._submitting = False
 
     async def authorize(self, request: Request, scope: str) -> int:
         """The token's id, or 401/403."""

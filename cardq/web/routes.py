@@ -106,8 +106,8 @@ async def readyz(web: Web, request: Request) -> Response:
 
 async def submit_jobs(web: Web, request: Request) -> Response:
     b = await web.body(request, schemas.SubmitJobs)
-    batch = await web.run(web.q.submit, b.items, user=b.user, plan=b.plan, kind=b.kind, priority=b.priority,
-                          idempotency_key_field=b.idempotency_key_field)
+    batch = await web.submit(items=b.items, user=b.user, plan=b.plan, kind=b.kind, priority=b.priority,
+                             idempotency_key_field=b.idempotency_key_field)
     return json({"ids": batch.ids, "created": batch.created, "existing": batch.existing}, 202)
 
 
