@@ -22,7 +22,7 @@ import orjson
 
 from cardq import app
 from cardq.actors import keys, protocol
-from cardq.actors.traffic import PathNormalizer, make_event
+from cardq.actors.traffic import PathNormalizer, make_event, make_event_dicts
 from cardq.config import LoadedConfig
 from cardq.errors import ActorError, Error, InputError
 from cardq.store import traffic
@@ -86,6 +86,9 @@ class EventRecorder:
     def build_all(self, fields: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """Every event validated and given its id, or InputError naming the first bad one's index (then none is
         recorded): the all-or-nothing half of Queue.record_events."""
+        made = make_event_dicts(fields, normalize=self.normalize, hash_ip=self.hash_ip)  # all valid: at once
+        if made is not None:
+            return made
         out = []
         for n, f in enumerate(fields):
             if not isinstance(f, Mapping):
