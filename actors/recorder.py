@@ -144,7 +144,7 @@ class EventRecorder:
                 if self._closing:
                     client.close()
                     return
-                self.wakeup.wait(self.max_wait_s)
+                self.wakeup.wait()  # (record, flush and close set it: an idle app's thread sleeps)
                 self.wakeup.clear()
                 continue
             # Give a batch up to max_batch_wait_ms to fill, then send what there is.
