@@ -24,6 +24,8 @@ from cardq.actors.client import FRAME_BUDGET, WINDOW, ActorClient, _result
 from cardq.config import LoadedConfig
 from cardq.errors import ActorError, ActorTimeout
 
+SWEEP_S = 0.1  # how often a connection with asks waiting looks for ones past their deadline (none waiting: never)
+
 
 class _Lost(Exception):
     """The connection broke with the ask unanswered (sent again on a new one)."""
@@ -35,21 +37,37 @@ class _Link(asyncio.Protocol):
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.transport: asyncio.Transport | None = None
-        self.waiting: dict[int, asyncio.Future] = {}  # msg id -> its answer
+        self.waiting: dict[int, tuple[asyncio.Future, float]] = {}  # msg id -> (its answer, its deadline)
         self.outbox: list[bytes] = []  # frames of asks not written yet
         self.buf = bytearray()
         self.lost = False
+        self.sweeper: asyncio.TimerHandle | None = None  # one timer for every waiting ask, not one per ask
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
 
-    def ask(self, msg_id: int, frame: bytes) -> asyncio.Future:
+    def ask(self, msg_id: int, frame: bytes, deadline: float) -> asyncio.Future:
         fut = self.loop.create_future()
-        self.waiting[msg_id] = fut
+        self.waiting[msg_id] = (fut, deadline)
         if not self.outbox:
             self.loop.call_soon(self._flush)
         self.outbox.append(frame)
+        if self.sweeper is None:
+            self.sweeper = self.loop.call_later(SWEEP_S, self._sweep)
         return fut
+
+    def _sweep(self) -> None:
+        """Fail the asks past their deadline (ActorTimeout, within SWEEP_S of it); again later while any wait."""
+        self.sweeper = None
+        now = self.loop.time()
+        for msg_id, (fut, deadline) in list(self.waiting.items()):
+            if fut.done():  # (cancelled: its caller went away)
+                del self.waiting[msg_id]
+            elif deadline <= now:
+                del self.waiting[msg_id]
+                fut.set_exception(ActorTimeout("no answer in time", "timeout"))
+        if self.waiting and not self.lost:
+            self.sweeper = self.loop.call_later(SWEEP_S, self._sweep)
 
     def _flush(self) -> None:
         out, self.outbox = self.outbox, []
@@ -83,19 +101,19 @@ class _Link(asyncio.Protocol):
                 return
             del buf[:header + size]
             for answer in frame.get("m", [frame]):
-                fut = self.waiting.pop(answer.get("id"), None)
-                if fut is not None and not fut.done():  # (None: a late answer to an ask that timed out)
-                    fut.set_result(answer)
+                waiting = self.waiting.pop(answer.get("id"), None)
+                if waiting is not None and not waiting[0].done():  # (None: a late answer to one that timed out)
+                    waiting[0].set_result(answer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            self.sweeper = None
         waiting, self.waiting = self.waiting, {}
-        for fut in waiting.values():
+        for fut, _ in waiting.values():
             if not fut.done():
                 fut.set_exception(_Lost())
-
-    def forget(self, msg_id: int) -> None:
-        self.waiting.pop(msg_id, None)
 
 
 class AsyncActorClient:
@@ -105,24 +123,27 @@ class AsyncActorClient:
         self._links: dict[tuple[str, int], _Link] = {}
         self._connecting: dict[tuple[str, int], asyncio.Future] = {}
         self._next_id = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.resent = 0
         self.closed = False
 
     async def ask(self, actor: str, key: str, op: str, args: dict[str, Any], *,
                   timeout: float | None = None) -> Any:
         """One request; its result, or the actor's error raised (as ActorClient.ask)."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.timeout_s if timeout is None else timeout)
         shard = protocol.shard_of(key, self.sync._shards(actor))
         self._next_id += 1
         msg_id = self._next_id
         frame = protocol.encode({"id": msg_id, "op": op, "a": args})
         while True:
-            link = await self._link(actor, shard, loop, deadline)
-            fut = link.ask(msg_id, frame)
-            timer = loop.call_at(deadline, _expire, fut)
+            link = self._links.get((actor, shard))
+            if link is None or link.lost:
+                link = await self._link(actor, shard, loop, deadline)
             try:
-                answer = await fut
+                answer = await link.ask(msg_id, frame, deadline)
             except _Lost:
                 self.resent += 1
                 if loop.time() >= deadline:
@@ -130,11 +151,8 @@ class AsyncActorClient:
                                        f"{self.timeout_s:g}s", "timeout") from None
                 continue
             except ActorTimeout:
-                link.forget(msg_id)
                 raise ActorTimeout(f"{actor} shard {shard}: no answer within {self.timeout_s:g}s",
                                    "timeout") from None
-            finally:
-                timer.cancel()
             result = _result(answer)
             if isinstance(result, ActorError):
                 raise result
@@ -180,8 +198,3 @@ class AsyncActorClient:
                 link.transport.close()
         self._links.clear()
         self.sync.close()
-
-
-def _expire(fut: asyncio.Future) -> None:
-    if not fut.done():
-        fut.set_exception(ActorTimeout("no answer in time", "timeout"))

@@ -265,6 +265,9 @@ class Queue:
 
         self._follow_config()
         loop = asyncio.get_running_loop()
+        entry = self._loop_clients.get(loop)
+        if entry is not None and entry[0] == self._generation:
+            return entry[1]
         with self._lock:
             loaded, generation = self._loaded, self._generation
             entry = self._loop_clients.get(loop)
