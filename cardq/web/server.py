@@ -80,6 +80,12 @@ class GuardedProtocol(HttpToolsProtocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def eof_received(self) -> None:
+        # The client closed its side: the transport closes now and connection_lost comes on the next loop turn.
+        # Counted out of the open connections at once, or a request that arrived on another connection in the
+        # same turn would be refused (503, max_connections) for this one, which is already gone.
+        self.connections.discard(self)
+
     def _too_slow(self) -> None:
         self._header_timer = None
         if not self.transport.is_closing():
