@@ -195,7 +195,7 @@ def endpoint(scope: str | None, handler: Handler) -> Callable[[Request], Awaitab
             return response(HTTPProblem(500, "internal", "internal error (the server log has the details under "
                                         "this request id)"), rid, request.url.path)
         else:
-            resp.headers["X-Request-Id"] = rid
+            resp.raw_headers.append((b"x-request-id", rid.encode("latin-1")))  # (no handler sets it: no lookup)
             return resp
         level = "error" if problem.status >= 500 and problem.status != 503 else "info"
         getattr(web.log, level)("http.refused" if problem.status < 500 else "http.unavailable" if problem.status
