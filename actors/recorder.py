@@ -122,6 +122,34 @@ class EventRecorder:
                 counts[k] += int(answer.get(k, 0))
         return counts
 
+    def send_now_many(self, client: Any, batches: list[list[dict[str, Any]]]) -> list[dict[str, int]]:
+        """send_now for several batches at once: their asks pipelined (one frame per shard, decided in one
+        commit), each batch answered with its own counts; what a shard cannot take goes to the inbox."""
+        counts = [{"accepted": 0, "duplicates": 0, "late": 0, "sampled_out": 0, "to_inbox": 0} for _ in batches]
+        if not self.enabled or not batches:
+            return counts
+        asks: list[tuple[str, str, dict[str, Any]]] = []
+        owners: list[tuple[int, list[dict[str, Any]]]] = []  # per ask: its batch, its events
+        for n, events in enumerate(batches):
+            by_shard: dict[int, list[dict[str, Any]]] = {}
+            for event in events:
+                by_shard.setdefault(protocol.shard_of(event["path"], self.shards), []).append(event)
+            for shard_events in by_shard.values():
+                asks.append((shard_events[0]["path"], "record", {"events": shard_events}))
+                owners.append((n, shard_events))
+        try:
+            answers: list[Any] = client.ask_many("paths", asks, raise_errors=False)
+        except ActorError as e:  # a shard not reachable, or no answer in time: all of it to the inbox
+            answers = [e] * len(asks)
+        for (n, shard_events), answer in zip(owners, answers, strict=True):
+            if isinstance(answer, ActorError):
+                self._inbox(shard_events)
+                counts[n]["to_inbox"] += len(shard_events)
+                continue
+            for k in ("accepted", "duplicates", "late", "sampled_out"):
+                counts[n][k] += int(answer.get(k, 0))
+        return counts
+
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every recorded event was taken by the collector or written to the inbox."""
         self.wakeup.set()

@@ -175,6 +175,7 @@ def main() -> int:
     if shutil.which("wrk") is None:
         print("wrk is not installed (Debian: apt-get install wrk)")
         return 1
+    load_before = os.getloadavg()[0]
     base = Path(tempfile.mkdtemp(prefix="cardq-bench-http-"))
     cfg = deployment(base)
     proc, url, http_pid = start(cfg, base / "supervise.out")
@@ -244,7 +245,9 @@ def main() -> int:
         r = results["jobs"]
         ok = r["rate"] >= 2_000 and not r["errors"]
         row("jobs", "POST /v1/jobs, 1 item, a new user each", 1, f">= 2,000 jobs/s: {'met' if ok else 'NOT MET'}")
-    print(f"\nHTTP child CPU with nothing to do ({args.idle_seconds:g} s after the loads): {idle:.2f} % of one core; "
+    print(f"\nload average (1 min) {load_before:.1f} before, {os.getloadavg()[0]:.1f} after: other processes than "
+          "these take CPU from them (compare the ratios)")
+    print(f"HTTP child CPU with nothing to do ({args.idle_seconds:g} s after the loads): {idle:.2f} % of one core; "
           f"jobs still queued or running at the end: {queued:,}")
     for name, r in results.items():
         if r["errors"]:

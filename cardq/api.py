@@ -645,6 +645,24 @@ class Queue:
         counts = recorder.send_now(self._client(), built)
         return EventsRecorded([e["id"] for e in built], **counts)
 
+    def record_events_many(self, batches: Sequence[Sequence[Mapping[str, Any]]]) -> list[EventsRecorded | InputError]:
+        """record_events for several arrays at once (a server taking events from many clients): each validated on
+        its own (its InputError in its place; the others are recorded), then all sent together — pipelined, one
+        frame per collector shard, decided in one commit — and each answered with its own counts."""
+        recorder = self.events
+        out: list[EventsRecorded | InputError | None] = [None] * len(batches)
+        built: list[tuple[int, list[dict[str, Any]]]] = []
+        for n, events in enumerate(batches):
+            try:
+                built.append((n, recorder.build_all(events)))
+            except InputError as e:
+                out[n] = e
+        if built:
+            counts = recorder.send_now_many(self._client(), [b for _, b in built])
+            for (n, b), c in zip(built, counts, strict=True):
+                out[n] = EventsRecorded([e["id"] for e in b], **c)
+        return out  # type: ignore[return-value]  (every place filled)
+
     def path_stats(self, *, hour: int | None = None, path: str | None = None, hours: int | None = None,
                    limit: int = 100) -> list[dict[str, Any]]:
         """Hourly path statistics, hottest first: requests, 4xx/5xx, bytes, p50/p95/p99 ms, unique clients.

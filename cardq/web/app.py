@@ -28,7 +28,7 @@ SCOPE_RANK = {"read": 0, "app": 1, "admin": 2}  # admin may do what app may, app
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 TOKEN_CACHE_S = 1.0  # a revoked token stops working within this long
 TOKEN_CACHE_MAX = 10_000
-SUBMIT_GROUP_MAX = 256  # most submits committed in one transaction (see Web.submit)
+EVENTS_GROUP_MAX = 5_000  # most events in a group of POST /v1/events (see Grouped; one array may be larger)
 
 
 class Web:
@@ -42,8 +42,10 @@ class Web:
         self.pool = ThreadPoolExecutor(http.threads, thread_name_prefix="cardq-http")
         self.leases = GateLeases(q, max_leases=http.max_gate_leases, default_lease_s=http.gate_lease_s, log=log)
         self._tokens: dict[str, tuple[float, tuple[int, str] | None]] = {}
-        self._submits: list[tuple[dict[str, Any], asyncio.Future]] = []  # waiting for the next group
-        self._submitting = False
+        # Submits: one group at a time (one writer: groups would only queue for SQLite's lock). Events: a few, so
+        # that a group is validated here while the collector commits the one before.
+        self._submits = Grouped(self, q.submit_many, cap=256)
+        self._events = Grouped(self, q.record_events_many, cap=EVENTS_GROUP_MAX, parallel=4, weight=len)
         self.started_at = time.time()
 
     async def run(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
@@ -51,34 +53,16 @@ class Web:
         return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args, **kw))
 
     async def submit(self, **request: Any) -> Any:
-        """Queue.submit(**request), grouped: the submits that arrive while a group is being committed wait for
-        the next group, and a group is one transaction (Queue.submit_many) on one pool thread — one commit and
-        one ring of the doorbell for many clients, and never the server's own threads queueing for SQLite's
-        write lock. Each submit is still all or nothing on its own and gets what Queue.submit gives or raises."""
-        fut = asyncio.get_running_loop().create_future()
-        self._submits.append((request, fut))
-        if not self._submitting:
-            self._submitting = True
-            asyncio.get_running_loop().create_task(self._submit_groups())
-        return await fut
+        """Queue.submit(**request), grouped (see Grouped): a group is one transaction (Queue.submit_many) — one
+        commit and one ring of the doorbell for many clients, and never the server's own threads queueing for
+        SQLite's write lock. Each submit is still all or nothing on its own and gets what Queue.submit gives or
+        raises."""
+        return await self._submits(request)
 
-    async def _submit_groups(self) -> None:
-        try:
-            while self._submits:
-                group, self._submits = self._submits[:SUBMIT_GROUP_MAX], self._submits[SUBMIT_GROUP_MAX:]
-                try:
-                    answers: list[Any] = await self.run(self.q.submit_many, [r for r, _ in group])
-                except Exception as e:  # the transaction failed (StoreBusy, ...): none was submitted
-                    answers = [e] * len(group)
-                for (_, fut), answer in zip(group, answers, strict=True):
-                    if fut.done():  # (its request was cancelled: the client went away)
-                        continue
-                    if isinstance(answer, Exception):
-                        fut.set_exception(answer)
-                    else:
-                        fut.set_result(answer)
-        finally:
-            self._submitting = False
+    async def record_events(self, events: list[Any]) -> Any:
+        """Queue.record_events(events), grouped (see Grouped): a group's events travel to the collector as one
+        frame of pipelined asks (Queue.record_events_many), each array validated and answered on its own."""
+        return await self._events(events)
 
     async def authorize(self, request: Request, scope: str) -> int:
         """The token's id, or 401/403."""
@@ -155,6 +139,50 @@ class Web:
     def close(self) -> None:
         self.leases.release_all()
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Grouped:
+    """Calls of a `many` function (one argument per call; a list of answers in order, each an answer or an
+    Exception to raise) made from the loop: the calls that arrive while `parallel` groups are running on the pool
+    wait for the next group, of at most `cap` in weight. One thread hop and one round trip per group instead of
+    per call; nothing waits for a group to fill."""
+
+    def __init__(self, web: Web, many: Callable[[list[Any]], list[Any]], *, cap: int, parallel: int = 1,
+                 weight: Callable[[Any], int] = lambda _: 1):
+        self.web, self.many, self.cap, self.parallel, self.weight = web, many, cap, parallel, weight
+        self.waiting: list[tuple[Any, asyncio.Future]] = []
+        self.running = 0
+
+    async def __call__(self, arg: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.waiting.append((arg, fut))
+        if self.running < self.parallel:
+            self.running += 1
+            loop.create_task(self._groups())
+        return await fut
+
+    async def _groups(self) -> None:
+        try:
+            while self.waiting:
+                n, total = 0, 0
+                while n < len(self.waiting) and (n == 0 or total + self.weight(self.waiting[n][0]) <= self.cap):
+                    total += self.weight(self.waiting[n][0])
+                    n += 1
+                group, self.waiting = self.waiting[:n], self.waiting[n:]
+                try:
+                    answers: list[Any] = await self.web.run(self.many, [arg for arg, _ in group])
+                except Exception as e:  # the group failed as a whole (StoreBusy, ...): each call gets the error
+                    answers = [e] * len(group)
+                for (_, fut), answer in zip(group, answers, strict=True):
+                    if fut.done():  # (its request was cancelled: the client went away)
+                        continue
+                    if isinstance(answer, Exception):
+                        fut.set_exception(answer)
+                    else:
+                        fut.set_result(answer)
+        finally:
+            self.running -= 1
 
 
 def header_of(request: Request, name: bytes) -> str | None:

@@ -237,7 +237,7 @@ async def post_events(web: Web, request: Request) -> Response:
                           "([http] max_events_per_request)", max_events=cap)
     if not events:
         raise HTTPProblem(400, "bad-input", "an empty array: expected at least one event", where="body")
-    return json(await web.run(web.q.record_events, events), 202)
+    return json(await web.record_events(events), 202)
 
 
 def hour_param(request: Request) -> int:
