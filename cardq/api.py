@@ -172,6 +172,7 @@ class Queue:
         self._events: EventRecorder | None = None
         self._events_pid = 0
         self._loop_clients: dict[Any, tuple[int, AsyncActorClient]] = {}  # event loop -> (generation, its client)
+        self._loop_looked: dict[Any, float] = {}  # event loop -> its clock when the config file was last looked at
         # Gate permits whose release failed (the actor was restarting): shared by every thread's client, so the
         # next gate call of ANY thread releases them — a thread that ends must not keep a permit for good.
         self._unreleased: list[tuple[str, str]] = []
@@ -263,8 +264,13 @@ class Queue:
 
         from cardq.actors.aioclient import AsyncActorClient
 
-        self._follow_config()
         loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now != self._loop_looked.get(loop):
+            # The config file is looked at once per tick of the loop's clock, not once per call: uvloop's clock
+            # moves once per turn of the loop (by milliseconds), and a turn may hold dozens of checks.
+            self._follow_config()
+            self._loop_looked[loop] = now
         entry = self._loop_clients.get(loop)
         if entry is not None and entry[0] == self._generation:
             return entry[1]
@@ -276,6 +282,7 @@ class Queue:
             stale = [entry[1]] if entry is not None else []
             for other in [other for other in self._loop_clients if other.is_closed()]:  # loops that ended
                 stale.append(self._loop_clients.pop(other)[1])
+                self._loop_looked.pop(other, None)
             client = AsyncActorClient(loaded, name=f"{self.name}-loop")
             self._loop_clients[loop] = (generation, client)
         for old in stale:
