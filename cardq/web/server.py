@@ -121,7 +121,7 @@ class App:
     events, submits) goes straight to its endpoint, found in one dict; the rest go through Starlette's router
     (path parameters, HEAD, 404 and 405). Same endpoints, same answers either way: the shortcut only skips
     matching the route table in order and two middlewares that have nothing to do here (every endpoint turns
-    its own errors into problems), about a fifth of /healthz's cost."""
+    its own errors into problems), about a sixth of /healthz's cost."""
 
     def __init__(self, starlette: Starlette, exact: dict[tuple[str, str], Any]):
         self.starlette, self.exact = starlette, exact
@@ -165,8 +165,8 @@ def main(ctx: ChildContext) -> int:
     q = Queue(ctx.loaded, name="http")
     app = build(q, log=log)
     try:
-        # uvloop, not asyncio's own loop: libuv's transports and callbacks cost this process about a third less
-        # CPU per request (see benchmarks/bench_http.py); it sleeps when idle like asyncio's.
+        # uvloop, not asyncio's own loop: libuv's transports and callbacks cost this process 15-20 % less CPU per
+        # request (benchmarks/bench_http.py); it sleeps when idle like asyncio's.
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(_serve(ctx, app, log))
     finally:
@@ -260,9 +260,9 @@ def _listen(loaded: LoadedConfig) -> socket.socket:
     else:
         host, port = where
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only for such a socket.
-        # Without it, a response written in two parts (headers, body) waited for the client's delayed ACK:
-        # ~40 ms added to every request on a keep-alive connection (/healthz took 44 ms; 0.1 ms with it).
+        # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only for such a socket (uvloop
+        # sets it on any TCP socket). Without it, a response written in two parts (headers, body) waited for the
+        # client's delayed ACK: ~40 ms added to every request on a keep-alive connection (/healthz took 44 ms).
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
