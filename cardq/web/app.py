@@ -28,6 +28,7 @@ SCOPE_RANK = {"read": 0, "app": 1, "admin": 2}  # admin may do what app may, app
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 TOKEN_CACHE_S = 1.0  # a revoked token stops working within this long
 TOKEN_CACHE_MAX = 10_000
+SUBMIT_GROUP_ITEMS = 2_000  # most items in a group of POST /v1/jobs (see Grouped; one submit may be larger)
 EVENTS_GROUP_MAX = 5_000  # most events in a group of POST /v1/events (see Grouped; one array may be larger)
 
 
@@ -42,9 +43,10 @@ class Web:
         self.pool = ThreadPoolExecutor(http.threads, thread_name_prefix="cardq-http")
         self.leases = GateLeases(q, max_leases=http.max_gate_leases, default_lease_s=http.gate_lease_s, log=log)
         self._tokens: dict[str, tuple[float, tuple[int, str] | None]] = {}
-        # Submits: one group at a time (one writer: groups would only queue for SQLite's lock). Events: a few, so
-        # that a group is validated here while the collector commits the one before.
-        self._submits = Grouped(self, q.submit_many, cap=256)
+        # Submits: one group at a time (one writer: groups would only queue for SQLite's lock), of a bounded number
+        # of items (a group's transaction holds the write lock the workers claim with). Events: a few groups, so
+        # that one is validated here while the collector commits the one before.
+        self._submits = Grouped(self, q.submit_many, cap=SUBMIT_GROUP_ITEMS, weight=lambda r: len(r["items"]))
         self._events = Grouped(self, q.record_events_many, cap=EVENTS_GROUP_MAX, parallel=4, weight=len)
         self.started_at = time.time()
 
