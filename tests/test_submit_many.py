@@ -36,6 +36,10 @@ def test_one_refused_leaves_the_others_and_each_sees_the_ones_before(db, configu
     assert ids == list(range(ids[0], ids[0] + 305))  # in order; the refused ones took no id
     rows = dict(db.conn.execute("SELECT user_id, count(*) FROM jobs GROUP BY user_id").fetchall())
     assert rows == {"a": 300, "b": 5}
+    # the durable totals count them as submit() one by one would: the jobs made, and each limit's refusal
+    refused = dict(db.conn.execute("SELECT limit_key, n FROM limit_rejections").fetchall())
+    assert refused == {"batch_max_queued_per_user": 1, "daily.free": 1}
+    assert db.conn.execute("SELECT sum(n) FROM job_totals WHERE event = 'submitted'").fetchall()[0][0] == 305
 
 
 def test_a_group_with_nothing_to_commit(db, configured):
