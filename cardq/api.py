@@ -726,16 +726,11 @@ class RateLimits:
               on_unavailable: Literal["deny", "allow"] = "deny") -> RateLimitDecision:
         """Spend `cost` of the key's limit if allowed. When no rate limiter can be reached: "deny" raises
         ActorUnavailable (at once when no supervisor runs); "allow" lets the request through and counts it."""
-        if on_unavailable not in ("deny", "allow"):
-            raise InputError(f'on_unavailable {on_unavailable!r}: expected "deny" or "allow"', where="on_unavailable")
+        _check_mode(on_unavailable)
         try:
             r = self._q._client().ratelimit.check(key, cost)
-        except ActorUnavailable:
-            if on_unavailable == "deny":
-                raise
-            with self._q._lock:
-                self.allowed_unavailable += 1
-            return RateLimitDecision(True, 0, 0, 0.0, 0.0, unavailable=True)
+        except ActorUnavailable as e:
+            return self._unavailable(e, on_unavailable)
         return _decision(r)
 
     async def check_async(self, key: str, cost: int = 1, *,
@@ -743,17 +738,20 @@ class RateLimits:
         """check() for code on an asyncio event loop: no thread waits for the answer. The loop's tasks share one
         connection per rate-limiter shard, and the checks they make in one turn of the loop travel together and
         are decided in one commit."""
-        if on_unavailable not in ("deny", "allow"):
-            raise InputError(f'on_unavailable {on_unavailable!r}: expected "deny" or "allow"', where="on_unavailable")
+        _check_mode(on_unavailable)
         try:
             r = await self._q._loop_client().ask("ratelimit", key, "check", {"key": key, "cost": cost})
-        except ActorUnavailable:
-            if on_unavailable == "deny":
-                raise
-            with self._q._lock:
-                self.allowed_unavailable += 1
-            return RateLimitDecision(True, 0, 0, 0.0, 0.0, unavailable=True)
+        except ActorUnavailable as e:
+            return self._unavailable(e, on_unavailable)
         return _decision(r)
+
+    def _unavailable(self, e: ActorUnavailable, on_unavailable: str) -> RateLimitDecision:
+        """No rate limiter to ask: raise ("deny"), or let the request through and count it ("allow")."""
+        if on_unavailable == "deny":
+            raise e
+        with self._q._lock:
+            self.allowed_unavailable += 1
+        return RateLimitDecision(True, 0, 0, 0.0, 0.0, unavailable=True)
 
     def check_many(self, keys: Sequence[str], cost: int = 1) -> list[RateLimitDecision]:
         """Many checks pipelined (every one sent before the first answer is read)."""
@@ -857,6 +855,11 @@ def selftest(config: str | os.PathLike | None = None) -> list[Any]:
     from cardq import checks
 
     return checks.run(str(config) if config else os.environ.get("CARDQ_CONFIG"))
+
+
+def _check_mode(on_unavailable: str) -> None:
+    if on_unavailable not in ("deny", "allow"):
+        raise InputError(f'on_unavailable {on_unavailable!r}: expected "deny" or "allow"', where="on_unavailable")
 
 
 def _decision(r: Mapping[str, Any]) -> RateLimitDecision:
