@@ -160,6 +160,8 @@ class HttpConfig(_Section):
     max_connections: Annotated[int, Meta(ge=1, le=100_000)] = 1000
     header_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 10.0  # a request's headers, from its first byte
     keepalive_s: Annotated[float, Meta(gt=0, le=3600)] = 5.0  # an idle keep-alive connection is closed after
+    body_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 30.0  # a request's body, once its headers are in
+    max_waits: Annotated[int, Meta(ge=1, le=100_000)] = 256  # long polls (GET /v1/jobs/{id}/wait) at once
     threads: Annotated[int, Meta(ge=1, le=1024)] = 16  # for the blocking calls (database, actors)
     max_events_per_request: Annotated[int, Meta(ge=1, le=100_000)] = 1000
     gate_lease_s: Annotated[float, Meta(gt=0, le=86_400)] = 30.0  # an HTTP permit expires unless renewed

@@ -22,6 +22,8 @@ from cardq.store.db import Tx
 USAGE = "usage:"
 TOKENS = "tokens:"
 
+COUNTER_MAX = 2**63 - 1
+
 
 def tokens_key(user: str, day: str) -> str:
     return f"{TOKENS}{user}:{day}"
@@ -50,6 +52,8 @@ def incr(tx: Tx, key: str, n: int, op_id: str, *, day: str, now: float) -> int:
     if seen is not None:
         return seen[1]
     value = get(tx, key, day=day) + n
+    if not -COUNTER_MAX <= value <= COUNTER_MAX:  # SQLite's INTEGER is 64-bit: refuse, never fail the batch
+        raise InputError(f"counter {key!r}: adding {n} would take it past ±{COUNTER_MAX} (a 64-bit integer)")
     _set(tx, key, value, day, now)
     _remember(tx, op_id, request, True, value, now)
     return value

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -24,7 +25,8 @@ from supervision import Deployment
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 HTTP = {"enabled": True, "listen": "127.0.0.1:0", "header_timeout_s": 2.0, "max_connections": 6,
-        "max_body_bytes": 4096, "max_events_per_request": 10, "gate_lease_s": 30.0}
+        "max_body_bytes": 4096, "max_events_per_request": 10, "gate_lease_s": 30.0, "body_timeout_s": 2.0,
+        "max_waits": 3}
 
 
 def start(tmp: Path, **overrides) -> tuple[Deployment, str]:
@@ -347,6 +349,74 @@ def test_past_max_connections_new_requests_get_503_and_the_open_ones_are_served(
     finally:
         for h in held:
             h.close()
+
+
+def test_headers_past_64_kib_are_refused_431_and_closed(site):
+    _, url, _ = site
+    s = _connect(url)
+    try:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        answer = b""
+        with contextlib.suppress(OSError):  # (the server may close while we still send)
+            for _ in range(100):  # 100 x 8 KiB of header lines, as fast as they go
+                s.sendall(b"X-Pad: " + b"a" * 8192 + b"\r\n")
+        s.settimeout(30)
+        with contextlib.suppress(OSError):
+            while chunk := s.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 431 ")
+    finally:
+        s.close()
+    with client(site, None) as c:
+        assert c.get("/healthz").status_code == 200
+
+
+def test_a_body_that_never_comes_is_answered_408_and_closed(site):
+    _, url, tokens = site
+    s = _connect(url)
+    try:
+        s.sendall(b"POST /v1/ratelimit/check HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + tokens["app"].encode() + b"\r\nContent-Length: 100\r\n\r\n{")
+        s.settimeout(60)
+        answer = b""
+        with contextlib.suppress(OSError):
+            while chunk := s.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"body_timeout_s" in answer
+    finally:
+        s.close()
+
+
+def test_long_polls_whose_clients_left_free_their_places(site, tmp_path):
+    _, url, tokens = site
+    with client(site, "app") as c:
+        job_id = c.post("/v1/jobs", json={"user": "h5", "plan": "enterprise",
+                                          "items": [{"wait_file": str(tmp_path / "never")}]}).json()["ids"][0]
+        request = (f"GET /v1/jobs/{job_id}/wait?timeout=300 HTTP/1.1\r\nHost: x\r\n"
+                   f"Authorization: Bearer {tokens['read']}\r\n\r\n").encode()
+        for _ in range(3 * HTTP["max_waits"]):  # each sends its poll and goes away at once
+            s = _connect(url)
+            s.sendall(request)
+            s.close()
+        # max_waits is 3: a poll that stays is taken again (those whose clients left stopped) and answers at its
+        # own timeout; the server meanwhile serves everyone else.
+        wait_for(lambda: c.get(f"/v1/jobs/{job_id}/wait", params={"timeout": 0.1}).status_code == 200, 60, 0.1,
+                 "a long poll taken again once the abandoned ones stopped")
+        assert c.get("/healthz").status_code == 200
+        (tmp_path / "never").touch()
+
+
+def test_bodies_nested_too_deeply_and_numbers_too_large_are_400(site):
+    with client(site, "app") as c:
+        deep = b"[" * 2000 + b"]" * 2000  # (under max_body_bytes: the depth, not the size, is refused)
+        assert problem(c.post("/v1/events", content=deep, headers={"content-type": "application/json"}), 400)
+        assert problem(c.get("/v1/paths/top", params={"hour": "9" * 5000}), 400)["where"] == "hour"
+        assert c.post("/v1/counters/big/incr", json={"n": 2**53, "op_id": "b0"}).status_code == 200
+        for i in range(1, 1100):
+            r = c.post("/v1/counters/big/incr", json={"n": 2**53, "op_id": f"b{i}"})
+            if r.status_code != 200:
+                break
+        assert "64-bit" in problem(r, 400)["detail"]
 
 
 def test_no_traceback_in_the_log(site):

@@ -49,6 +49,7 @@ class Web:
         self._submits = Grouped(self, q.submit_many, cap=SUBMIT_GROUP_ITEMS, weight=lambda r: len(r["items"]))
         self._events = Grouped(self, q.record_events_many, cap=EVENTS_GROUP_MAX, parallel=4, weight=len)
         self.started_at = time.time()
+        self.waits = 0  # long polls now (GET /v1/jobs/{id}/wait), at most http.max_waits
 
     async def run(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """A blocking call of the public API, on the pool: the event loop never waits on SQLite or an actor."""
@@ -110,8 +111,15 @@ class Web:
         if "json" not in ctype and not ctype.startswith(("application/x-www-form-urlencoded", "text/plain")):
             raise HTTPProblem(415, "unsupported-media-type", f"content-type {ctype[:80]!r}: expected application/json")
         chunks, size, receive = [], 0, request.receive
+        deadline = asyncio.get_running_loop().time() + self.http.body_timeout_s
         while True:  # (what request.stream() does, without an async generator per request)
-            message = await receive()
+            try:  # a body that never comes must not hold its connection (and a place under max_connections)
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise HTTPProblem(408, "body-timeout", f"the request body did not arrive within "
+                                  f"{self.http.body_timeout_s:g} s ([http] body_timeout_s)",
+                                  {"Connection": "close"}) from None
             if message["type"] == "http.disconnect":
                 raise ClientDisconnect()
             chunk = message.get("body", b"")
@@ -137,6 +145,9 @@ class Web:
             raise HTTPProblem(400, "bad-input", f"{field}: {reason[0].lower()}{reason[1:]}", where=field) from None
         except msgspec.DecodeError as e:
             raise HTTPProblem(400, "bad-json", f"body: {e}; expected a JSON document", where="body") from None
+        except RecursionError:
+            raise HTTPProblem(400, "bad-json", "body: nested too deeply; expected a JSON document of at most a few "
+                              "hundred levels", where="body") from None
 
     def close(self) -> None:
         self.leases.release_all()
@@ -217,6 +228,8 @@ def endpoint(scope: str | None, handler: Handler) -> Callable[[Request], Awaitab
             resp = await handler(web, request)
         except HTTPProblem as p:
             problem = p
+        except ClientDisconnect:  # gone before its body arrived: nobody to answer, nothing to log as a failure
+            return Response(status_code=499)
         except Error as e:
             problem = from_error(e)
         except Exception as e:  # a bug: one line with where it happened; the client gets no internals

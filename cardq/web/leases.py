@@ -6,8 +6,8 @@ or when the lease runs out unrenewed (a caller that crashed or lost the network)
 permits come back with it (they are kernel locks, or held by the actor for this pid). The caller gets a random
 lease id, not the permit's name: nobody can release someone else's permit by guessing.
 
-One thread per lease, waiting or held: gates are small (a handful of permits, tens of waiters), and a thread
-that only waits on an Event costs no CPU. max_gate_leases bounds them.
+One pool thread per lease, waiting or held: gates are small (a handful of permits, tens of waiters), and a
+thread that only waits on an Event costs no CPU. max_gate_leases bounds them.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import asyncio
 import secrets
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,9 @@ class GateLeases:
         self.q, self.max_leases, self.default_lease_s, self.log = q, max_leases, default_lease_s, log
         self._lock = threading.Lock()
         self._leases: dict[str, Lease] = {}
+        # Holders are pool threads, reused: each thread keeps its own database and actor connections (the Queue's
+        # per-thread state), so a thread per lease would open and drop them for every acquire.
+        self.pool = ThreadPoolExecutor(max_leases, thread_name_prefix="cardq-lease")
         self.expired = 0  # leases that ran out unrenewed (a caller that vanished)
 
     def count(self) -> int:
@@ -71,9 +75,7 @@ class GateLeases:
             if not granted.done():
                 granted.set_result(outcome)
 
-        thread = threading.Thread(target=self._hold, args=(lease, wait_s, loop, tell), name=f"lease-{gate}",
-                                  daemon=True)
-        thread.start()
+        self.pool.submit(self._hold, lease, wait_s, loop, tell)
         try:
             # The holder's own wait is bounded (by wait_s at the actor): its answer normally comes first.
             error = await asyncio.wait_for(asyncio.shield(granted), None if wait_s is None else wait_s + ANSWER_GRACE_S)
@@ -109,7 +111,9 @@ class GateLeases:
         except (OverloadReported, CallerError):
             pass
         except Error as e:  # no permit: the queue was full, no permit in time, the actor unreachable
-            loop.call_soon_threadsafe(tell, e)
+            # (without its traceback: the frames it holds would keep this thread's connections and gate files
+            # open until the cycle collector runs — hundreds of descriptors in an acquire storm)
+            loop.call_soon_threadsafe(tell, e.with_traceback(None))
         except Exception as e:  # a bug: still answer the caller, and say where in the log
             self.log.error("http.lease_failed", gate=lease.gate, error=f"{type(e).__name__}: {e}"[:300])
             loop.call_soon_threadsafe(tell, Error(f"gate {lease.gate!r}: {type(e).__name__}"))
@@ -143,3 +147,4 @@ class GateLeases:
             lease.outcome = "error"
             lease.abandoned = True
             lease.released.set()
+        self.pool.shutdown(wait=False)

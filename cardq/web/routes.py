@@ -129,21 +129,40 @@ async def list_jobs(web: Web, request: Request) -> Response:
 
 async def wait_job(web: Web, request: Request) -> Response:
     """Long poll: answers when the job is done, dead or cancelled, or at the timeout (its state then; 200 either
-    way: `finished` says which). Looks again only when something committed to the database."""
+    way: `finished` says which). Looks again only when something committed to the database. Stops as soon as
+    its client goes away (a poll nobody waits for must not hold a place under max_connections); at most
+    [http] max_waits at once."""
     job_id = path_int(request, "id")
     deadline = time.monotonic() + float_param(request, "timeout", 30.0, 0.0, WAIT_MAX_S)
-    pause = WAIT_STEP_S[0]
-    while True:
-        token = await web.run(web.q.change_token)
-        job = await web.run(web.q.job, job_id)
-        if job.status in FINISHED or time.monotonic() >= deadline:
-            return json({"finished": job.status in FINISHED, "job": job})
-        while time.monotonic() < deadline:
-            await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-            pause = min(pause * 2, WAIT_STEP_S[1])
-            if await web.run(web.q.change_token) != token:
-                pause = WAIT_STEP_S[0]
-                break
+    if web.waits >= web.http.max_waits:
+        raise HTTPProblem(503, "too-many-waits", f"{web.waits} long polls wait already ([http] max_waits); poll "
+                          "again later", {"Retry-After": "1"})
+    web.waits += 1
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        pause = WAIT_STEP_S[0]
+        while True:
+            token = await web.run(web.q.change_token)
+            job = await web.run(web.q.job, job_id)
+            if job.status in FINISHED or time.monotonic() >= deadline:
+                return json({"finished": job.status in FINISHED, "job": job})
+            while time.monotonic() < deadline:
+                await asyncio.wait([gone], timeout=min(pause, max(0.0, deadline - time.monotonic())))
+                if gone.done():
+                    return Response(status_code=499)  # (nobody reads it)
+                pause = min(pause * 2, WAIT_STEP_S[1])
+                if await web.run(web.q.change_token) != token:
+                    pause = WAIT_STEP_S[0]
+                    break
+    finally:
+        web.waits -= 1
+        gone.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (a GET's receive() says http.disconnect once its empty body is read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def retry_job(web: Web, request: Request) -> Response:
@@ -246,6 +265,9 @@ def hour_param(request: Request) -> int:
     if not raw:
         return int(time.time() // 3600 * 3600)
     if raw.isascii() and raw.isdigit():
+        if len(raw) > 11:  # (past year 5000: a typo, not an hour; and int() of 5,000 digits is refused)
+            raise HTTPProblem(400, "bad-input", f"hour={raw[:40]!r}: expected epoch seconds (at most 11 digits)",
+                              where="hour")
         return int(raw) // 3600 * 3600
     import datetime as dt
 

@@ -48,6 +48,9 @@ from cardq.web.routes import ROUTES
 
 BIND_RETRY_S = (0.5, 30.0)  # first and longest pause between attempts to bind a taken address
 DRAIN_S = 5.0  # at stop: in-flight requests get this long to finish
+MAX_HEADER_BYTES = 64 * 1024  # a request line and its headers (nginx's default large buffers hold 32 KiB)
+HEADERS_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain\r\n"
+                     b"connection: close\r\ncontent-length: 42\r\n\r\nrequest headers over 65536 bytes; closing\n")
 
 
 class GuardedProtocol(HttpToolsProtocol):
@@ -56,12 +59,27 @@ class GuardedProtocol(HttpToolsProtocol):
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._header_timer: asyncio.TimerHandle | None = None
+        self._header_bytes = 0
         self._arm()
         self.config.cardq_nudge.set()  # the loop refreshes the Date header while connections are open
 
     def _arm(self) -> None:
         if self._header_timer is None:
+            self._header_bytes = 0
             self._header_timer = self.loop.call_later(self.config.cardq_header_timeout_s, self._too_slow)
+
+    def data_received(self, data: bytes) -> None:
+        # The deadline bounds the headers' time, this their size: httptools keeps every header line it is given,
+        # so a client streaming header lines fast would grow this process by hundreds of MB a second.
+        if self._header_timer is not None:
+            self._header_bytes += len(data)
+            if self._header_bytes > MAX_HEADER_BYTES:
+                self._disarm()
+                if not self.transport.is_closing():
+                    self.transport.write(HEADERS_TOO_LARGE)
+                    self.transport.close()
+                return
+        super().data_received(data)
 
     def _disarm(self) -> None:
         if self._header_timer is not None:
@@ -89,7 +107,7 @@ class GuardedProtocol(HttpToolsProtocol):
     def _too_slow(self) -> None:
         self._header_timer = None
         if not self.transport.is_closing():
-            logs.get().info("http.header_timeout", client=_peer(self.client),
+            logs.get().debug("http.header_timeout", client=_peer(self.client),
                             header_timeout_s=self.config.cardq_header_timeout_s)
             self.transport.close()
 
