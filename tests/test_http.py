@@ -557,3 +557,30 @@ def test_fuzzed_requests_from_the_openapi_document_never_get_a_server_error(tmp_
         assert "Traceback" not in (tmp_path / "cardq.log").read_text()
     finally:
         d.close()
+
+
+def test_a_stopping_server_answers_its_long_polls_instead_of_cutting_them(tmp_path):
+    import threading
+
+    d, url = start(tmp_path, workers={"count": 0})  # (the job stays queued; the HTTP server stops at once)
+    try:
+        with cardq.connect(d.config_path, name="test") as q:
+            token = q.create_token("admin").token
+        headers = {"Authorization": f"Bearer {token}"}
+        job_id = httpx.post(f"{url}/v1/jobs", headers=headers, json={
+            "user": "p", "plan": "enterprise", "items": [{"title": "never run"}]}).json()["ids"][0]
+        answers: list[httpx.Response] = []
+        poll = threading.Thread(target=lambda: answers.append(httpx.get(
+            f"{url}/v1/jobs/{job_id}/wait", params={"timeout": 120}, headers=headers, timeout=150)))
+        poll.start()
+        wait_for(lambda: httpx.get(f"{url}/v1/status", headers=headers).json()["http"]["long_polls"] == 1, 60, 0.05,
+                 "the long poll waiting")
+        os.kill(d.procs[0].pid, signal.SIGTERM)
+        poll.join(60)
+        assert answers and answers[0].status_code == 200, answers
+        assert answers[0].json()["job"]["id"] == job_id and not answers[0].json()["finished"]
+        d.procs[0].wait(60)
+        messages = [x for x in d.log_lines() if x.get("event") == "http.server_message"]
+        assert not messages, messages
+    finally:
+        d.close()

@@ -50,6 +50,7 @@ class Web:
         self._events = Grouped(self, q.record_events_many, cap=EVENTS_GROUP_MAX, parallel=4, weight=len)
         self.started_at = time.time()
         self.waits = 0  # long polls now (GET /v1/jobs/{id}/wait), at most http.max_waits
+        self.stopping = False  # the server is draining: long polls answer now (the state then) rather than be cut
 
     async def run(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """A blocking call of the public API, on the pool: the event loop never waits on SQLite or an actor."""

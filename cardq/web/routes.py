@@ -129,9 +129,9 @@ async def list_jobs(web: Web, request: Request) -> Response:
 
 async def wait_job(web: Web, request: Request) -> Response:
     """Long poll: answers when the job is done, dead or cancelled, or at the timeout (its state then; 200 either
-    way: `finished` says which). Looks again only when something committed to the database. Stops as soon as
-    its client goes away (a poll nobody waits for must not hold a place under max_connections); at most
-    [http] max_waits at once."""
+    way: `finished` says which; also when the server stops). Looks again only when something committed to the
+    database. Stops as soon as its client goes away (a poll nobody waits for must not hold a place under
+    max_connections); at most [http] max_waits at once."""
     job_id = path_int(request, "id")
     deadline = time.monotonic() + float_param(request, "timeout", 30.0, 0.0, WAIT_MAX_S)
     if web.waits >= web.http.max_waits:
@@ -144,9 +144,9 @@ async def wait_job(web: Web, request: Request) -> Response:
         while True:
             token = await web.run(web.q.change_token)
             job = await web.run(web.q.job, job_id)
-            if job.status in FINISHED or time.monotonic() >= deadline:
+            if job.status in FINISHED or time.monotonic() >= deadline or web.stopping:
                 return json({"finished": job.status in FINISHED, "job": job})
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not web.stopping:
                 await asyncio.wait([gone], timeout=min(pause, max(0.0, deadline - time.monotonic())))
                 if gone.done():
                     return Response(status_code=499)  # (nobody reads it)
@@ -299,7 +299,7 @@ async def paths_stats(web: Web, request: Request) -> Response:
 async def status(web: Web, request: Request) -> Response:
     top = int_param(request, "top", 10, 1, 100)
     data = await web.run(web.q.status, top=top)
-    data["http"] = {"started_at": web.started_at, "gate_leases": web.leases.count()}
+    data["http"] = {"started_at": web.started_at, "gate_leases": web.leases.count(), "long_polls": web.waits}
     data["throughput"] = await web.run(web.q.throughput, minutes=60)  # the status page's chart
     return json(data)
 

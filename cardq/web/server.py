@@ -211,6 +211,7 @@ async def _serve(ctx: ChildContext, app: Any, log: Any) -> int:
 
     def stop() -> None:
         ctx.stop_requested[0] = True
+        app.state.web.stopping = True  # long polls answer within their next pause instead of being cancelled
         stopped.set()
         server.stop()
 
