@@ -250,13 +250,13 @@ def _entry(spec: ChildSpec, loaded: LoadedConfig, conn: Connection, log_conn: Co
         target = getattr(importlib.import_module(module), func)
         code = target(ChildContext(spec, loaded, Channel(conn), Slot(array), stop))
     except Exception as e:  # a bug: one log line saying where, not a traceback on the supervisor's stderr
-        logs.get().error("child.crashed", child=spec.name, error=f"{type(e).__name__}: {e}"[:500], at=_where(e))
+        logs.get().error("child.crashed", child=spec.name, error=f"{type(e).__name__}: {e}"[:500], at=raised_at(e))
         code = EXIT_CRASHED
     sink.close()
     sys.exit(code or 0)
 
 
-def _where(e: BaseException) -> str:
+def raised_at(e: BaseException) -> str:
     """file:line of the innermost frame of an exception's traceback."""
     tb = e.__traceback__
     while tb is not None and tb.tb_next is not None:

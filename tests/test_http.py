@@ -17,7 +17,7 @@ import pytest
 import cardq
 from cardq.config import load_config
 from cardq.errors import ConfigError
-from cardq.web.server import read_address
+from cardq.running import http_address
 
 from conftest import wait_for
 from supervision import Deployment
@@ -32,7 +32,7 @@ HTTP = {"enabled": True, "listen": "127.0.0.1:0", "header_timeout_s": 2.0, "max_
 def start(tmp: Path, **overrides) -> tuple[Deployment, str]:
     d = Deployment(tmp, http={**HTTP, **overrides.pop("http", {})}, **overrides)
     d.start()
-    url = wait_for(lambda: read_address(d.loaded.run_dir), 60, what="the HTTP server listening")
+    url = wait_for(lambda: http_address(d.loaded.run_dir), 60, what="the HTTP server listening")
     wait_for(lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, 60, 0.05, "ready")
     return d, url
 
@@ -453,7 +453,7 @@ def test_a_taken_port_is_retried_while_the_job_system_runs(tmp_path):
         ids = d.submit([{"title": "still works"}])
         wait_for(lambda: d.statuses(ids) == {"done": 1}, 60, what="the job done without the HTTP server")
         blocker.close()
-        url = wait_for(lambda: read_address(d.loaded.run_dir), 90, 0.1, "the HTTP server bound at last")
+        url = wait_for(lambda: http_address(d.loaded.run_dir), 90, 0.1, "the HTTP server bound at last")
         assert url == f"http://127.0.0.1:{port}"
         assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
     finally:
@@ -467,7 +467,7 @@ def test_a_reload_that_changes_http_restarts_the_server_on_the_new_address(tmp_p
         sock = tmp_path / "cardq-http.sock"
         d.write_config(http={"listen": str(sock)})
         os.kill(d.procs[0].pid, signal.SIGHUP)
-        wait_for(lambda: read_address(d.loaded.run_dir) == f"unix:{sock}", 60, 0.05, "the server on the socket")
+        wait_for(lambda: http_address(d.loaded.run_dir) == f"unix:{sock}", 60, 0.05, "the server on the socket")
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://cardq") as c:
             assert c.get("/healthz").json() == {"status": "ok"}
         with pytest.raises(httpx.ConnectError):
@@ -526,7 +526,7 @@ def test_tls_files_that_cannot_be_read_are_retried_then_served_over_https(tmp_pa
         cert.parent.mkdir()
         server_cert.cert_chain_pems[0].write_to_path(str(cert))
         server_cert.private_key_pem.write_to_path(str(key))
-        url = wait_for(lambda: read_address(d.loaded.run_dir), 90, 0.1, "the HTTPS server up once the files exist")
+        url = wait_for(lambda: http_address(d.loaded.run_dir), 90, 0.1, "the HTTPS server up once the files exist")
         assert url.startswith("https://127.0.0.1:")
         import ssl
 

@@ -16,7 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import cardq
 from cardq.config import load_config
-from cardq.web.server import _listen, read_address
+from cardq.running import http_address
+from cardq.web.server import _listen
 
 from conftest import wait_for
 from supervision import Deployment
@@ -64,7 +65,7 @@ class Scrape:
 
 def start(d: Deployment) -> str:
     d.start()
-    url = wait_for(lambda: read_address(d.loaded.run_dir), 60, what="the HTTP server listening")
+    url = wait_for(lambda: http_address(d.loaded.run_dir), 60, what="the HTTP server listening")
     wait_for(lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, 60, 0.05, "ready")
     return url
 

@@ -23,7 +23,7 @@ import orjson
 import pytest
 
 import cardq
-from cardq.web.server import read_address
+from cardq.running import http_address
 
 from conftest import wait_for
 from supervision import Deployment
@@ -43,7 +43,7 @@ def served(tmp_path: Path) -> Iterator[dict[str, Any]]:
                      ratelimit={"policies": {"ip:*": {"limit": LIMIT, "window_s": 3600}}})
     try:
         dep.start()
-        url = wait_for(lambda: read_address(dep.loaded.run_dir), 90, 0.05, what="the HTTP server's address")
+        url = wait_for(lambda: http_address(dep.loaded.run_dir), 90, 0.05, what="the HTTP server's address")
         with cardq.connect(dep.config_path, name="test") as q:
             app, read = q.create_token("app", "node example"), q.create_token("read", "test")
         with httpx.Client(base_url=url, timeout=30) as client:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import cardq
-from cardq.web.server import read_address
+from cardq.running import http_address
 
 from conftest import wait_for
 from supervision import Deployment, with_suppressed
@@ -62,7 +62,7 @@ def site(tmp_path: Path):
 
 def start(d: Deployment) -> str:
     d.start()
-    return wait_for(lambda: read_address(d.loaded.run_dir), 60, what="the HTTP server's address")
+    return wait_for(lambda: http_address(d.loaded.run_dir), 60, what="the HTTP server's address")
 
 
 def cell(page, table: str, key: str, col: str):

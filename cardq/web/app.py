@@ -19,6 +19,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from cardq import tokens
+from cardq.children import raised_at
 from cardq.errors import Error
 from cardq.web.leases import GateLeases
 from cardq.web.problems import HTTPProblem, from_error, response
@@ -209,6 +210,12 @@ def header_of(request: Request, name: bytes) -> str | None:
     return None if value is None else value.decode("latin-1")
 
 
+def request_id(request: Request) -> str:
+    """The caller's X-Request-Id when it is sane, else a new one (16 hex digits)."""
+    given = header_of(request, b"x-request-id") or ""
+    return given if REQUEST_ID_RE.match(given) else os.urandom(8).hex()  # (as uuid4().hex[:16], 7x cheaper)
+
+
 def json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(msgspec.json.encode(body), status_code=status, media_type="application/json", headers=headers)
 
@@ -221,8 +228,7 @@ def endpoint(scope: str | None, handler: Handler) -> Callable[[Request], Awaitab
 
     async def asgi_endpoint(request: Request) -> Response:
         web: Web = request.app.state.web
-        given = header_of(request, b"x-request-id") or ""
-        rid = given if REQUEST_ID_RE.match(given) else os.urandom(8).hex()  # (as uuid4().hex[:16], 7x cheaper)
+        rid = request_id(request)
         try:
             if scope is not None:
                 await web.authorize(request, scope)
@@ -235,23 +241,17 @@ def endpoint(scope: str | None, handler: Handler) -> Callable[[Request], Awaitab
             problem = from_error(e)
         except Exception as e:  # a bug: one line with where it happened; the client gets no internals
             web.log.error("http.failed", request_id=rid, method=request.method, path=request.url.path,
-                          error=f"{type(e).__name__}: {e}"[:300], at=_where(e))
+                          error=f"{type(e).__name__}: {e}"[:300], at=raised_at(e))
             return response(HTTPProblem(500, "internal", "internal error (the server log has the details under "
                                         "this request id)"), rid, request.url.path)
         else:
             resp.raw_headers.append((b"x-request-id", rid.encode("latin-1")))  # (no handler sets it: no lookup)
             return resp
-        level = "error" if problem.status >= 500 and problem.status != 503 else "info"
-        getattr(web.log, level)("http.refused" if problem.status < 500 else "http.unavailable" if problem.status
-                                == 503 else "http.failed", request_id=rid, method=request.method,
-                                path=request.url.path, status=problem.status, detail=problem.detail[:300])
+        level, event = (("info", "http.refused") if problem.status < 500 else ("info", "http.unavailable")
+                        if problem.status == 503 else ("error", "http.failed"))
+        getattr(web.log, level)(event, request_id=rid, method=request.method, path=request.url.path,
+                                status=problem.status, detail=problem.detail[:300])
         return response(problem, rid, request.url.path)
 
     return asgi_endpoint
 
-
-def _where(e: BaseException) -> str:
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"

@@ -52,29 +52,25 @@ class RouteSpec:
 # ---- query parameters --------------------------------------------------------------------------------------------
 
 def int_param(request: Request, name: str, default: int | None, lo: int, hi: int) -> int | None:
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise HTTPProblem(400, "bad-input", f"{name}={raw[:40]!r}: expected a whole number from {lo} to {hi}",
-                          where=name) from None
-    if not lo <= value <= hi:
-        raise HTTPProblem(400, "bad-input", f"{name}={value}: expected a whole number from {lo} to {hi}", where=name)
-    return value
+    return _number_param(request, name, default, lo, hi, int, "a whole number")
 
 
 def float_param(request: Request, name: str, default: float, lo: float, hi: float) -> float:
+    return _number_param(request, name, default, lo, hi, float, "a number")
+
+
+def _number_param(request: Request, name: str, default: Any, lo: Any, hi: Any, kind: type, what: str) -> Any:
+    """?name= parsed by `kind`, within [lo, hi] (NaN is in no range), or 400 naming it; `default` when absent."""
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return default
     try:
-        value = float(raw)
+        value = kind(raw)
     except ValueError:
         value = math.nan
     if not lo <= value <= hi:
-        raise HTTPProblem(400, "bad-input", f"{name}={raw[:40]!r}: expected a number from {lo:g} to {hi:g}",
+        shown = (lambda x: f"{x:g}") if kind is float else str
+        raise HTTPProblem(400, "bad-input", f"{name}={raw[:40]!r}: expected {what} from {shown(lo)} to {shown(hi)}",
                           where=name)
     return value
 

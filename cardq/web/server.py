@@ -24,9 +24,7 @@ import signal
 import socket
 import ssl
 import stat
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -41,8 +39,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from cardq import logs
 from cardq.children import EXIT_STOPPED, ChildContext
 from cardq.config import LoadedConfig, parse_config, parse_listen, resolve_path
-from cardq.running import HTTP_ADDRESS_FILE, http_address
-from cardq.web.app import Web, endpoint
+from cardq.running import HTTP_ADDRESS_FILE
+from cardq.web.app import Web, endpoint, request_id
 from cardq.web.problems import HTTPProblem, response
 from cardq.web.routes import ROUTES
 
@@ -163,7 +161,7 @@ def build(q: Any, *, log: Any) -> App:
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 404)
-        rid = uuid.uuid4().hex[:16]
+        rid = request_id(request)
         detail = ("no such endpoint; see /openapi.json" if status == 404 else
                   f"method {request.method} not allowed here; see /openapi.json")
         return response(HTTPProblem(status, "not-found" if status == 404 else "method-not-allowed", detail), rid,
@@ -314,11 +312,6 @@ def _unpublish(loaded: LoadedConfig) -> None:
             target.unlink()
 
 
-def read_address(run_dir: Path) -> str | None:
-    """The URL a running HTTP server published, if any (for tests and tools that know only the run directory)."""
-    return http_address(run_dir)
-
-
 def _peer(client: Any) -> str:
     return f"{client[0]}:{client[1]}" if isinstance(client, tuple) else str(client or "?")
 
@@ -343,4 +336,4 @@ def _route_stdlib_logging(log: Any) -> None:
         lg.setLevel(logging.WARNING)
 
 
-__all__ = ["main", "read_address"]
+__all__ = ["main"]
