@@ -102,39 +102,18 @@ class EventRecorder:
             out.append(msgspec.structs.asdict(event))
         return out
 
-    def send_now(self, client: Asker, events: list[dict[str, Any]]) -> dict[str, int]:
-        """Send to the collector shards and wait for their commit; what a shard cannot take goes to the durable
-        inbox. Raises (StoreError) only if the inbox cannot take them either: then nothing is lost silently."""
-        counts = {"accepted": 0, "duplicates": 0, "late": 0, "sampled_out": 0, "to_inbox": 0}
-        if not self.enabled:
-            return counts
-        by_shard: dict[int, list[dict[str, Any]]] = {}
-        for event in events:
-            by_shard.setdefault(protocol.shard_of(event["path"], self.shards), []).append(event)
-        for shard_events in by_shard.values():
-            try:
-                answer = client.ask("paths", shard_events[0]["path"], "record", {"events": shard_events})
-            except ActorError:
-                self._inbox(shard_events)
-                counts["to_inbox"] += len(shard_events)
-                continue
-            for k in ("accepted", "duplicates", "late", "sampled_out"):
-                counts[k] += int(answer.get(k, 0))
-        return counts
-
     def send_now_many(self, client: Any, batches: list[list[dict[str, Any]]]) -> list[dict[str, int]]:
-        """send_now for several batches at once: their asks pipelined (one frame per shard, decided in one
-        commit), each batch answered with its own counts; what a shard cannot take goes to the inbox."""
+        """Send batches to the collector shards and wait for their commit: their asks pipelined (one frame per
+        shard, decided in one commit), each batch answered with its own counts; what a shard cannot take goes to
+        the durable inbox. Raises (StoreError) only if the inbox cannot take them either: nothing is lost
+        silently."""
         counts = [{"accepted": 0, "duplicates": 0, "late": 0, "sampled_out": 0, "to_inbox": 0} for _ in batches]
         if not self.enabled or not batches:
             return counts
         asks: list[tuple[str, str, dict[str, Any]]] = []
         owners: list[tuple[int, list[dict[str, Any]]]] = []  # per ask: its batch, its events
         for n, events in enumerate(batches):
-            by_shard: dict[int, list[dict[str, Any]]] = {}
-            for event in events:
-                by_shard.setdefault(protocol.shard_of(event["path"], self.shards), []).append(event)
-            for shard_events in by_shard.values():
+            for shard_events in self._by_shard(events):
                 asks.append((shard_events[0]["path"], "record", {"events": shard_events}))
                 owners.append((n, shard_events))
         try:
@@ -190,10 +169,7 @@ class EventRecorder:
 
     def _send(self, client: Asker, batch: list[dict[str, Any]]) -> None:
         """To the collector, else to the inbox. Never raises: a dead thread would drop every later event."""
-        by_shard: dict[int, list[dict[str, Any]]] = {}
-        for event in batch:
-            by_shard.setdefault(protocol.shard_of(event["path"], self.shards), []).append(event)
-        for shard_events in by_shard.values():
+        for shard_events in self._by_shard(batch):
             try:
                 client.ask("paths", shard_events[0]["path"], "record", {"events": shard_events})
                 self.sent += len(shard_events)
@@ -201,6 +177,13 @@ class EventRecorder:
                 self._store(shard_events)
             except Exception as e:
                 self._lose(shard_events, e)
+
+    def _by_shard(self, events: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        """The events split by the collector shard that owns each one's path."""
+        by_shard: dict[int, list[dict[str, Any]]] = {}
+        for event in events:
+            by_shard.setdefault(protocol.shard_of(event["path"], self.shards), []).append(event)
+        return list(by_shard.values())
 
     def _store(self, events: list[dict[str, Any]]) -> None:
         """The durable fallback: the inbox table, drained by the collector when it is back."""

@@ -327,13 +327,9 @@ class Queue:
         (which limit, allowed, current, requested, resets_at) or InputError (which item, what is wrong); either
         way nothing was submitted.
         """
-        from cardq import doorbell, inputs
+        from cardq import doorbell
 
-        items = list(items)
-        if items and all(isinstance(i, inputs.Item) for i in items):
-            parsed = items
-        else:
-            parsed = inputs.items_from_objects(items, idempotency_key_field)
+        parsed = _parsed_items(items, idempotency_key_field)
         loaded = self.config
         r = store_submit.submit(self._db(), parsed, user_id=user, plan=plan, kind=kind, priority=priority,
                                 max_attempts=loaded.config.workers.max_attempts,
@@ -349,7 +345,7 @@ class Queue:
         own, under the limits in effect, in order (each sees the ones before it). Its answer is its Batch, or the
         error submit() would have raised for it (InputError, LimitExceeded), in its place. A failure of the
         transaction itself (StoreBusy, ...) is raised: then none was submitted."""
-        from cardq import doorbell, inputs
+        from cardq import doorbell
 
         loaded = self.config
         attempts = loaded.config.workers.max_attempts
@@ -357,9 +353,7 @@ class Queue:
         todo: list[tuple[int, store_submit.SubmitRequest]] = []
         for n, r in enumerate(requests):
             try:
-                items = list(r["items"])
-                if not (items and all(isinstance(i, inputs.Item) for i in items)):
-                    items = inputs.items_from_objects(items, r.get("idempotency_key_field"))
+                items = _parsed_items(r["items"], r.get("idempotency_key_field"))
                 todo.append((n, store_submit.SubmitRequest(items, r["user"], r["plan"], r.get("kind", "card"),
                                                            r.get("priority", 0), attempts)))
             except InputError as e:
@@ -647,10 +641,10 @@ class Queue:
         once they are committed by the path collector or stored in its durable inbox — unlike `events.record`,
         which buffers. The ids are idempotent: the same events sent again count once (give `ts_ms` and
         `request_id`, or `idempotent_id`, so that a resend has the same id)."""
-        recorder = self.events
-        built = recorder.build_all(events)
-        counts = recorder.send_now(self._client(), built)
-        return EventsRecorded([e["id"] for e in built], **counts)
+        (recorded,) = self.record_events_many([events])
+        if isinstance(recorded, InputError):
+            raise recorded
+        return recorded
 
     def record_events_many(self, batches: Sequence[Sequence[Mapping[str, Any]]]) -> list[EventsRecorded | InputError]:
         """record_events for several arrays at once (a server taking events from many clients): each validated on
@@ -855,6 +849,16 @@ def selftest(config: str | os.PathLike | None = None) -> list[Any]:
     from cardq import checks
 
     return checks.run(str(config) if config else os.environ.get("CARDQ_CONFIG"))
+
+
+def _parsed_items(items: Iterable[Any], idempotency_key_field: str | None) -> list[inputs.Item]:
+    """Items as submit takes them: already parsed (read_items), or JSON objects to check and key."""
+    from cardq import inputs
+
+    items = list(items)
+    if items and all(isinstance(i, inputs.Item) for i in items):
+        return items
+    return inputs.items_from_objects(items, idempotency_key_field)
 
 
 def _check_mode(on_unavailable: str) -> None:
