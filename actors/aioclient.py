@@ -79,7 +79,7 @@ class _Link(asyncio.Protocol):
                 size += len(out[n])
                 n += 1
             chunk, out = out[:n], out[n:]
-            frame = chunk[0] if n == 1 else b'{"m":[' + b",".join(chunk) + b"]}"
+            frame = protocol.combine(chunk)
             # multiprocessing.connection framing, as the actor reads it: a big-endian int32 length first
             self.transport.write(struct.pack("!i", len(frame)) + frame)
 

@@ -185,7 +185,7 @@ class ActorClient:
                             chunk.append(frame)
                             size += len(frame)
                         # several asks travel as one frame: one write here, one read there
-                        conn.send_bytes(chunk[0] if len(chunk) == 1 else b'{"m":[' + b",".join(chunk) + b"]}")
+                        conn.send_bytes(protocol.combine(chunk))
                         in_flight += len(chunk)
                         if to_send and not conn.poll(0):
                             continue

@@ -23,6 +23,11 @@ class BadFrame(Exception):
     pass
 
 
+def combine(frames: list[bytes]) -> bytes:
+    """Several encoded asks as one frame ({"m": [...]}): one write here, one read and one batch at the actor."""
+    return frames[0] if len(frames) == 1 else b'{"m":[' + b",".join(frames) + b"]}"
+
+
 def encode(msg: dict[str, Any]) -> bytes:
     return orjson.dumps(msg)
 

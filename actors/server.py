@@ -187,6 +187,7 @@ class ActorServer:
         self.listen_paused_until = 0.0
         self.db = app.open_db(self.loaded, autocheckpoint=False)
         self.behaviour = behaviour_cls(self.loaded, self.db, self.shard)
+        self.ops = {**COMMON_OPS, **self.behaviour.ops}  # merged once: one lookup per message
         self.clients: dict[Connection, Peer] = {}
         self.new_clients: queue.SimpleQueue[Peer] = queue.SimpleQueue()
         self.wake_r, self.wake_w = os.pipe()
@@ -526,12 +527,12 @@ class ActorServer:
 
     def _handle(self, tx: Tx, client: Peer, msg: dict[str, Any]) -> dict[str, Any] | None:
         op, args = msg["op"], msg.get("a", {})
-        spec = self.behaviour.ops.get(op) or COMMON_OPS.get(op)
+        spec = self.ops.get(op)
         # (An op nobody knows is counted under one name: a client must not grow the figures without bound.)
         self.behaviour.telemetry.counts[("messages", op if spec is not None else "(unknown)")] += 1
         if spec is None:
             return _error("bad_request", f"unknown op {op!r} for {self.actor}; expected one of: "
-                                         f"{', '.join(self.behaviour.ops)}")
+                                         f"{', '.join(self.ops)}")
         struct_type, method, *flags = spec
         if struct_type is not None:
             try:

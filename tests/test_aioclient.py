@@ -15,7 +15,8 @@ from cardq.actors.protocol import socket_path
 from cardq.errors import ActorError, ActorUnavailable
 from cardq.store import processes as store_processes
 
-from supervision import Deployment
+from conftest import wait_for
+from supervision import Deployment, pid_gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 POLICY = {"policies": {"t:*": {"limit": 5, "window_s": 10.0, "burst": 5}}}
@@ -71,7 +72,9 @@ def test_async_checks_go_on_after_the_actor_is_killed(deployment):
 
         async def main() -> tuple[list[bool], list[bool]]:
             first = [x.allowed for x in await asyncio.gather(*(q.ratelimit.check_async("t:a") for _ in range(3)))]
-            os.kill(actor_pid(d, "ratelimit-0"), signal.SIGKILL)
+            old = actor_pid(d, "ratelimit-0")
+            os.kill(old, signal.SIGKILL)
+            wait_for(lambda: pid_gone(old), 30, what="the killed actor gone")  # (its connection breaks: resent)
             # the state was committed before the answers: the restarted actor goes on from it
             later = [x.allowed for x in await asyncio.gather(*(q.ratelimit.check_async("t:a") for _ in range(4)))]
             return first, later

@@ -46,7 +46,9 @@ def test_groups_answer_each_call_in_its_place_within_the_cap():
                 return e
 
         calls = [asyncio.ensure_future(one(a)) for a in range(1, 16)]
-        await asyncio.sleep(0.05)
+        async with asyncio.timeout(30):  # until the first group (6) is in `many`, held by the gate, and 9 wait
+            while len(grouped.waiting) != 9:
+                await asyncio.sleep(0.001)
         gate.set()
         return await asyncio.gather(*calls)
 
